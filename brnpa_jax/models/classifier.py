@@ -1,0 +1,65 @@
+"""The classifier: backbone -> head -> dropout -> linear, returning (logits, aux)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# The auxiliary-heads ablation (K = 3): which ranked vectors each extra head
+# sees, by 0-based rank.
+AUX_HEAD_SLICES = {"v12": (0, 1), "v23": (1, 2), "v1": (0,), "v2": (1,), "v3": (2,)}
+
+
+class Classifier(nn.Module):
+  """Joins a backbone and a head.
+
+  Attributes:
+    backbone: module mapping images (B, H, W, 3) to features (B, h, w, C).
+    head: module mapping features to ``(pooled (B, D), aux)``.
+    num_classes: number of output classes.
+    dropout: dropout rate on the pooled vector.
+    use_bias: bias of the final linear layer.
+    aux_heads: add the five auxiliary heads on stop-gradient slices of the
+      concatenated BR-NPA vector (needs K = 3); their logits are in
+      ``aux['aux_logits']``.
+    dtype: computation dtype; logits are returned in float32.
+  """
+  backbone: nn.Module
+  head: nn.Module
+  num_classes: int
+  dropout: float = 0.0
+  use_bias: bool = True
+  aux_heads: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images_BxHxWx3, train: bool = False):
+    """Returns ``(logits (B, num_classes) float32, aux)``.
+
+    aux holds ``features`` (B, h, w, C), ``maps`` (B, K, h, w), ``norms``
+    (B, h, w), ``vectors`` (B, K, C) and, for BR-NPA, ``indices`` (B, K).
+    """
+    feats = self.backbone(images_BxHxWx3, train=train)
+    pooled, aux = self.head(feats, train=train)
+    aux = dict(aux, features=feats)
+    pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)
+    dense: Callable[..., nn.Module] = lambda name: nn.Dense(
+        self.num_classes, use_bias=self.use_bias, dtype=self.dtype, name=name)
+    logits = dense("classifier")(pooled).astype(jnp.float32)
+    if self.aux_heads:
+      vectors = aux["vectors"]
+      if vectors.shape[1] != 3:
+        raise ValueError("aux_heads is the K=3 ablation; got K="
+                         f"{vectors.shape[1]}. Set num_maps=3 or aux_heads=False.")
+      c = vectors.shape[-1]
+      frozen = jax.lax.stop_gradient(pooled)
+      aux["aux_logits"] = {
+          name: dense(f"aux_{name}")(
+              jnp.concatenate([frozen[:, r * c:(r + 1) * c] for r in ranks], -1)
+          ).astype(jnp.float32)
+          for name, ranks in AUX_HEAD_SLICES.items()
+      }
+    return logits, aux

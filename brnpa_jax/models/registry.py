@@ -1,0 +1,56 @@
+"""Builds a ``Classifier`` from the ``model`` section of a config."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from brnpa_jax.models.classifier import Classifier
+from brnpa_jax.models.heads import HEADS, BCNNHead, BRNPAHead
+from brnpa_jax.models.resnet import BACKBONES, STRIDES
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _choose(kind: str, name: str, options) -> None:
+  if name not in options:
+    raise ValueError(f"Unknown {kind} {name!r}; valid: {sorted(options)}.")
+
+
+def build_model(model_cfg, num_classes: int, dtype: str = "float32") -> Classifier:
+  """Builds the classifier a config describes.
+
+  Args:
+    model_cfg: ConfigDict with ``backbone`` (a ``BACKBONES`` key), ``head``
+      (``gap|bcnn|brnpa``), ``res`` (``low|high``), ``num_maps``, ``refine``,
+      ``init``, ``aux_heads``, ``dropout``, ``use_bias`` and optionally
+      ``width`` and ``zero_init_residual``.
+    num_classes: size of the output layer.
+    dtype: computation dtype name, ``float32`` or ``bfloat16``.
+
+  Returns:
+    An unbound ``Classifier``.
+  """
+  _choose("backbone", model_cfg.backbone, BACKBONES)
+  _choose("head", model_cfg.head, HEADS)
+  _choose("resolution", model_cfg.res, STRIDES)
+  _choose("dtype", dtype, DTYPES)
+  dt = DTYPES[dtype]
+  kwargs = {"strides": STRIDES[model_cfg.res], "dtype": dt}
+  if model_cfg.get("width"):
+    kwargs["width"] = model_cfg.width
+  if model_cfg.get("zero_init_residual") is not None:
+    kwargs["zero_init_residual"] = model_cfg.zero_init_residual
+  backbone = BACKBONES[model_cfg.backbone](**kwargs)
+  if model_cfg.head == "brnpa":
+    head = BRNPAHead(num_maps=model_cfg.num_maps, refine=model_cfg.refine,
+                     init=model_cfg.init, dtype=dt)
+  elif model_cfg.head == "bcnn":
+    head = BCNNHead(num_maps=model_cfg.num_maps, dtype=dt)
+  else:
+    head = HEADS["gap"](dtype=dt)
+  if model_cfg.aux_heads and model_cfg.head != "brnpa":
+    raise ValueError("aux_heads is an ablation of the brnpa head; set "
+                     f"head=brnpa or aux_heads=False (head={model_cfg.head!r}).")
+  return Classifier(backbone=backbone, head=head, num_classes=num_classes,
+                    dropout=model_cfg.dropout, use_bias=model_cfg.use_bias,
+                    aux_heads=model_cfg.aux_heads, dtype=dt)

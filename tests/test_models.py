@@ -1,0 +1,108 @@
+"""Backbones, heads and the classifier."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from brnpa_jax.models import BACKBONES, build_model
+from brnpa_jax.models.resnet import HIGH_RES_STRIDES, LOW_RES_STRIDES
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+@pytest.mark.parametrize("res,stride", [("low", 32), ("high", 8)])
+def test_output_stride(name, res, stride):
+  strides = LOW_RES_STRIDES if res == "low" else HIGH_RES_STRIDES
+  net = BACKBONES[name](strides=strides)
+  assert net.output_stride == stride
+  x = jax.ShapeDtypeStruct((1, 64, 96, 3), jnp.float32)
+  feats, _ = jax.eval_shape(
+      lambda x: net.init_with_output(jax.random.key(0), x), x)
+  assert feats.shape == (1, 64 // stride, 96 // stride, net.num_features)
+
+
+def test_torchvision_parameter_layout():
+  net = BACKBONES["resnet50"]()
+  variables = jax.eval_shape(net.init, jax.random.key(0),
+                             jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+  params = variables["params"]
+  assert sorted(k for k in params if k.startswith("layer")) == sorted(
+      [f"layer1_{i}" for i in range(3)] + [f"layer2_{i}" for i in range(4)]
+      + [f"layer3_{i}" for i in range(6)] + [f"layer4_{i}" for i in range(3)])
+  block = params["layer2_0"]
+  assert set(block) == {"conv1", "bn1", "conv2", "bn2", "conv3", "bn3",
+                        "downsample_conv", "downsample_bn"}
+  assert block["conv2"]["kernel"].shape == (3, 3, 128, 128)  # HWIO of (128,128,3,3)
+  assert params["conv1"]["kernel"].shape == (7, 7, 3, 64)
+  n_params = sum(np.prod(p.shape) for p in jax.tree.leaves(params))
+  assert n_params == 23_508_032  # torchvision resnet50 minus its fc layer
+
+
+def _model_cfg(**kw):
+  base = dict(backbone="resnet_tiny", res="high", head="brnpa", num_maps=3,
+              refine=True, init="norm", aux_heads=False, dropout=0.2,
+              use_bias=True)
+  base.update(kw)
+  return ml_collections.ConfigDict(base)
+
+
+@pytest.mark.parametrize("head,k_maps", [("brnpa", 3), ("bcnn", 3), ("gap", 1)])
+def test_heads_return_logits_and_aux(head, k_maps):
+  model = build_model(_model_cfg(head=head), num_classes=5)
+  x = jnp.ones((2, 32, 32, 3))
+  t0 = time.time()
+  (logits, aux), variables = jax.jit(
+      lambda x: model.init_with_output(jax.random.key(0), x))(x)
+  print(f"tiny {head}: init+forward compiled and ran in {time.time() - t0:.1f}s")
+  assert logits.shape == (2, 5) and logits.dtype == jnp.float32
+  c = 64  # resnet_tiny: width 8 * 2**3
+  assert aux["features"].shape == (2, 4, 4, c)
+  assert aux["maps"].shape == (2, k_maps, 4, 4)
+  assert aux["norms"].shape == (2, 4, 4)
+  assert aux["vectors"].shape == (2, k_maps, c)
+  if head == "brnpa":
+    assert set(variables["params"]) == {"backbone", "classifier"}  # no attention params
+    assert variables["params"]["classifier"]["kernel"].shape == (3 * c, 5)
+  if head == "bcnn":
+    assert "attention" in variables["params"]["head"]
+
+
+def test_aux_heads_see_stop_gradient_slices():
+  model = build_model(_model_cfg(aux_heads=True, dropout=0.0), num_classes=4)
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x)
+  (_, aux) = model.apply(variables, x)
+  assert set(aux["aux_logits"]) == {"v12", "v23", "v1", "v2", "v3"}
+  assert variables["params"]["aux_v12"]["kernel"].shape == (2 * 64, 4)
+  assert variables["params"]["aux_v3"]["kernel"].shape == (64, 4)
+
+  def aux_loss(params):
+    _, aux = model.apply(dict(variables, params=params), x)
+    return sum(jnp.sum(v) for v in aux["aux_logits"].values())
+
+  grads = jax.grad(aux_loss)(variables["params"])
+  backbone_grad = sum(float(jnp.sum(jnp.abs(g))) for g in
+                      jax.tree.leaves(grads["backbone"]))
+  assert backbone_grad == 0.0  # aux heads do not train the backbone
+  assert float(jnp.sum(jnp.abs(grads["aux_v1"]["kernel"]))) > 0
+
+
+def test_unknown_names_are_errors():
+  with pytest.raises(ValueError, match="valid"):
+    build_model(_model_cfg(backbone="resnet19"), 3)
+  with pytest.raises(ValueError, match="valid"):
+    build_model(_model_cfg(head="cam"), 3)
+  with pytest.raises(ValueError, match="aux_heads"):
+    build_model(_model_cfg(head="gap", aux_heads=True), 3)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = build_model(_model_cfg(), 3, dtype="bfloat16")
+  x = jnp.ones((1, 32, 32, 3))
+  (logits, aux), variables = model.init_with_output(jax.random.key(0), x)
+  assert aux["features"].dtype == jnp.bfloat16
+  assert logits.dtype == jnp.float32 and aux["maps"].dtype == jnp.float32
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
