@@ -1,0 +1,301 @@
+"""tf.data input pipelines: the data API the trainer calls.
+
+``data_cfg`` (see ``default_data_config``) names a dataset in ``DATASETS``;
+``get_builder`` returns its prepared TFDS builder (the procedural ``parts``
+dataset builds itself into ``data_dir`` on first use). Training streams are
+one epoch each, shuffled and augmented deterministically from (seed, epoch);
+evaluation streams keep the split's order and pad the last batch, with a
+``mask`` that marks real examples, so every process runs the same number of
+equally shaped steps.
+
+Images are decoded after shuffling, so a shuffle buffer holds encoded bytes,
+not pixels (a 10k buffer of decoded 512 px images would take gigabytes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Callable, Mapping
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import ml_collections  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+from brnpa_jax.data import parts  # pylint: disable=g-import-not-at-top
+from brnpa_jax.data import parts_tfds  # pylint: disable=g-import-not-at-top
+from brnpa_jax.data import transforms  # pylint: disable=g-import-not-at-top
+
+# tf.data runs on the host; if TensorFlow saw the accelerator it would reserve
+# its memory and starve JAX.
+try:
+  tf.config.set_visible_devices([], "GPU")
+except (RuntimeError, ValueError):  # TF already initialised its devices
+  pass
+tf.get_logger().setLevel("ERROR")
+# Training logs are files; progress bars of a dataset build only clutter them.
+tfds.disable_progress_bar()
+
+MASK_KEYS = ("object_mask", "part_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """How to get a dataset and read its examples.
+
+  Attributes:
+    make_builder: ``data_cfg -> DatasetBuilder`` (not yet prepared).
+    keys: our name -> the dataset's feature name, for ``image``, ``label``
+      and, where the dataset has them, ``object_mask``, ``part_mask``, ``id``.
+      Masks must be (H, W, 1) integer images, nonzero on the region.
+    num_classes: ``data_cfg -> int`` where the class count is known without
+      the builder; None reads it from the label feature.
+  """
+
+  make_builder: Callable[[ml_collections.ConfigDict], tfds.core.DatasetBuilder]
+  keys: Mapping[str, str]
+  num_classes: Callable[[ml_collections.ConfigDict], int] | None = None
+
+
+def parts_config(data_cfg) -> parts.PartsConfig:
+  """The generator parameters in ``data_cfg.parts``, as a ``PartsConfig``."""
+  p = data_cfg.parts
+  fields = {f.name for f in dataclasses.fields(parts.PartsConfig)}
+  sizes = {f"{s}_size" for s in parts_tfds.DEFAULT_SPLIT_SIZES}
+  unknown = set(p.keys()) - fields - sizes
+  if unknown:
+    raise ValueError(f"Unknown data.parts keys {sorted(unknown)}; valid: "
+                     f"{sorted(fields | sizes)}.")
+  kwargs = {k: tuple(v) if isinstance(v, (list, tuple)) else v
+            for k, v in p.items() if k in fields}
+  kwargs["image_size"] = p.image_size or data_cfg.image_size
+  return parts.PartsConfig(**kwargs)
+
+
+def _parts_builder(data_cfg):
+  sizes = {s: data_cfg.parts[f"{s}_size"] for s in parts_tfds.DEFAULT_SPLIT_SIZES}
+  return parts_tfds.make_builder(parts_config(data_cfg), sizes, _data_dir(data_cfg))
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "parts": DatasetSpec(
+        _parts_builder,
+        {"image": "image", "label": "label", "object_mask": "object_mask",
+         "part_mask": "part_mask", "id": "id"},
+        num_classes=lambda data_cfg: data_cfg.parts.num_classes),
+}
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """The ``data`` section of a config, set for the procedural parts dataset.
+
+  Returns:
+    A ConfigDict; ``parts`` holds the generator's parameters (see
+    ``parts.PartsConfig``) and split sizes. ``parts.image_size`` None means
+    ``image_size``.
+  """
+  cfg = ml_collections.ConfigDict()
+  cfg.name = "parts"
+  cfg.data_dir = None  # None: ~/tensorflow_datasets
+  cfg.image_size = 64
+  cfg.resize_ratio = 0.875
+  cfg.flip = True
+  cfg.brightness = 0.0  # the CUB recipe: 0.126
+  cfg.saturation = 0.0  # the CUB recipe: 0.5
+  cfg.train_split = "train"
+  cfg.eval_splits = ("validation", "test")
+  cfg.shuffle_buffer = 10_000
+  defaults = dataclasses.asdict(parts.PartsConfig())
+  defaults["image_size"] = None
+  for split, n in parts_tfds.DEFAULT_SPLIT_SIZES.items():
+    defaults[f"{split}_size"] = n
+  cfg.parts = ml_collections.ConfigDict(defaults)
+  return cfg
+
+
+def _data_dir(data_cfg) -> str:
+  return os.path.expanduser(data_cfg.get("data_dir") or "~/tensorflow_datasets")
+
+
+def _spec(data_cfg) -> DatasetSpec:
+  if data_cfg.name not in DATASETS:
+    raise ValueError(f"Unknown dataset {data_cfg.name!r}; known datasets: "
+                     f"{sorted(DATASETS)}.")
+  return DATASETS[data_cfg.name]
+
+
+def get_builder(data_cfg) -> tfds.core.DatasetBuilder:
+  """Returns the dataset's builder, prepared (built on first use for parts).
+
+  Args:
+    data_cfg: the ``data`` ConfigDict.
+
+  Raises:
+    ValueError: for a dataset name not in ``DATASETS``.
+  """
+  builder = _spec(data_cfg).make_builder(data_cfg)
+  builder.download_and_prepare()  # a no-op once the files are there
+  return builder
+
+
+def num_classes(data_cfg) -> int:
+  """Number of classes of the dataset (parts: without building it)."""
+  spec = _spec(data_cfg)
+  if spec.num_classes is not None:
+    return spec.num_classes(data_cfg)
+  return get_builder(data_cfg).info.features[spec.keys["label"]].num_classes
+
+
+def _count(builder, split) -> int:
+  """Examples in ``split``: from the metadata, else by counting."""
+  try:
+    n = builder.info.splits[split].num_examples
+  except (KeyError, ValueError):  # unknown to the metadata (mocked datasets)
+    n = 0
+  if not n:
+    ds = builder.as_dataset(split=split)
+    n = int(ds.cardinality())
+    if n < 0:
+      n = int(ds.reduce(0, lambda c, _: c + 1))
+  return n
+
+
+def num_examples(data_cfg, split: str) -> int:
+  """Number of examples in ``split``, any TFDS split string (``train[:10%]``)."""
+  return _count(get_builder(data_cfg), split)
+
+
+def _read(builder, spec, split, *, keep, shuffle_seed=None):
+  """Reads ``keep`` keys, renamed to ours, images still encoded."""
+  features = builder.info.features
+  wanted = {k: spec.keys[k] for k in keep if k in spec.keys}
+  skip = {f: tfds.decode.SkipDecoding() for f in wanted.values()
+          if isinstance(features[f], tfds.features.Image)}
+  read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
+  ds = builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None,
+                          decoders=skip, read_config=read_config)
+  return ds.map(lambda ex: {k: ex[f] for k, f in wanted.items()}), wanted
+
+
+def _decoder(builder, wanted):
+  features = builder.info.features
+
+  def decode(ex):
+    out = dict(ex)
+    for k, f in wanted.items():
+      if isinstance(features[f], tfds.features.Image):
+        out[k] = features[f].decode_example(ex[k])
+    return out
+  return decode
+
+
+def _epoch_seeds(seed: int, epoch: int) -> list[int]:
+  # SeedSequence mixes (seed, epoch) so nearby pairs give unrelated streams.
+  return [int(s) for s in np.random.SeedSequence([seed, epoch]).generate_state(3)]
+
+
+def make_train_dataset(data_cfg, *, batch_size: int, seed: int, epoch: int,
+                       process_index: int = 0, process_count: int = 1
+                       ) -> tf.data.Dataset:
+  """One training epoch of this process's shard, augmented and batched.
+
+  Args:
+    data_cfg: the ``data`` ConfigDict.
+    batch_size: per-process batch size.
+    seed: run seed; with ``epoch`` it fixes the order and the augmentation.
+    epoch: epoch number (a new order and new augmentation each epoch).
+    process_index: this process (``jax.process_index()``).
+    process_count: number of processes (``jax.process_count()``).
+
+  Returns:
+    A dataset of ``{'image': float32 (B, S, S, 3), 'label': int32 (B,)}``;
+    every process gets the same number of full batches.
+  """
+  spec = _spec(data_cfg)
+  builder = get_builder(data_cfg)
+  split = tfds.split_for_jax_process(
+      data_cfg.train_split, process_index=process_index,
+      process_count=process_count, drop_remainder=True)
+  file_seed, shuffle_seed, aug_seed = _epoch_seeds(seed, epoch)
+  ds, wanted = _read(builder, spec, split, keep=("image", "label"),
+                     shuffle_seed=file_seed)
+  ds = ds.shuffle(data_cfg.shuffle_buffer, seed=shuffle_seed,
+                  reshuffle_each_iteration=False)
+  decode = _decoder(builder, wanted)
+  size = data_cfg.image_size
+
+  def preprocess(index, ex):
+    ex = decode(ex)
+    example_seed = tf.stack([tf.constant(aug_seed, tf.int64), index])
+    image, _ = transforms.train_transform(
+        ex["image"], {}, example_seed, size=size,
+        resize_ratio=data_cfg.resize_ratio, flip=data_cfg.flip,
+        brightness=data_cfg.brightness, saturation=data_cfg.saturation)
+    return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
+
+  ds = ds.enumerate().map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def make_eval_dataset(data_cfg, split: str, *, batch_size: int,
+                      process_index: int = 0, process_count: int = 1
+                      ) -> tf.data.Dataset:
+  """This process's shard of ``split`` in order, the last batch padded.
+
+  Args:
+    data_cfg: the ``data`` ConfigDict.
+    split: a TFDS split string.
+    batch_size: per-process batch size.
+    process_index: this process.
+    process_count: number of processes.
+
+  Returns:
+    A dataset of dicts: ``image`` float32 (B, S, S, 3), ``label`` int32 (B,),
+    ``mask`` float32 (B,) (1 real, 0 padding), ``id`` int32 (B,) (-1 for
+    padding) and, when the dataset has them, ``object_mask`` and
+    ``part_mask`` float32 (B, S, S) in {0, 1}. Every process yields
+    ``ceil(ceil(n / process_count) / batch_size)`` batches.
+  """
+  spec = _spec(data_cfg)
+  builder = get_builder(data_cfg)
+  total = _count(builder, split)
+  sub = tfds.split_for_jax_process(split, process_index=process_index,
+                                   process_count=process_count)
+  ds, wanted = _read(builder, spec, sub,
+                     keep=("image", "label", "id") + MASK_KEYS)
+  mask_keys = [k for k in MASK_KEYS if k in wanted]
+  decode = _decoder(builder, wanted)
+  size = data_cfg.image_size
+  # even_splits gives the first (total % count) processes one extra example.
+  offset = (process_index * (total // process_count)
+            + min(process_index, total % process_count))
+
+  def preprocess(index, ex):
+    ex = decode(ex)
+    image, masks = transforms.eval_transform(
+        ex["image"], {k: ex[k] for k in mask_keys}, size=size,
+        resize_ratio=data_cfg.resize_ratio)
+    ex_id = ex["id"] if "id" in ex else index + offset
+    return {"image": image, "label": tf.cast(ex["label"], tf.int32),
+            "mask": tf.constant(1.0), "id": tf.cast(ex_id, tf.int32),
+            **transforms.binarize(masks)}
+
+  ds = ds.enumerate().map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  local = int(ds.cardinality())
+  if local < 0:
+    local = int(ds.reduce(0, lambda c, _: c + 1))
+  # max() only matters for mocked datasets, which ignore the sub-split.
+  per_process = max(math.ceil(total / process_count), local)
+  num_batches = math.ceil(per_process / batch_size)
+  padding = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype),
+                                  ds.element_spec)
+  padding["id"] = tf.constant(-1, tf.int32)
+  pad = tf.data.Dataset.from_tensors(padding).repeat(
+      num_batches * batch_size - local)
+  ds = ds.concatenate(pad).batch(batch_size, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,188 @@
+"""Per-example image transforms (TensorFlow ops) shared by every dataset.
+
+The recipe of SPEC section 4: for training, resize so the short side is
+``size / resize_ratio``, random-crop ``size``, flip horizontally with p=0.5,
+jitter brightness and saturation, normalise with the ImageNet mean and std;
+for evaluation, resize and centre-crop. Geometric steps apply jointly to the
+image and to its masks (nearest-neighbour resizing keeps masks binary), so
+localisation metrics compare maps and masks pixel for pixel.
+
+Randomness is stateless: each random op takes a ``[2]`` integer seed, which
+the pipeline derives from (seed, epoch, example index), so an epoch's
+augmentation is reproducible and independent of tf.data's threading.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resize_size(size: int, resize_ratio: float) -> int:
+  """The short side before cropping (torchvision's ``int(size / ratio)``)."""
+  return int(size / resize_ratio + 1e-6)  # 448 / 0.875 is exactly 512
+
+
+def resize_short_side(image, masks: dict, short_side: int):
+  """Resizes so the short side is ``short_side``, keeping the aspect ratio.
+
+  Args:
+    image: float32 (H, W, 3) in [0, 1]; bilinear with anti-aliasing.
+    masks: dict of (H, W, 1) integer masks; nearest neighbour.
+    short_side: target length of the shorter side.
+
+  Returns:
+    (image, masks) resized.
+  """
+  shape = tf.shape(image)
+  h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+  short = tf.minimum(h, w)
+  # torchvision's int(short_side * long / short): multiplying first keeps a
+  # square image square (h * (s / h) can round to s - 1).
+  new_h = tf.cast(short_side * h / short, tf.int32)
+  new_w = tf.cast(short_side * w / short, tf.int32)
+  new_hw = tf.stack([new_h, new_w])
+  image = tf.image.resize(image, new_hw, method="bilinear", antialias=True)
+  masks = {k: tf.image.resize(m, new_hw, method="nearest") for k, m in masks.items()}
+  return image, masks
+
+
+def crop(image, masks: dict, top, left, size: int):
+  """Crops a ``size`` x ``size`` window at (top, left) from all inputs."""
+  cut = lambda x: x[top:top + size, left:left + size]
+  image, masks = cut(image), {k: cut(m) for k, m in masks.items()}
+  image = tf.ensure_shape(image, (size, size, 3))
+  masks = {k: tf.ensure_shape(m, (size, size, 1)) for k, m in masks.items()}
+  return image, masks
+
+
+def random_crop(image, masks: dict, size: int, seed):
+  """Crops a random ``size`` window (the same for image and masks)."""
+  shape = tf.shape(image)
+  seeds = tf.random.experimental.stateless_split(seed, 2)
+  top = tf.random.stateless_uniform([], seeds[0], 0, shape[0] - size + 1, tf.int32)
+  left = tf.random.stateless_uniform([], seeds[1], 0, shape[1] - size + 1, tf.int32)
+  return crop(image, masks, top, left, size)
+
+
+def center_crop(image, masks: dict, size: int):
+  """Crops the central ``size`` window (torchvision's rounding)."""
+  shape = tf.shape(image)
+  top = tf.cast(tf.round((shape[0] - size) / 2), tf.int32)
+  left = tf.cast(tf.round((shape[1] - size) / 2), tf.int32)
+  return crop(image, masks, top, left, size)
+
+
+def random_flip(image, masks: dict, seed):
+  """Flips image and masks left-right together with probability 0.5."""
+  do_flip = tf.random.stateless_uniform([], seed) < 0.5
+  flip = lambda x: tf.cond(do_flip, lambda: tf.reverse(x, [1]), lambda: x)
+  return flip(image), {k: flip(m) for k, m in masks.items()}
+
+
+def color_jitter(image, brightness: float, saturation: float, seed):
+  """torchvision's ``ColorJitter(brightness, saturation)`` on [0, 1] images.
+
+  Brightness multiplies by a factor in ``[1 - b, 1 + b]``; saturation blends
+  with the grey image by a factor in ``[1 - s, 1 + s]``. torchvision draws the
+  order of the two at random; here brightness always goes first (the two
+  commute up to clipping).
+
+  Args:
+    image: float32 (H, W, 3) in [0, 1].
+    brightness: jitter strength, 0 to disable.
+    saturation: jitter strength, 0 to disable.
+    seed: [2] integer seed.
+
+  Returns:
+    The jittered image, clipped to [0, 1].
+  """
+  seeds = tf.random.experimental.stateless_split(seed, 2)
+  if brightness > 0:
+    factor = tf.random.stateless_uniform(
+        [], seeds[0], max(0.0, 1 - brightness), 1 + brightness)
+    image = tf.clip_by_value(image * factor, 0.0, 1.0)
+  if saturation > 0:
+    factor = tf.random.stateless_uniform(
+        [], seeds[1], max(0.0, 1 - saturation), 1 + saturation)
+    grey = tf.image.rgb_to_grayscale(image)
+    image = tf.clip_by_value(grey + factor * (image - grey), 0.0, 1.0)
+  return image
+
+
+def normalize(image):
+  """[0, 1] RGB -> ImageNet-normalised float32."""
+  return (image - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def denormalize(image: np.ndarray) -> np.ndarray:
+  """Inverse of ``normalize`` for display: (..., 3) float -> uint8.
+
+  Args:
+    image: normalised image(s), channels last, any leading dimensions.
+
+  Returns:
+    uint8 array of the same shape.
+  """
+  std, mean = np.float32(IMAGENET_STD), np.float32(IMAGENET_MEAN)
+  x = np.asarray(image, np.float32) * std + mean
+  return np.round(np.clip(x, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def train_transform(image, masks: dict, seed, *, size: int,
+                    resize_ratio: float = 0.875, flip: bool = True,
+                    brightness: float = 0.0, saturation: float = 0.0):
+  """Training augmentation of one example.
+
+  Args:
+    image: uint8 (H, W, 3).
+    masks: dict of uint8 (H, W, 1) masks, transformed geometrically with the
+      image (may be empty).
+    seed: [2] integer seed of this example.
+    size: output side.
+    resize_ratio: crop fraction; the short side is resized to
+      ``size / resize_ratio`` first.
+    flip: random horizontal flips.
+    brightness: brightness jitter (0.126 in the CUB recipe).
+    saturation: saturation jitter (0.5 in the CUB recipe).
+
+  Returns:
+    (image float32 (size, size, 3) normalised, masks uint8 (size, size, 1)).
+  """
+  seeds = tf.random.experimental.stateless_split(seed, 3)
+  image = tf.image.convert_image_dtype(image, tf.float32)
+  image, masks = resize_short_side(image, masks, resize_size(size, resize_ratio))
+  image, masks = random_crop(image, masks, size, seeds[0])
+  if flip:
+    image, masks = random_flip(image, masks, seeds[1])
+  image = color_jitter(image, brightness, saturation, seeds[2])
+  return normalize(tf.clip_by_value(image, 0.0, 1.0)), masks
+
+
+def eval_transform(image, masks: dict, *, size: int, resize_ratio: float = 0.875):
+  """Evaluation transform: resize the short side, centre-crop, normalise.
+
+  Args:
+    image: uint8 (H, W, 3).
+    masks: dict of uint8 (H, W, 1) masks (may be empty).
+    size: output side.
+    resize_ratio: as in ``train_transform``.
+
+  Returns:
+    (image float32 (size, size, 3) normalised, masks uint8 (size, size, 1)).
+  """
+  image = tf.image.convert_image_dtype(image, tf.float32)
+  image, masks = resize_short_side(image, masks, resize_size(size, resize_ratio))
+  image, masks = center_crop(image, masks, size)
+  return normalize(tf.clip_by_value(image, 0.0, 1.0)), masks
+
+
+def binarize(masks: dict, keys: Sequence[str] | None = None) -> dict:
+  """(S, S, 1) integer masks -> float32 (S, S) in {0, 1} (nonzero is 1)."""
+  keys = masks.keys() if keys is None else keys
+  return {k: tf.cast(masks[k][..., 0] > 0, tf.float32) for k in keys}
