@@ -1,0 +1,104 @@
+"""Ranked attention maps drawn over their images (PNG, via matplotlib).
+
+A map is shown as ``A_k * norm`` (SPEC section 1: the norm carries how much a
+region weighs in the representative vector), scaled to [0, 1] per rank,
+upsampled to the image, and drawn in its rank's colour; where ranks overlap
+the strongest wins.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+# Rank 1 red, 2 green, 3 blue, then further distinct colours.
+RANK_COLOURS = np.array([
+    [230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 225, 25],
+    [145, 30, 180], [70, 240, 240], [240, 50, 230], [245, 130, 48],
+], np.float32) / 255.0
+
+
+def weighted_maps(maps_KxHxW: np.ndarray, norms_HxW: np.ndarray) -> np.ndarray:
+  """``A_k * norm`` with each rank scaled to a maximum of 1 (finite always)."""
+  w = np.asarray(maps_KxHxW, np.float32) * np.asarray(norms_HxW, np.float32)[None]
+  peak = w.reshape(w.shape[0], -1).max(axis=1)
+  return w / np.where(peak > 0, peak, 1.0)[:, None, None]
+
+
+def _upsample(m_KxHxW: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  return np.stack([
+      np.asarray(Image.fromarray(m).resize(size[::-1], Image.BILINEAR))
+      for m in m_KxHxW.astype(np.float32)])
+
+
+def rank_overlay(image_HxWx3: np.ndarray, maps_KxHxW: np.ndarray,
+                 norms_HxW: np.ndarray, alpha: float = 0.7) -> np.ndarray:
+  """The image (greyed) with each rank's map in its colour.
+
+  Args:
+    image_HxWx3: uint8 image.
+    maps_KxHxW: attention maps at feature resolution, rank order.
+    norms_HxW: feature-norm map.
+    alpha: opacity of the strongest map.
+
+  Returns:
+    uint8 (H, W, 3) overlay.
+  """
+  k = maps_KxHxW.shape[0]
+  if k > len(RANK_COLOURS):
+    raise ValueError(f"at most {len(RANK_COLOURS)} ranks can be coloured, got {k}.")
+  up = _upsample(weighted_maps(maps_KxHxW, norms_HxW), image_HxWx3.shape[:2])
+  top = up.argmax(0)
+  strength = np.clip(up.max(0), 0.0, 1.0)[..., None] * alpha
+  grey = image_HxWx3.astype(np.float32).mean(-1, keepdims=True) / 255.0
+  base = 0.5 * grey + 0.5 * image_HxWx3.astype(np.float32) / 255.0
+  out = (1 - strength) * base + strength * RANK_COLOURS[top]
+  return (np.clip(out, 0, 1) * 255).astype(np.uint8)
+
+
+def save_overlay_grid(path: str, images: np.ndarray, maps: np.ndarray,
+                      norms: np.ndarray, titles: Sequence[str] | None = None
+                      ) -> str:
+  """One row per image: the image, all ranks overlaid, then each rank alone.
+
+  Args:
+    path: output PNG path (folders are created).
+    images: uint8 (B, H, W, 3).
+    maps: (B, K, h, w) attention maps.
+    norms: (B, h, w) feature-norm maps.
+    titles: optional caption per image (e.g. label and prediction).
+
+  Returns:
+    The path written.
+  """
+  b, k = maps.shape[:2]
+  fig, axes = plt.subplots(b, k + 2, figsize=(1.9 * (k + 2), 1.9 * b + 0.3),
+                           squeeze=False)
+  for i in range(b):
+    # Each rank's weight A_k * norm, as a share of all K ranks' weight.
+    mass = (np.asarray(maps[i], np.float32) * norms[i][None]).reshape(k, -1).sum(1)
+    share = mass / max(float(mass.sum()), 1e-12)
+    axes[i, 0].imshow(images[i])
+    axes[i, 0].set_title(titles[i] if titles else "image", fontsize=7)
+    axes[i, 1].imshow(rank_overlay(images[i], maps[i], norms[i]))
+    axes[i, 1].set_title("ranks 1-%d" % k, fontsize=7)
+    for r in range(k):
+      only_r = np.zeros_like(maps[i])
+      only_r[r] = maps[i, r]  # keeps rank r's colour
+      axes[i, r + 2].imshow(rank_overlay(images[i], only_r, norms[i]))
+      axes[i, r + 2].set_title(f"rank {r + 1} ({share[r]:.0%})", fontsize=7,
+                               color=RANK_COLOURS[r])
+  for ax in axes.ravel():
+    ax.axis("off")
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

@@ -1,0 +1,1 @@
+"""Tasks: what each problem adds to the shared trainer (loss and metrics)."""

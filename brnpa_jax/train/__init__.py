@@ -1,0 +1,1 @@
+"""State, jitted steps, shardings, optimisers, checkpoints and the loop."""

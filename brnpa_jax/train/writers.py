@@ -1,0 +1,68 @@
+"""Metric writers: TensorBoard events and logs (clu) plus a JSON-lines file."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from clu import metric_writers
+from clu.metric_writers import interface
+
+
+class JsonlWriter(interface.MetricWriter):
+  """Appends one JSON object per ``write_scalars`` call to ``metrics.jsonl``.
+
+  Reading it back is ``[json.loads(l) for l in open(path)]``; each row has
+  ``step`` plus the scalars written at that step.
+  """
+
+  def __init__(self, path: str):
+    self._path = path
+    self._file = open(path, "a", encoding="utf-8")
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    row = {"step": int(step)}
+    row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
+    self._file.write(json.dumps(row) + "\n")
+
+  # Only scalars go to the JSON file; everything else goes to TensorBoard.
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    self._file.write(json.dumps({"hparams": {k: str(v) for k, v in hparams.items()}})
+                     + "\n")
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+def create_writer(workdir: str) -> interface.MetricWriter:
+  """TensorBoard + logging + JSON lines on process 0; logging elsewhere."""
+  if jax.process_index() > 0:
+    return metric_writers.create_default_writer(workdir, just_logging=True)
+  return metric_writers.MultiWriter([
+      metric_writers.create_default_writer(workdir, asynchronous=True),
+      JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
+  ])

@@ -1,0 +1,77 @@
+r"""BR-NPA on the embedded "parts" dataset: the default run, no download.
+
+Launch (from the repository root):
+
+  python train.py --config configs/default.py --workdir runs/default
+
+Switches go after a colon, comma-separated; a bare switch means true:
+
+  python train.py --config 'configs/default.py:head=bcnn' --workdir runs/bcnn
+  python train.py --config 'configs/default.py:head=gap,res=low' --workdir runs/gap
+  python train.py --config 'configs/default.py:k=5,refine=false,init=random' \
+      --workdir runs/ablation
+  python train.py --config 'configs/default.py:runlocal' --workdir /tmp/smoke
+
+Switches: head (brnpa|bcnn|gap), backbone (resnet18|34|50|101|152|resnet_tiny),
+width (channels of the first stage), res (low: output stride 32, high: 8),
+k (number of maps), refine, init (norm|random), aux_heads, dtype
+(float32|bfloat16), epochs, runlocal (tiny model and data, seconds). Any field
+can also be set with ``--config.<field>=<value>``; an unknown switch or field
+is an error.
+"""
+
+import ml_collections
+
+from brnpa_jax.config_args import parse_arg
+from brnpa_jax.data.input_pipeline import default_data_config
+from brnpa_jax.models import BACKBONES, HEADS, STRIDES
+
+SWITCHES = {
+    "head": "brnpa", "backbone": "resnet18", "width": 16, "res": "high", "k": 3,
+    "refine": True, "init": "norm", "aux_heads": False, "dtype": "float32",
+    "epochs": 0, "runlocal": False,  # epochs 0: 12, or 2 with runlocal
+}
+CHOICES = {"head": tuple(HEADS), "backbone": tuple(BACKBONES),
+           "res": tuple(STRIDES), "init": ("norm", "random"),
+           "dtype": ("float32", "bfloat16")}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The default config, adjusted by the ``arg`` switches."""
+  a = parse_arg(arg, SWITCHES, CHOICES)
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.dtype = a["dtype"]
+  c.num_devices = 0  # 0: all visible devices on the 'data' mesh axis
+
+  c.data = default_data_config()
+  c.data.data_dir = "~/tensorflow_datasets"  # where the parts dataset is built
+
+  c.model = ml_collections.ConfigDict(dict(
+      backbone=a["backbone"], width=a["width"], res=a["res"], head=a["head"],
+      num_maps=a["k"], refine=a["refine"], init=a["init"],
+      aux_heads=a["aux_heads"], dropout=0.0, use_bias=True,
+      zero_init_residual=True))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=2e-3, momentum=0.9, nesterov=False, b1=0.9, b2=0.999,
+      weight_decay=1e-4, schedule="cosine", warmup_epochs=0.5,
+      step_every_epochs=2, step_gamma=0.9, grad_clip_norm=0.0))
+  c.label_smoothing = 0.0
+
+  c.batch_size = 64
+  c.eval_batch_size = 200
+  c.num_epochs = a["epochs"] or 12
+  c.log_every_steps = 20
+  c.checkpoint_every_steps = 100
+  c.max_to_keep = 2
+  c.num_overlays = 8
+
+  if a["runlocal"]:
+    c.model.backbone, c.model.width = "resnet_tiny", 8
+    c.data.parts.train_size, c.data.parts.validation_size = 256, 64
+    c.data.parts.test_size = 64
+    c.batch_size, c.eval_batch_size, c.num_epochs = 32, 32, a["epochs"] or 2
+    c.log_every_steps, c.checkpoint_every_steps, c.num_overlays = 4, 4, 4
+  c.lock()
+  return c
