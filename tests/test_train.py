@@ -1,0 +1,130 @@
+"""End-to-end: the trainer on a tiny config, checkpoints, resume, outputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from brnpa_jax.train import steps as steps_lib
+from brnpa_jax.train.checkpointing import Checkpointer, abstract_like
+from brnpa_jax.train.trainer import Trainer, train_and_evaluate
+from configs import default
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(data_dir, **overrides):
+  c = default.get_config("runlocal")
+  c.unlock()
+  c.data.data_dir = str(data_dir)
+  c.num_devices = 1
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  c.lock()
+  return c
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_dir):
+  """Two epochs of the tiny config; the train and eval steps may trace once."""
+  workdir = tmp_path_factory.mktemp("run")
+  with pytest.MonkeyPatch.context() as mp:
+    for name in ("make_train_step", "make_eval_step"):
+      make = getattr(steps_lib, name)
+      mp.setattr(steps_lib, name, lambda *a, make=make, **kw: chex.assert_max_traces(
+          make(*a, **kw), n=1))
+    summary = train_and_evaluate(tiny_config(data_dir), str(workdir))
+  return workdir, summary
+
+
+def test_run_writes_checkpoints_metrics_overlays(finished_run):
+  workdir, summary = finished_run
+  assert os.listdir(workdir / "checkpoints") and os.listdir(workdir / "best")
+  rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+  train_rows = [r for r in rows if "train_loss" in r]
+  val_rows = [r for r in rows if "val_accuracy" in r]
+  assert len(val_rows) == 2  # one per epoch
+  assert all(np.isfinite(r["train_loss"]) for r in train_rows)
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+  assert os.path.getsize(summary["overlays"]) > 1000
+  saved = json.load(open(workdir / "summary.json"))
+  assert 0.0 <= saved["test_accuracy"] <= 1.0
+  assert saved["best_val_accuracy"] == max(r["val_accuracy"] for r in val_rows)
+
+
+def test_resume_equals_uninterrupted(tmp_path, data_dir, finished_run):
+  """Preempted mid-epoch, then rerun: the same parameters as one straight run."""
+  ref_dir, _ = finished_run
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(Checkpointer, "reached_preemption", lambda self, step: step == 5)
+    stopped = train_and_evaluate(tiny_config(data_dir), str(tmp_path))
+  assert stopped == {"stopped_at_step": 5}
+  train_and_evaluate(tiny_config(data_dir), str(tmp_path))
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "val_accuracy" in r] == [8, 16]
+  trainers = [Trainer(tiny_config(data_dir), str(d)) for d in (ref_dir, tmp_path)]
+  states = []
+  for t in trainers:
+    state, _ = t.ckpt.restore_latest(abstract_like(t.state_shapes, t.state_sharding))
+    states.append(jax.device_get(state))
+    t.close()
+  assert int(states[0].step) == int(states[1].step) == 2 * trainers[0].steps_per_epoch
+  for a, b in zip(jax.tree.leaves(states[0].params), jax.tree.leaves(states[1].params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_killed_run_resumes_from_checkpoint(tmp_path, data_dir):
+  """kill -9 mid-run, rerun the same command: it resumes, it does not restart."""
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "train.py", "--config", "configs/default.py:runlocal,epochs=12",
+         f"--config.data.data_dir={data_dir}", "--config.num_devices=1",
+         f"--workdir={workdir}"]
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  ckpt_dir = workdir / "checkpoints"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if ckpt_dir.exists() else []
+    if steps:
+      break
+    time.sleep(0.5)
+  assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read()
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  assert killed_at > 0
+
+  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=400)
+  assert out.returncode == 0, out.stdout + out.stderr
+  log = out.stdout + out.stderr
+  assert "Resumed from step" in log
+  resumed_at = int(log.split("Resumed from step")[1].split()[0].rstrip("."))
+  assert resumed_at >= killed_at
+  summary = json.load(open(workdir / "summary.json"))
+  assert summary["best_step"] > 0
+  rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+  assert len([r for r in rows if "val_accuracy" in r]) == 12
+
+
+def test_batch_not_divisible_by_devices_is_clear_error(data_dir, tmp_path):
+  cfg = tiny_config(data_dir, num_devices=8, batch_size=12)
+  with pytest.raises(ValueError, match="divisible by the 8 devices"):
+    Trainer(cfg, str(tmp_path))
