@@ -45,7 +45,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_devices = 0  # 0: all visible devices on the 'data' mesh axis
 
   c.data = default_data_config()
-  c.data.data_dir = "~/tensorflow_datasets"  # where the parts dataset is built
 
   c.model = ml_collections.ConfigDict(dict(
       backbone=a["backbone"], width=a["width"], res=a["res"], head=a["head"],

@@ -89,39 +89,56 @@ def test_resume_equals_uninterrupted(tmp_path, data_dir, finished_run):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_killed_run_resumes_from_checkpoint(tmp_path, data_dir):
-  """kill -9 mid-run, rerun the same command: it resumes, it does not restart."""
+def _checkpoint_steps(workdir):
+  d = workdir / "checkpoints"
+  return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if d.exists() else []
+
+
+def _start_and_signal(cmd, env, workdir, sig, after_step):
+  """Starts a run, sends ``sig`` once a checkpoint past ``after_step`` exists."""
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if any(s > after_step for s in _checkpoint_steps(workdir)):
+      break
+    time.sleep(0.2)
+  assert proc.poll() is None, "the run ended before the signal:\n" + proc.stdout.read()
+  proc.send_signal(sig)
+  out, _ = proc.communicate(timeout=120)
+  return proc.returncode, out
+
+
+def test_interrupted_runs_resume_from_checkpoint(tmp_path, data_dir):
+  """SIGTERM saves and exits cleanly; kill -9 loses only the steps since the
+  last checkpoint; rerunning the same command resumes, it does not restart."""
   workdir = tmp_path / "run"
   cmd = [sys.executable, "train.py", "--config", "configs/default.py:runlocal,epochs=12",
          f"--config.data.data_dir={data_dir}", "--config.num_devices=1",
          f"--workdir={workdir}"]
   env = dict(os.environ, PYTHONUNBUFFERED="1")
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-  ckpt_dir = workdir / "checkpoints"
-  deadline = time.time() + 240
-  while time.time() < deadline and proc.poll() is None:
-    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if ckpt_dir.exists() else []
-    if steps:
-      break
-    time.sleep(0.5)
-  assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read()
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  killed_at = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-  assert killed_at > 0
 
-  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=400)
-  assert out.returncode == 0, out.stdout + out.stderr
-  log = out.stdout + out.stderr
-  assert "Resumed from step" in log
+  code, out = _start_and_signal(cmd, env, workdir, signal.SIGTERM, 0)
+  assert code == 0, out
+  stopped_at = int(out.split("Stopped at step")[1].split(";")[0])
+  assert stopped_at in _checkpoint_steps(workdir)
+
+  code, out = _start_and_signal(cmd, env, workdir, signal.SIGKILL, stopped_at)
+  assert code == -signal.SIGKILL
+  assert f"Resumed from step {stopped_at}" in out
+  killed_at = max(_checkpoint_steps(workdir))
+  assert killed_at > stopped_at
+
+  done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=400)
+  assert done.returncode == 0, done.stdout + done.stderr
+  log = done.stdout + done.stderr
   resumed_at = int(log.split("Resumed from step")[1].split()[0].rstrip("."))
   assert resumed_at >= killed_at
-  summary = json.load(open(workdir / "summary.json"))
-  assert summary["best_step"] > 0
+  assert "test_accuracy" in log  # the summary
   rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
-  assert len([r for r in rows if "val_accuracy" in r]) == 12
+  val_steps = [r["step"] for r in rows if "val_accuracy" in r]
+  assert sorted(set(val_steps)) == [8 * e for e in range(1, 13)]
 
 
 def test_batch_not_divisible_by_devices_is_clear_error(data_dir, tmp_path):

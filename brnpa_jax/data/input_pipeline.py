@@ -100,7 +100,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   """
   cfg = ml_collections.ConfigDict()
   cfg.name = "parts"
-  cfg.data_dir = None  # None: ~/tensorflow_datasets
+  # A string (not None) so that --config.data.data_dir can override it.
+  cfg.data_dir = "~/tensorflow_datasets"
   cfg.image_size = 64
   cfg.resize_ratio = 0.875
   cfg.flip = True

@@ -44,26 +44,35 @@ def _say(msg: str, *args) -> None:
 
 
 class _StopRequest:
-  """Turns SIGTERM (preemption, ``kill``) into a checkpoint-and-exit."""
+  """Turns SIGTERM (preemption, ``kill``) and a first Ctrl-C into a
+  checkpoint-and-exit at the end of the current step; a second Ctrl-C
+  interrupts at once."""
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._old = None
+    self._old = {}
 
   def __enter__(self):
     try:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
+      self._old = {s: signal.signal(s, self._handle) for s in self._SIGNALS}
     except ValueError:  # not the main thread: rely on orbax's preemption check
-      self._old = None
+      self._old = {}
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
+    if signum == signal.SIGINT:
+      if self.requested:
+        raise KeyboardInterrupt
+      tqdm.write("Interrupted: saving a checkpoint after this step (Ctrl-C "
+                 "again to stop at once).")
     self.requested = True
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for s, old in self._old.items():
+      signal.signal(s, old)
 
 
 class Trainer:
