@@ -24,59 +24,60 @@ _BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convolutions (ResNet-18/34)."""
+class _Block(nn.Module):
+  """What both residual blocks share: attributes, layer factories, shortcut."""
   features: int
   stride: int = 1
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
-  expansion = 1
 
-  @nn.compact
-  def __call__(self, x, train: bool):
+  def _layers(self, train: bool):
+    """``(conv, norm, scale_init of the branch's last BN)`` factories."""
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
                              kernel_init=_conv_init)
     norm = functools.partial(_BatchNorm, use_running_average=not train,
                              dtype=self.dtype)
     last_scale = (nn.initializers.zeros if self.zero_init_residual
                   else nn.initializers.ones)
+    return conv, norm, last_scale
+
+  def _shortcut(self, x, out: int, conv, norm):
+    """Identity, or a strided 1x1 conv + BN where the shape changes."""
+    if x.shape[-1] == out and self.stride == 1:
+      return x
+    x = conv(out, (1, 1), (self.stride, self.stride), name="downsample_conv")(x)
+    return norm(name="downsample_bn")(x)
+
+
+class BasicBlock(_Block):
+  """Two 3x3 convolutions (ResNet-18/34)."""
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv, norm, last_scale = self._layers(train)
     s = (self.stride, self.stride)
     y = conv(self.features, (3, 3), s, padding=1, name="conv1")(x)
     y = nn.relu(norm(name="bn1")(y))
     y = conv(self.features, (3, 3), padding=1, name="conv2")(y)
     y = norm(name="bn2", scale_init=last_scale)(y)
-    if x.shape[-1] != self.features or self.stride != 1:
-      x = conv(self.features, (1, 1), s, name="downsample_conv")(x)
-      x = norm(name="downsample_bn")(x)
-    return nn.relu(x + y)
+    return nn.relu(self._shortcut(x, self.features, conv, norm) + y)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
   """1x1 -> 3x3 (strided, v1.5) -> 1x1 with 4x expansion (ResNet-50+)."""
-  features: int
-  stride: int = 1
-  zero_init_residual: bool = False
-  dtype: Any = jnp.float32
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             kernel_init=_conv_init)
-    norm = functools.partial(_BatchNorm, use_running_average=not train,
-                             dtype=self.dtype)
-    last_scale = (nn.initializers.zeros if self.zero_init_residual
-                  else nn.initializers.ones)
+    conv, norm, last_scale = self._layers(train)
     out = self.features * self.expansion
     y = nn.relu(norm(name="bn1")(conv(self.features, (1, 1), name="conv1")(x)))
     y = conv(self.features, (3, 3), (self.stride, self.stride), padding=1,
              name="conv2")(y)
     y = nn.relu(norm(name="bn2")(y))
     y = norm(name="bn3", scale_init=last_scale)(conv(out, (1, 1), name="conv3")(y))
-    if x.shape[-1] != out or self.stride != 1:
-      x = conv(out, (1, 1), (self.stride, self.stride), name="downsample_conv")(x)
-      x = norm(name="downsample_bn")(x)
-    return nn.relu(x + y)
+    return nn.relu(self._shortcut(x, out, conv, norm) + y)
 
 
 class ResNet(nn.Module):
