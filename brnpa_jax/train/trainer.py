@@ -272,7 +272,8 @@ class Trainer:
                                   cfg.get("num_overlays", 8))
     m = cfg.model
     summary = {
-        "model": f"{m.backbone} {m.head} res={m.res} K={m.num_maps}",
+        "model": f"{m.backbone} {m.head} res={m.res}"
+                 + (f" K={m.num_maps}" if m.head != "gap" else ""),
         "params": self.num_params(),
         "best_step": best_meta["best_step"],
         "best_val_accuracy": best_meta["best_val_accuracy"],
