@@ -1,6 +1,6 @@
 r"""Foundation figures: dataset generation, compile time, per-head step cost.
 
-  python benchmarks/foundation.py [--backbone resnet18 --width 16 --size 64]
+  python -m benchmarks.foundation [--backbone resnet18 --width 16 --size 64]
 
 Prints one table, measured side by side in this run: procedural generation
 per example; compile time of the tiny test model; and, for the default
