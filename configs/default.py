@@ -42,7 +42,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.dtype = a["dtype"]
-  c.num_devices = 0  # 0: all visible devices on the 'data' mesh axis
+  # Devices (0: all, every process's) arranged as a (data, fsdp) mesh; fsdp > 1
+  # also shards parameters and optimizer state.
+  c.mesh = ml_collections.ConfigDict(dict(num_devices=0, fsdp=1))
 
   c.data = default_data_config()
 
@@ -50,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       backbone=a["backbone"], width=a["width"], res=a["res"], head=a["head"],
       num_maps=a["k"], refine=a["refine"], init=a["init"],
       aux_heads=a["aux_heads"], dropout=0.0, use_bias=True,
-      zero_init_residual=True))
+      zero_init_residual=True, freeze_bn=False))
 
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=2e-3, momentum=0.9, nesterov=False, b1=0.9, b2=0.999,
@@ -58,7 +60,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       step_every_epochs=2, step_gamma=0.9, grad_clip_norm=0.0))
   c.label_smoothing = 0.0
 
-  c.batch_size = 64
+  c.batch_size = 64  # global, over all devices and micro-batches
+  c.grad_accum_steps = 1  # micro-batches per optimizer step
   c.eval_batch_size = 200
   c.num_epochs = a["epochs"] or 12
   c.log_every_steps = 20

@@ -24,7 +24,7 @@ def tiny_config(data_dir, **overrides):
   c = default.get_config("runlocal")
   c.unlock()
   c.data.data_dir = str(data_dir)
-  c.num_devices = 1
+  c.mesh.num_devices = 1
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")
@@ -114,7 +114,7 @@ def test_interrupted_runs_resume_from_checkpoint(tmp_path, data_dir):
   last checkpoint; rerunning the same command resumes, it does not restart."""
   workdir = tmp_path / "run"
   cmd = [sys.executable, "train.py", "--config", "configs/default.py:runlocal,epochs=12",
-         f"--config.data.data_dir={data_dir}", "--config.num_devices=1",
+         f"--config.data.data_dir={data_dir}", "--config.mesh.num_devices=1",
          f"--workdir={workdir}"]
   env = dict(os.environ, PYTHONUNBUFFERED="1")
 
@@ -142,6 +142,6 @@ def test_interrupted_runs_resume_from_checkpoint(tmp_path, data_dir):
 
 
 def test_batch_not_divisible_by_devices_is_clear_error(data_dir, tmp_path):
-  cfg = tiny_config(data_dir, num_devices=8, batch_size=12)
+  cfg = tiny_config(data_dir, **{"mesh.num_devices": 8, "batch_size": 12})
   with pytest.raises(ValueError, match="divisible by the 8 devices"):
     Trainer(cfg, str(tmp_path))

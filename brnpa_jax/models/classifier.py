@@ -25,6 +25,9 @@ class Classifier(nn.Module):
     aux_heads: add the five auxiliary heads on stop-gradient slices of the
       concatenated BR-NPA vector (needs K = 3); their logits are in
       ``aux['aux_logits']``.
+    freeze_bn: the backbone's BatchNorm uses its running statistics in
+      training too and does not update them (fine-tuning with small batches;
+      makes gradient accumulation exactly equal to the large batch).
     dtype: computation dtype; logits are returned in float32.
   """
   backbone: nn.Module
@@ -33,6 +36,7 @@ class Classifier(nn.Module):
   dropout: float = 0.0
   use_bias: bool = True
   aux_heads: bool = False
+  freeze_bn: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -42,7 +46,7 @@ class Classifier(nn.Module):
     aux holds ``features`` (B, h, w, C), ``maps`` (B, K, h, w), ``norms``
     (B, h, w), ``vectors`` (B, K, C) and, for BR-NPA, ``indices`` (B, K).
     """
-    feats = self.backbone(images_BxHxWx3, train=train)
+    feats = self.backbone(images_BxHxWx3, train=train and not self.freeze_bn)
     pooled, aux = self.head(feats, train=train)
     aux = dict(aux, features=feats)
     pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)

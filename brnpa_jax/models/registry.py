@@ -23,7 +23,7 @@ def build_model(model_cfg, num_classes: int, dtype: str = "float32") -> Classifi
     model_cfg: ConfigDict with ``backbone`` (a ``BACKBONES`` key), ``head``
       (``gap|bcnn|brnpa``), ``res`` (``low|high``), ``num_maps``, ``refine``,
       ``init``, ``aux_heads``, ``dropout``, ``use_bias`` and optionally
-      ``width`` and ``zero_init_residual``.
+      ``width``, ``zero_init_residual`` and ``freeze_bn``.
     num_classes: size of the output layer.
     dtype: computation dtype name, ``float32`` or ``bfloat16``.
 
@@ -53,4 +53,5 @@ def build_model(model_cfg, num_classes: int, dtype: str = "float32") -> Classifi
                      f"head=brnpa or aux_heads=False (head={model_cfg.head!r}).")
   return Classifier(backbone=backbone, head=head, num_classes=num_classes,
                     dropout=model_cfg.dropout, use_bias=model_cfg.use_bias,
-                    aux_heads=model_cfg.aux_heads, dtype=dt)
+                    aux_heads=model_cfg.aux_heads,
+                    freeze_bn=model_cfg.get("freeze_bn", False), dtype=dt)

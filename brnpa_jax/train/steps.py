@@ -3,39 +3,87 @@
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from brnpa_jax.tasks import classification
-from brnpa_jax.train.state import TrainState, variables
+from brnpa_jax.train import sharding as shd
+from brnpa_jax.train.state import TrainState, create_state, variables
 
 
 def make_train_step(model, tx: optax.GradientTransformation, *,
-                    label_smoothing: float = 0.0):
+                    label_smoothing: float = 0.0, grad_accum_steps: int = 1,
+                    micro_batch_sharding=None):
   """Returns ``train_step(state, batch, rng) -> (state, metrics)``.
 
   The rng is the run's base key; each step folds in its own step number, so
   dropout (and the random-init ablation) differ per step yet a resumed run
   draws exactly what the uninterrupted one would.
+
+  With ``grad_accum_steps = n > 1`` the batch is cut into n micro-batches
+  (example ``i`` goes to micro-batch ``i % n``, so each one keeps examples
+  from every device); their gradients are averaged and the optimiser steps
+  once. That equals the full-batch step exactly, except that BatchNorm (in
+  training mode) normalises each micro-batch by its own statistics and
+  updates its running averages n times, as PyTorch's accumulation does; with
+  ``model.freeze_bn`` the two are equal.
+
+  Args:
+    model: the classifier.
+    tx: the optimiser.
+    label_smoothing: for the cross-entropy.
+    grad_accum_steps: micro-batches per optimiser step.
+    micro_batch_sharding: sharding of the stacked (n, B/n, ...) micro-batches
+      (the batch axes on axis 1); None leaves the layout to XLA.
   """
   loss_fn_task = functools.partial(classification.loss_and_metrics,
                                    label_smoothing=label_smoothing)
 
-  def train_step(state: TrainState, batch, rng):
-    rng = jax.random.fold_in(rng, state.step)
+  def grads_and_metrics(params, batch_stats, batch, rng):
     dropout_rng, brnpa_rng = jax.random.split(rng)
 
     def loss_fn(params):
       (logits, aux), new_vars = model.apply(
-          {"params": params, "batch_stats": state.batch_stats},
+          {"params": params, "batch_stats": batch_stats},
           batch["image"], train=True, mutable=["batch_stats"],
           rngs={"dropout": dropout_rng, "brnpa": brnpa_rng})
       loss, metrics = loss_fn_task(logits, aux, batch)
       return loss, (metrics, new_vars["batch_stats"])
 
-    grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(params)
+    return grads, metrics, batch_stats
+
+  def accumulate(state, batch, rng):
+    n = grad_accum_steps
+    micro = jax.tree.map(
+        lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
+    if micro_batch_sharding is not None:
+      micro = jax.lax.with_sharding_constraint(micro, micro_batch_sharding)
+
+    def body(carry, xs):
+      grads_sum, batch_stats = carry
+      i, mb = xs
+      grads, metrics, batch_stats = grads_and_metrics(
+          state.params, batch_stats, mb, jax.random.fold_in(rng, i))
+      return (jax.tree.map(jnp.add, grads_sum, grads), batch_stats), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads_sum, batch_stats), metrics = jax.lax.scan(
+        body, (zeros, state.batch_stats), (jnp.arange(n), micro))
+    grads = jax.tree.map(lambda g: g / n, grads_sum)
+    return grads, jax.tree.map(jnp.mean, metrics), batch_stats
+
+  def train_step(state: TrainState, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    if grad_accum_steps > 1:
+      grads, metrics, batch_stats = accumulate(state, batch, rng)
+    else:
+      grads, metrics, batch_stats = grads_and_metrics(
+          state.params, state.batch_stats, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
@@ -65,3 +113,49 @@ def make_predict_fn(model):
                                     if k in ("maps", "norms", "indices")}
 
   return predict
+
+
+class JittedSteps(NamedTuple):
+  """The jitted functions of a run, with the shardings they were built for."""
+  init: Callable            # rng -> state
+  train: Callable           # (state, batch, rng) -> (state, metrics); donates state
+  eval: Callable            # (state, batch) -> sums
+  predict: Callable         # (state, images) -> (probs, aux)
+  state_shapes: Any         # ShapeDtypeStructs of the state
+  state_sharding: Any       # NamedShardings of the state
+  data_sharding: NamedSharding
+
+
+def jit_steps(model, tx: optax.GradientTransformation, mesh: Mesh,
+              image_shape: tuple[int, ...], *, label_smoothing: float = 0.0,
+              grad_accum_steps: int = 1) -> JittedSteps:
+  """Jits init, train, eval and predict with explicit shardings on ``mesh``.
+
+  The state's shapes come from ``jax.eval_shape``; the state is created
+  directly in its sharding (``out_shardings``) and donated to the train step.
+
+  Args:
+    model: the classifier.
+    tx: the optimiser.
+    mesh: a ``(data, fsdp)`` mesh from ``sharding.make_mesh``.
+    image_shape: one input's shape for initialisation, e.g. (1, 64, 64, 3).
+    label_smoothing: for the training loss.
+    grad_accum_steps: micro-batches per optimiser step.
+  """
+  init = lambda rng: create_state(model, tx, rng, image_shape)
+  state_shapes = jax.eval_shape(init, jax.random.key(0))
+  state_sharding = shd.state_shardings(mesh, state_shapes)
+  repl, data = shd.replicated(mesh), shd.data_sharding(mesh)
+  train = make_train_step(
+      model, tx, label_smoothing=label_smoothing, grad_accum_steps=grad_accum_steps,
+      micro_batch_sharding=NamedSharding(mesh, P(None, shd.BATCH_AXES)))
+  return JittedSteps(
+      init=jax.jit(init, out_shardings=state_sharding),
+      train=jax.jit(train, in_shardings=(state_sharding, data, repl),
+                    out_shardings=(state_sharding, repl), donate_argnums=0),
+      eval=jax.jit(make_eval_step(model), in_shardings=(state_sharding, data),
+                   out_shardings=repl),
+      predict=jax.jit(make_predict_fn(model), in_shardings=(state_sharding, data),
+                      out_shardings=repl),
+      state_shapes=state_shapes, state_sharding=state_sharding,
+      data_sharding=data)

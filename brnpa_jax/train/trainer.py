@@ -32,7 +32,6 @@ from brnpa_jax.train import sharding as shd
 from brnpa_jax.train import steps as steps_lib
 from brnpa_jax.train.checkpointing import Checkpointer, abstract_like
 from brnpa_jax.train.optim import make_optimizer
-from brnpa_jax.train.state import create_state
 from brnpa_jax.train.writers import create_writer
 
 
@@ -81,9 +80,11 @@ class Trainer:
   def __init__(self, config, workdir: str):
     self.config = config
     self.workdir = workdir
-    self.mesh = shd.make_mesh(config.get("num_devices"))
+    self.mesh = shd.make_mesh(config.mesh.num_devices, config.mesh.fsdp)
     self.global_batch = config.batch_size
-    self.local_batch = shd.check_batch_size(config.batch_size, self.mesh)
+    self.grad_accum_steps = config.get("grad_accum_steps", 1)
+    self.local_batch = shd.check_batch_size(config.batch_size, self.mesh,
+                                            micro_batches=self.grad_accum_steps)
     self.local_eval_batch = shd.check_batch_size(config.eval_batch_size, self.mesh,
                                                  "eval_batch_size")
     data = config.data
@@ -103,25 +104,15 @@ class Trainer:
   def _build_steps(self):
     cfg = self.config
     size = cfg.data.image_size
-    rng = jax.random.key(cfg.seed)
-    self.init_rng, self.train_rng = jax.random.split(rng)
-    init = lambda r: create_state(self.model, self.tx, r, (1, size, size, 3))
-    self.state_shapes = jax.eval_shape(init, self.init_rng)
-    repl, data = shd.replicated(self.mesh), shd.data_sharding(self.mesh)
-    self.state_sharding = jax.tree.map(lambda _: repl, self.state_shapes)
-    self.data_sharding = data
-    self._init = jax.jit(init, out_shardings=self.state_sharding)
-    self.train_step = jax.jit(
-        steps_lib.make_train_step(self.model, self.tx,
-                                  label_smoothing=cfg.get("label_smoothing", 0.0)),
-        in_shardings=(self.state_sharding, data, repl),
-        out_shardings=(self.state_sharding, repl), donate_argnums=0)
-    self.eval_step = jax.jit(steps_lib.make_eval_step(self.model),
-                             in_shardings=(self.state_sharding, data),
-                             out_shardings=repl)
-    self.predict = jax.jit(steps_lib.make_predict_fn(self.model),
-                           in_shardings=(self.state_sharding, data),
-                           out_shardings=repl)
+    self.init_rng, self.train_rng = jax.random.split(jax.random.key(cfg.seed))
+    steps = steps_lib.jit_steps(
+        self.model, self.tx, self.mesh, (1, size, size, 3),
+        label_smoothing=cfg.get("label_smoothing", 0.0),
+        grad_accum_steps=self.grad_accum_steps)
+    self._init, self.train_step = steps.init, steps.train
+    self.eval_step, self.predict = steps.eval, steps.predict
+    self.state_shapes, self.state_sharding = steps.state_shapes, steps.state_sharding
+    self.data_sharding = steps.data_sharding
 
   # -- state -------------------------------------------------------------
   def restore_or_init(self):
