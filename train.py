@@ -15,8 +15,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and "
                                "overlays are written; a rerun resumes from it.")
-_MULTIPROCESS = flags.DEFINE_bool("multiprocess", False,
-                                  "Call jax.distributed.initialize() first.")
+_MULTIPROCESS = flags.DEFINE_bool(
+    "multiprocess", False, "Call jax.distributed.initialize() first (arguments "
+    "auto-detected on TPU pods, SLURM and Open MPI unless given below).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, with --multiprocess.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --multiprocess.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --multiprocess.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,7 +31,9 @@ def main(argv):
   import jax  # after flag parsing, so --help is fast
 
   if _MULTIPROCESS.value:
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
   from brnpa_jax.train.trainer import train_and_evaluate
 
   # Orbax and clu log every save and scalar at INFO; progress is printed

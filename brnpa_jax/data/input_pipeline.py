@@ -110,6 +110,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.train_split = "train"
   cfg.eval_splits = ("validation", "test")
   cfg.shuffle_buffer = 10_000
+  # How processes divide the training data: 'shard' or 'slice' (see
+  # make_train_dataset); 'slice' makes runs independent of the process count.
+  cfg.process_split = "shard"
   defaults = dataclasses.asdict(parts.PartsConfig())
   defaults["image_size"] = None
   for split, n in parts_tfds.DEFAULT_SPLIT_SIZES.items():
@@ -214,11 +217,23 @@ def make_train_dataset(data_cfg, *, batch_size: int, seed: int, epoch: int,
 
   Returns:
     A dataset of ``{'image': float32 (B, S, S, 3), 'label': int32 (B,)}``;
-    every process gets the same number of full batches.
+    every process gets the same number of full batches (the trainer takes
+    ``num_examples // global_batch`` of them).
+
+  ``data_cfg.process_split`` chooses how processes divide the data:
+  ``'shard'`` (default) gives each process its own part of the split
+  (``tfds.split_for_jax_process``), reading only that; ``'slice'`` has every
+  process walk the same shuffled stream and keep its rows of each global
+  batch, so the global batches, and hence the run, are the same for any
+  number of processes (each process reads, but does not decode, all of it).
   """
   spec = _spec(data_cfg)
   builder = get_builder(data_cfg)
-  split = tfds.split_for_jax_process(
+  mode = data_cfg.get("process_split", "shard")
+  if mode not in ("shard", "slice"):
+    raise ValueError(f"data.process_split={mode!r}: use 'shard' or 'slice'.")
+  slicing = mode == "slice" and process_count > 1
+  split = data_cfg.train_split if slicing else tfds.split_for_jax_process(
       data_cfg.train_split, process_index=process_index,
       process_count=process_count, drop_remainder=True)
   file_seed, shuffle_seed, aug_seed = _epoch_seeds(seed, epoch)
@@ -238,7 +253,11 @@ def make_train_dataset(data_cfg, *, batch_size: int, seed: int, epoch: int,
         brightness=data_cfg.brightness, saturation=data_cfg.saturation)
     return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
-  ds = ds.enumerate().map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.enumerate()  # the position in the epoch also seeds augmentation
+  if slicing:
+    global_batch = batch_size * process_count
+    ds = ds.filter(lambda i, ex: (i % global_batch) // batch_size == process_index)
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE)
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from brnpa_jax.data import input_pipeline
@@ -88,6 +89,11 @@ class Trainer:
     self.local_eval_batch = shd.check_batch_size(config.eval_batch_size, self.mesh,
                                                  "eval_batch_size")
     data = config.data
+    if jax.process_count() > 1:
+      # One process builds a generated dataset; the others then find it.
+      if jax.process_index() == 0:
+        input_pipeline.get_builder(data)
+      multihost_utils.sync_global_devices("dataset prepared")
     self.num_classes = input_pipeline.num_classes(data)
     self.num_train = input_pipeline.num_examples(data, data.train_split)
     self.steps_per_epoch = self.num_train // self.global_batch

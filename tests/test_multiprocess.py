@@ -1,0 +1,82 @@
+"""Two processes on localhost (4 fake CPU devices each, gloo collectives)
+train the same run as one process with 8 devices."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from brnpa_jax.data import input_pipeline
+from brnpa_jax.train.checkpointing import abstract_like
+from brnpa_jax.train.trainer import Trainer, train_and_evaluate
+from test_train import REPO, tiny_config
+
+# The gap head: BR-NPA's argmax can flip on a float-rounding near-tie between
+# different reduction orders, after which two correct runs diverge. SGD: Adam
+# divides tiny gradients by their own scale, which magnifies rounding noise.
+OVERRIDES = {"model.head": "gap", "num_epochs": 1, "data.process_split": "slice",
+             "mesh.num_devices": 0, "optim.name": "sgd", "optim.lr": 0.05}
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _final_params(cfg, workdir):
+  trainer = Trainer(cfg, str(workdir))
+  try:
+    state, _ = trainer.ckpt.restore_latest(
+        abstract_like(trainer.state_shapes, trainer.state_sharding))
+    return jax.device_get(state)
+  finally:
+    trainer.close()
+
+
+def test_two_processes_equal_one_process(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("tfds_mp")
+  cfg = tiny_config(data_dir, **OVERRIDES)
+  input_pipeline.get_builder(cfg.data)  # built once, before the processes start
+
+  single_dir = tmp_path_factory.mktemp("single")
+  assert jax.device_count() == 8
+  train_and_evaluate(cfg, str(single_dir))
+
+  multi_dir = tmp_path_factory.mktemp("multi")
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  cmd = [sys.executable, "train.py", "--config", "configs/default.py:runlocal,head=gap,epochs=1",
+         f"--config.data.data_dir={data_dir}", "--config.data.process_split=slice",
+         "--config.optim.name=sgd", "--config.optim.lr=0.05",
+         f"--workdir={multi_dir}", "--multiprocess",
+         f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+  procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for i in range(2)]
+  outs = [p.communicate(timeout=420)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out
+  assert "on 8 devices" in outs[0]  # one global mesh over both processes
+  assert "Summary" in outs[0] and "Summary" not in outs[1]  # process 0 reports
+
+  single, multi = _final_params(cfg, single_dir), _final_params(cfg, multi_dir)
+  assert int(single.step) == int(multi.step) == 8
+  for a, b in zip(jax.tree.leaves((single.params, single.batch_stats)),
+                  jax.tree.leaves((multi.params, multi.batch_stats))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_slice_mode_rebuilds_the_global_batches(tmp_path_factory):
+  cfg = tiny_config(tmp_path_factory.mktemp("tfds_slice"),
+                    **{"data.process_split": "slice"})
+  first = lambda **kw: next(iter(input_pipeline.make_train_dataset(
+      cfg.data, seed=0, epoch=1, **kw).as_numpy_iterator()))
+  whole = first(batch_size=16)
+  halves = [first(batch_size=8, process_index=p, process_count=2) for p in (0, 1)]
+  for key in ("image", "label"):
+    np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), whole[key])
