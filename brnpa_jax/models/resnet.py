@@ -149,3 +149,7 @@ BACKBONES = {
     "resnet152": ResNet152,
     "resnet_tiny": ResNetTiny,
 }
+
+# Few-shot embedding networks; their module reuses ``_Block``, hence down here.
+from brnpa_jax.models.resnet12 import RESNET12_BACKBONES  # pylint: disable=g-import-not-at-top,wrong-import-position
+BACKBONES.update(RESNET12_BACKBONES)

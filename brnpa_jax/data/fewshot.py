@@ -1,0 +1,384 @@
+"""Few-shot data: class splits, in-memory image sets, episodes and batches.
+
+Few-shot learning splits a dataset by *class*: the network trains on the
+base classes; validation (model selection) and test episodes are drawn from
+disjoint val and novel classes. Each split is decoded once into memory as
+uint8 images of side ``stored_size`` (short side resized, centre-cropped:
+the crop margin of training augmentation), so episodes can pick any images
+of any class. Batches are built in numpy and handed to tf.data by
+``as_tf_dataset``.
+
+Datasets (``data.name``) and their class splits, defined here:
+
+- ``caltech_birds2011`` (tfds, CUB-200-2011): all 11,788 images (tfds train
+  and test), 200 classes in the dataset's class order (``001.Black_footed_
+  Albatross`` = 0). The split of Chen et al. 2019, "A Closer Look at Few-shot
+  Classification" (``write_CUB_filelist.py``): base = index % 2 == 0 (100
+  classes), val = index % 4 == 1 (50), novel = index % 4 == 3 (50).
+- ``omniglot`` (tfds): the background set (tfds ``train``, characters
+  0..963) is base; the evaluation set (tfds ``test``, characters 964..1622,
+  ordered by alphabet then character) is cut in two contiguous halves, so
+  val and novel share at most one alphabet: val = 964..1292 (329
+  characters), novel = 1293..1622 (330). Grayscale strokes are replicated to
+  3 channels; ``image_size`` 28 or 84.
+- ``folder``: ``data.folder.root`` holding one folder per split
+  (``train``/``val``/``test`` by default, ``data.folder.splits``), each with
+  one folder per class: the mini-ImageNet (Ravi & Larochelle), tieredImageNet
+  and CIFAR-FS layouts once their split files are applied. Classes are sorted
+  by folder name. Images are read with Pillow and converted to RGB; a file
+  that cannot be decoded is an error naming its path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, Iterator
+
+import numpy as np
+
+from brnpa_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_size
+
+SPLITS = ("base", "val", "novel")
+OMNIGLOT_BACKGROUND = 964
+OMNIGLOT_CLASSES = 1623
+OMNIGLOT_VAL_END = 1293
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm")
+
+
+def cub_class_splits(num_classes: int = 200) -> dict[str, np.ndarray]:
+  """CUB-200-2011 classes of each split (Chen et al. 2019): 100/50/50."""
+  index = np.arange(num_classes)
+  return {"base": index[index % 2 == 0], "val": index[index % 4 == 1],
+          "novel": index[index % 4 == 3]}
+
+
+def omniglot_class_splits() -> dict[str, np.ndarray]:
+  """Omniglot characters of each split: 964 background / 329 / 330."""
+  return {"base": np.arange(OMNIGLOT_BACKGROUND),
+          "val": np.arange(OMNIGLOT_BACKGROUND, OMNIGLOT_VAL_END),
+          "novel": np.arange(OMNIGLOT_VAL_END, OMNIGLOT_CLASSES)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsFewShot:
+  """A tfds dataset split by class: which tfds splits hold which classes."""
+  name: str
+  tfds_splits: dict[str, str]   # our split -> tfds split string to read
+  class_splits: Callable[[], dict[str, np.ndarray]]
+
+
+TFDS_DATASETS = {
+    "caltech_birds2011": TfdsFewShot(
+        "caltech_birds2011", {s: "train+test" for s in SPLITS}, cub_class_splits),
+    "omniglot": TfdsFewShot(
+        "omniglot", {"base": "train", "val": "test", "novel": "test"},
+        omniglot_class_splits),
+}
+
+
+@dataclasses.dataclass
+class ImageSet:
+  """One split in memory.
+
+  Attributes:
+    images: uint8 (n, S, S, 3), S = ``stored_size``.
+    labels: int32 (n,), the split's own class indices 0..num_classes-1.
+    class_ids: (num_classes,) the dataset's class ids (or folder names).
+  """
+  images: np.ndarray
+  labels: np.ndarray
+  class_ids: np.ndarray
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_ids)
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+def stored_size(data_cfg) -> int:
+  """Side of the images kept in memory: the crop plus its resize margin."""
+  return resize_size(data_cfg.image_size, data_cfg.resize_ratio)
+
+
+def _square_tf(image, side: int):
+  """uint8 (H, W, C) tensor -> uint8 (side, side, 3): short side, centre crop."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from brnpa_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  if image.shape[-1] == 1:
+    image = tf.image.grayscale_to_rgb(image)
+  image = tf.image.convert_image_dtype(image, tf.float32)
+  image, _ = transforms.resize_short_side(image, {}, side)
+  image, _ = transforms.center_crop(image, {}, side)
+  return tf.image.convert_image_dtype(image, tf.uint8, saturate=True)
+
+
+def load_tfds_split(data_cfg, split: str) -> ImageSet:
+  """Reads one class split of a tfds dataset into memory.
+
+  Raises:
+    ValueError: unknown dataset or split, or no image of the split's classes.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  spec = TFDS_DATASETS[data_cfg.name]
+  class_ids = spec.class_splits()[split]
+  side = stored_size(data_cfg)
+  data_dir = os.path.expanduser(data_cfg.data_dir)
+  try:
+    builder = tfds.builder(spec.name, data_dir=data_dir)
+    ds = builder.as_dataset(split=spec.tfds_splits[split], shuffle_files=False)
+  except (AssertionError, FileNotFoundError) as e:
+    raise FileNotFoundError(
+        f"{spec.name} is not prepared in {data_dir}. Prepare it once with "
+        f"`tfds build {spec.name} --data_dir {data_dir}` (CUB needs network "
+        f"access; see the README) or set data.data_dir.") from e
+  lookup = np.full(int(max(class_ids)) + 1, -1, np.int32)
+  lookup[class_ids] = np.arange(len(class_ids), dtype=np.int32)
+  table = tf.constant(lookup)
+  ds = ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
+  ds = ds.filter(lambda image, label: (label < len(lookup))
+                 & (tf.gather(table, tf.minimum(label, len(lookup) - 1)) >= 0))
+  ds = ds.map(lambda image, label: (_square_tf(image, side),
+                                    tf.gather(table, label)),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  images, labels = [], []
+  for image_b, label_b in tfds.as_numpy(ds.batch(512)):
+    images.append(image_b)
+    labels.append(label_b)
+  if not images:
+    raise ValueError(f"No {spec.name} image of the {split!r} classes in tfds "
+                     f"split {spec.tfds_splits[split]!r}.")
+  return ImageSet(np.concatenate(images), np.concatenate(labels), class_ids)
+
+
+def _read_image(path: str, side: int) -> np.ndarray:
+  """One file -> uint8 (side, side, 3), RGB, short side resized, centre crop."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(path) as img:
+      img = img.convert("RGB")
+      w, h = img.size
+      scale = side / min(w, h)
+      img = img.resize((max(side, round(w * scale)), max(side, round(h * scale))),
+                       Image.BILINEAR)
+      left, top = (img.size[0] - side) // 2, (img.size[1] - side) // 2
+      return np.asarray(img.crop((left, top, left + side, top + side)), np.uint8)
+  except (OSError, ValueError, SyntaxError) as e:
+    raise ValueError(f"Cannot read image {path}: {e}. Remove or replace the "
+                     "file.") from e
+
+
+def load_folder_split(data_cfg, split: str) -> ImageSet:
+  """Reads ``<root>/<split folder>/<class>/<image>`` into memory.
+
+  Raises:
+    FileNotFoundError: missing root or split folder.
+    ValueError: a split folder without class folders or images, or a corrupt
+      image (named by path).
+  """
+  root = os.path.expanduser(data_cfg.folder.root)
+  folder = dict(zip(SPLITS, data_cfg.folder.splits))[split]
+  path = os.path.join(root, folder)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(
+        f"No {split} folder {path}: data.folder.root must hold the folders "
+        f"{tuple(data_cfg.folder.splits)} (base, val, novel classes), each with "
+        "one folder of images per class.")
+  classes = sorted(d for d in os.listdir(path)
+                   if os.path.isdir(os.path.join(path, d)))
+  if not classes:
+    raise ValueError(f"{path} has no class folders.")
+  side = stored_size(data_cfg)
+  images, labels = [], []
+  for label, name in enumerate(classes):
+    class_dir = os.path.join(path, name)
+    files = sorted(f for f in os.listdir(class_dir)
+                   if f.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+      raise ValueError(f"Class folder {class_dir} has no images "
+                       f"({', '.join(IMAGE_SUFFIXES)}).")
+    images += [_read_image(os.path.join(class_dir, f), side) for f in files]
+    labels += [label] * len(files)
+  return ImageSet(np.stack(images), np.asarray(labels, np.int32),
+                  np.asarray(classes))
+
+
+def load_split(data_cfg, split: str) -> ImageSet:
+  """One class split (``base``, ``val`` or ``novel``) of ``data.name``."""
+  if split not in SPLITS:
+    raise ValueError(f"Unknown few-shot split {split!r}; valid: {SPLITS}.")
+  if data_cfg.name == "folder":
+    return load_folder_split(data_cfg, split)
+  if data_cfg.name not in TFDS_DATASETS:
+    raise ValueError(f"Unknown few-shot dataset {data_cfg.name!r}; valid: "
+                     f"{sorted(TFDS_DATASETS) + ['folder']}.")
+  return load_tfds_split(data_cfg, split)
+
+
+# -- episodes -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Episodes:
+  """A stack of N-way K-shot episodes (indices into an ``ImageSet``).
+
+  Attributes:
+    support: int (E, N, K) image indices, class-major.
+    query: int (E, N, Q) image indices, disjoint from the support.
+    classes: int (E, N) the split's class of each episode label 0..N-1.
+  """
+  support: np.ndarray
+  query: np.ndarray
+  classes: np.ndarray
+
+
+class EpisodeSampler:
+  """Draws N-way K-shot Q-query episodes; episode ``i`` depends only on
+  ``(seed, i)``, so any range of episodes can be drawn in any order, by any
+  process, and gives the same episodes.
+
+  Args:
+    labels: (n,) class index of each image.
+    ways: N, classes per episode.
+    shots: K, support images per class.
+    queries: Q, query images per class.
+    seed: the sampler's seed.
+
+  Raises:
+    ValueError: fewer than N classes with at least K + Q images each.
+  """
+
+  def __init__(self, labels, ways: int, shots: int, queries: int, seed: int):
+    labels = np.asarray(labels)
+    self.ways, self.shots, self.queries, self.seed = ways, shots, queries, seed
+    if min(ways, shots) < 1 or queries < 0:
+      raise ValueError(f"Episodes need ways >= 1, shots >= 1, queries >= 0; "
+                       f"got {ways}, {shots}, {queries}.")
+    classes = np.unique(labels)
+    self._members = [np.flatnonzero(labels == c) for c in classes]
+    small = [int(c) for c, m in zip(classes, self._members)
+             if len(m) < shots + queries]
+    if small:
+      raise ValueError(f"{len(small)} classes (e.g. {small[:5]}) have fewer than "
+                       f"shots + queries = {shots + queries} images; lower "
+                       "shots or queries.")
+    if len(classes) < ways:
+      raise ValueError(f"{ways}-way episodes need {ways} classes; the split has "
+                       f"{len(classes)}.")
+    self._classes = classes
+
+  def episode(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(support (N, K), query (N, Q), classes (N,))`` of episode ``index``."""
+    rng = np.random.default_rng([self.seed, index])
+    picked = rng.choice(len(self._classes), self.ways, replace=False)
+    draws = np.stack([rng.choice(self._members[c], self.shots + self.queries,
+                                 replace=False) for c in picked])
+    return draws[:, :self.shots], draws[:, self.shots:], self._classes[picked]
+
+  def episodes(self, start: int, count: int) -> Episodes:
+    """Episodes ``start .. start + count - 1``, stacked."""
+    support, query, classes = zip(*(self.episode(i)
+                                    for i in range(start, start + count)))
+    return Episodes(np.stack(support), np.stack(query), np.stack(classes))
+
+
+def episode_layout(ways: int, shots: int, queries: int) -> np.ndarray:
+  """Episode labels of one training episode's rows: support (class-major,
+  N*K rows) then query (N*Q rows)."""
+  return np.concatenate([np.repeat(np.arange(ways), shots),
+                         np.repeat(np.arange(ways), queries)]).astype(np.int32)
+
+
+# -- batches --------------------------------------------------------------------
+
+
+def augment(images_BxSxSx3: np.ndarray, rng: np.random.Generator, *, size: int,
+            flip: bool) -> np.ndarray:
+  """Random ``size`` crop and optional horizontal flip, then normalisation."""
+  b, side = images_BxSxSx3.shape[0], images_BxSxSx3.shape[1]
+  tops = rng.integers(0, side - size + 1, b)
+  lefts = rng.integers(0, side - size + 1, b)
+  flips = rng.random(b) < 0.5 if flip else np.zeros(b, bool)
+  out = np.empty((b, size, size, 3), np.uint8)
+  for i in range(b):
+    crop = images_BxSxSx3[i, tops[i]:tops[i] + size, lefts[i]:lefts[i] + size]
+    out[i] = crop[:, ::-1] if flips[i] else crop
+  return normalize(out)
+
+
+def center(images_BxSxSx3: np.ndarray, size: int) -> np.ndarray:
+  """The central ``size`` crop, normalised (evaluation)."""
+  off = (images_BxSxSx3.shape[1] - size) // 2
+  return normalize(images_BxSxSx3[:, off:off + size, off:off + size])
+
+
+def normalize(images_uint8: np.ndarray) -> np.ndarray:
+  """uint8 RGB -> ImageNet-normalised float32 (as ``transforms.normalize``)."""
+  x = images_uint8.astype(np.float32) / 255.0
+  return (x - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
+
+
+def _rng(*key: int) -> np.random.Generator:
+  return np.random.default_rng(list(key))
+
+
+def classification_batches(data: ImageSet, *, batch_size: int, seed: int,
+                           epoch: int, size: int, flip: bool,
+                           process_index: int = 0, process_count: int = 1
+                           ) -> Iterator[dict[str, np.ndarray]]:
+  """One shuffled epoch of ``{'image', 'label'}`` batches of this process.
+
+  The epoch order and augmentation depend on ``(seed, epoch)`` only; each
+  global batch is cut into per-process rows, so the run is the same for any
+  process count. Yields ``len(data) // (batch_size * process_count)`` batches.
+  """
+  global_batch = batch_size * process_count
+  order = _rng(seed, epoch).permutation(len(data))
+  rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
+  for step in range(len(data) // global_batch):
+    index = order[step * global_batch:(step + 1) * global_batch]
+    images = augment(data.images[index], _rng(seed, epoch, step), size=size,
+                     flip=flip)
+    yield {"image": images[rows], "label": data.labels[index][rows]}
+
+
+def episode_batches(data: ImageSet, sampler: EpisodeSampler, *,
+                    episodes_per_batch: int, num_batches: int, first_episode: int,
+                    seed: int, size: int, flip: bool, process_index: int = 0,
+                    process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """Training batches of whole episodes (``episode_layout`` rows each).
+
+  ``episodes_per_batch`` is per process; global batch ``b`` holds episodes
+  ``first_episode + b * E * P ...``, process ``p`` the ``p``-th run of E.
+  Yields ``{'image', 'label' (episode labels), 'episode_class' (the split's
+  class of each row)}``.
+  """
+  layout = episode_layout(sampler.ways, sampler.shots, sampler.queries)
+  global_eps = episodes_per_batch * process_count
+  for b in range(num_batches):
+    start = first_episode + b * global_eps + process_index * episodes_per_batch
+    eps = sampler.episodes(start, episodes_per_batch)
+    n = eps.support.shape[0]
+    index = np.concatenate([eps.support.reshape(n, -1),
+                            eps.query.reshape(n, -1)], axis=1).reshape(-1)
+    images = augment(data.images[index], _rng(seed, start), size=size, flip=flip)
+    yield {"image": images, "label": np.tile(layout, n),
+           "episode_class": data.labels[index]}
+
+
+def as_tf_dataset(make_iterator: Callable[[], Iterator[dict[str, np.ndarray]]],
+                  shapes: dict[str, tuple[tuple[int, ...], type]]):
+  """Wraps a numpy batch generator as a prefetching ``tf.data.Dataset``.
+
+  Args:
+    make_iterator: returns a fresh iterator of batches.
+    shapes: key -> ``(shape, numpy dtype)`` of each batch value.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  signature = {k: tf.TensorSpec(shape, tf.as_dtype(dtype))
+               for k, (shape, dtype) in shapes.items()}
+  ds = tf.data.Dataset.from_generator(make_iterator, output_signature=signature)
+  return ds.prefetch(2)

@@ -1,0 +1,404 @@
+"""Few-shot classification: pretraining, episodic fine-tuning, episode evaluation.
+
+Two training phases (``config.fewshot.phase``):
+
+- ``pretrain``: cross-entropy on the base classes (the classifier layer has
+  one output per base class).
+- ``episodic``: prototypical loss (Snell et al. 2017). A training batch holds
+  whole N-way K-shot episodes (``data.fewshot.episode_layout`` rows each);
+  each query's logits are the negative squared Euclidean distances (or
+  scaled cosine similarities) of its embedding to the class prototypes, the
+  means of the support embeddings. The state starts from the best checkpoint
+  of a pretraining workdir (``config.fewshot.pretrain_workdir``).
+
+The embedding is the head's pooled vector before dropout and the final
+layer (``aux['embedding']``; for BR-NPA the K ranked vectors concatenated,
+K*C). Evaluation embeds a split once, then scores N-way K-shot episodes drawn
+from ``config.fewshot.eval_seed``, batched with ``jax.vmap``, with the
+prototype classifier (Euclidean) and the cosine classifier; it reports the
+mean accuracy and its 95% confidence interval (1.96 std / sqrt(episodes)).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from brnpa_jax.data import fewshot as data_lib
+from brnpa_jax.tasks import classification
+
+try:
+  from brnpa_jax.tasks.base import Task
+except ImportError:  # before the trainer's Task refactor: same interface
+  Task = object
+
+PHASES = ("pretrain", "episodic")
+METRICS = ("euclidean", "cosine")
+_EPS = 1e-12
+
+
+# -- the prototype classifier (pure, per episode) ----------------------------
+
+
+def _l2_normalize(x, axis=-1):
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis, keepdims=True) + _EPS)
+
+
+def prototype_logits(support_SxD, support_labels_S, query_QxD, ways: int,
+                     metric: str = "euclidean", scale: float = 1.0):
+  """Logits of the queries against the class prototypes of one episode.
+
+  Args:
+    support_SxD: support embeddings.
+    support_labels_S: their episode labels in ``0..ways-1``.
+    query_QxD: query embeddings.
+    ways: N.
+    metric: ``euclidean``: ``-||q - p_n||^2`` with ``p_n`` the mean support
+      embedding of class n; ``cosine``: ``scale * cos(q, p_n)`` with ``p_n``
+      the mean of the L2-normalised support embeddings.
+    scale: multiplies the logits (the cosine classifier's temperature).
+
+  Returns:
+    float32 (Q, N) logits.
+  """
+  if metric not in METRICS:
+    raise ValueError(f"Unknown metric {metric!r}; valid: {METRICS}.")
+  support = support_SxD.astype(jnp.float32)
+  query = query_QxD.astype(jnp.float32)
+  if metric == "cosine":
+    support, query = _l2_normalize(support), _l2_normalize(query)
+  onehot_SxN = jax.nn.one_hot(support_labels_S, ways, dtype=jnp.float32)
+  counts_N = jnp.maximum(jnp.sum(onehot_SxN, 0), 1.0)
+  protos_NxD = (onehot_SxN.T @ support) / counts_N[:, None]
+  if metric == "cosine":
+    return scale * (query @ _l2_normalize(protos_NxD).T)
+  diff = query[:, None, :] - protos_NxD[None, :, :]
+  return -scale * jnp.sum(diff * diff, -1)
+
+
+def embedding(aux):
+  """The pooled embedding (B, D): ``aux['embedding']`` or the head's vectors."""
+  if "embedding" in aux:
+    return aux["embedding"]
+  vectors = aux["vectors"]  # (B, K, C): the pooled vector, reshaped
+  return vectors.reshape(vectors.shape[0], -1)
+
+
+def prototypical_loss(embeddings_BxD, labels_B, *, ways: int, shots: int,
+                      queries: int, metric: str = "euclidean",
+                      scale: float = 1.0):
+  """Mean query cross-entropy and accuracy over the episodes of a batch.
+
+  Args:
+    embeddings_BxD: rows in ``episode_layout`` order, episode after episode.
+    labels_B: episode labels of the rows.
+    ways, shots, queries: the episodes' N, K, Q.
+    metric, scale: as in ``prototype_logits``.
+
+  Returns:
+    ``(loss, accuracy)`` scalars.
+  """
+  rows = ways * (shots + queries)
+  b, d = embeddings_BxD.shape
+  if b % rows:
+    raise ValueError(f"A batch of {b} rows is not whole {ways}-way {shots}-shot "
+                     f"{queries}-query episodes of {rows} rows; set batch_size "
+                     f"to a multiple of {rows}.")
+  emb = embeddings_BxD.reshape(b // rows, rows, d)
+  labels = labels_B.reshape(b // rows, rows)
+  s = ways * shots
+  logits = jax.vmap(functools.partial(
+      prototype_logits, ways=ways, metric=metric, scale=scale))(
+          emb[:, :s], labels[:, :s], emb[:, s:])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[:, s:])
+  correct = jnp.argmax(logits, -1) == labels[:, s:]
+  return jnp.mean(ce), jnp.mean(correct.astype(jnp.float32))
+
+
+@jax.jit
+def episode_accuracies(embeddings_NxD, support_ExWxK, query_ExWxQ):
+  """Per-episode query accuracy of the prototype and the cosine classifier.
+
+  Args:
+    embeddings_NxD: embeddings of a whole split.
+    support_ExWxK: support image indices of E episodes (W ways, K shots).
+    query_ExWxQ: query image indices.
+
+  Returns:
+    ``(prototype (E,), cosine (E,))`` accuracies in [0, 1].
+  """
+  _, ways, shots = support_ExWxK.shape
+  queries = query_ExWxQ.shape[-1]
+  s_labels = jnp.repeat(jnp.arange(ways), shots)
+  q_labels = jnp.repeat(jnp.arange(ways), queries)
+
+  def one(support_WxK, query_WxQ):
+    support = embeddings_NxD[support_WxK.reshape(-1)]
+    query = embeddings_NxD[query_WxQ.reshape(-1)]
+    accs = []
+    for metric in METRICS:
+      logits = prototype_logits(support, s_labels, query, ways, metric)
+      accs.append(jnp.mean((jnp.argmax(logits, -1) == q_labels)
+                           .astype(jnp.float32)))
+    return tuple(accs)
+
+  return jax.vmap(one)(support_ExWxK, query_ExWxQ)
+
+
+def mean_ci95(values) -> tuple[float, float]:
+  """Mean and 95% confidence half-width ``1.96 * std / sqrt(n)``."""
+  values = np.asarray(values, np.float64)
+  return float(values.mean()), float(1.96 * values.std() / math.sqrt(len(values)))
+
+
+def evaluate_episodes(embeddings_NxD, sampler: data_lib.EpisodeSampler,
+                      num_episodes: int, batch: int) -> dict[str, float]:
+  """Scores ``num_episodes`` episodes, ``batch`` at a time (one compile).
+
+  Returns:
+    ``{'prototype': mean, 'prototype_ci95': ..., 'cosine': ..., 'cosine_ci95':
+    ...}`` over the episodes.
+  """
+  emb = jnp.asarray(embeddings_NxD, jnp.float32)
+  batch = min(batch, num_episodes)
+  proto, cos = [], []
+  for start in range(0, num_episodes, batch):
+    count = min(batch, num_episodes - start)
+    eps = sampler.episodes(start, count)
+    pad = lambda x: np.concatenate([x, np.repeat(x[:1], batch - count, 0)])
+    p, c = episode_accuracies(emb, pad(eps.support), pad(eps.query))
+    proto.append(np.asarray(p)[:count])
+    cos.append(np.asarray(c)[:count])
+  out = {}
+  for name, accs in (("prototype", proto), ("cosine", cos)):
+    out[name], out[f"{name}_ci95"] = mean_ci95(np.concatenate(accs))
+  return out
+
+
+def split_embeddings(trainer, state, images_uint8, size: int) -> np.ndarray:
+  """Embeds every image of a split once (centre crop), in padded batches.
+
+  Each process feeds its contiguous share of the split; ``trainer.forward``
+  returns the global batch (every process's rows), which is put back in
+  split order.
+
+  Returns:
+    float32 (n, D) numpy embeddings.
+  """
+  n, procs, me = len(images_uint8), jax.process_count(), jax.process_index()
+  local = trainer.local_eval_batch
+  per_process = math.ceil(n / procs)
+  mine = np.arange(me * per_process, min((me + 1) * per_process, n))
+  chunks = []
+  for start in range(0, max(per_process, 1), local):
+    index = mine[start:start + local]
+    images = np.zeros((local, size, size, 3), np.float32)
+    images[:len(index)] = data_lib.center(images_uint8[index], size)
+    _, aux = trainer.forward(state, trainer.to_global({"image": images})["image"])
+    emb = np.asarray(jax.device_get(embedding(aux)), np.float32)
+    chunks.append(emb.reshape(procs, local, -1))
+  rows = np.concatenate(chunks, axis=1)[:, :per_process]
+  return rows.reshape(procs * per_process, -1)[:n]
+
+
+# -- initialisation from a pretraining run --------------------------------------
+
+
+def load_pretrained(workdir: str):
+  """``(params, batch_stats, meta)`` of the best checkpoint in ``workdir``.
+
+  Raises:
+    FileNotFoundError: no ``best`` checkpoint there (with the command to make
+      one).
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  best_dir = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "best")
+  hint = ("Run the pretrain phase first (phase=pretrain, with this workdir) "
+          "or set config.fewshot.pretrain_workdir to a finished pretraining "
+          "workdir.")
+  if not os.path.isdir(best_dir):
+    raise FileNotFoundError(f"No pretraining checkpoint: {best_dir} does not "
+                            f"exist. {hint}")
+  mgr = ocp.CheckpointManager(
+      best_dir, options=ocp.CheckpointManagerOptions(create=False),
+      item_names=("state", "meta"))
+  try:
+    step = mgr.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{best_dir} holds no checkpoint. {hint}")
+    restored = mgr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  finally:
+    mgr.close()
+  state = restored.state
+  get = lambda k: state[k] if isinstance(state, dict) else getattr(state, k)
+  return get("params"), get("batch_stats"), dict(restored.meta)
+
+
+def _check_same_tree(name: str, loaded, target) -> None:
+  """Raises ValueError listing every missing, unexpected or reshaped key."""
+  flat = lambda t: {jax.tree_util.keystr(p): np.shape(v)
+                    for p, v in jax.tree_util.tree_leaves_with_path(t)}
+  got, want = flat(loaded), flat(target)
+  problems = ([f"missing {k}" for k in sorted(want.keys() - got.keys())]
+              + [f"unexpected {k}" for k in sorted(got.keys() - want.keys())]
+              + [f"{k}: checkpoint {got[k]} vs model {want[k]}"
+                 for k in sorted(want.keys() & got.keys()) if got[k] != want[k]])
+  if problems:
+    raise ValueError(f"The pretraining checkpoint's {name} do not fit this "
+                     "model (same backbone, head, width and base classes "
+                     "needed):\n  " + "\n  ".join(problems))
+
+
+# -- the task -------------------------------------------------------------------
+
+
+class FewShotTask(Task):
+  """Few-shot classification on the trainer; see the module docstring.
+
+  Reads ``config.fewshot`` (phase, episodes, metric, evaluation protocol)
+  and ``config.data`` (dataset, image size, augmentation); see
+  ``configs/fewshot_cub.py``.
+  """
+
+  def __init__(self, config):
+    self.config = config
+    fs = config.fewshot
+    if fs.phase not in PHASES:
+      raise ValueError(f"fewshot.phase={fs.phase!r}; valid: {PHASES}.")
+    if fs.metric not in METRICS:
+      raise ValueError(f"fewshot.metric={fs.metric!r}; valid: {METRICS}.")
+    if fs.phase == "episodic":
+      if not fs.pretrain_workdir:
+        raise ValueError("phase=episodic starts from a pretrained model: set "
+                         "config.fewshot.pretrain_workdir to the workdir of a "
+                         "phase=pretrain run.")
+      if config.get("grad_accum_steps", 1) > 1:
+        raise ValueError("Gradient accumulation cuts batches across episodes; "
+                         "set grad_accum_steps=1 for phase=episodic.")
+      self.episode_rows = fs.train_ways * (fs.train_shots + fs.train_queries)
+      if config.batch_size % self.episode_rows:
+        raise ValueError(
+            f"batch_size={config.batch_size} must be whole training episodes of "
+            f"{fs.train_ways} x ({fs.train_shots} + {fs.train_queries}) = "
+            f"{self.episode_rows} rows.")
+    self.select_shots = fs.select_shots
+    if self.select_shots not in tuple(fs.eval_shots):
+      raise ValueError(f"fewshot.select_shots={self.select_shots} must be one "
+                       f"of eval_shots {tuple(fs.eval_shots)}.")
+    self.selection_metric = self._key(fs.eval_ways, self.select_shots)
+    self._sets: dict[str, data_lib.ImageSet] = {}
+
+  @staticmethod
+  def _key(ways: int, shots: int) -> str:
+    return f"{ways}way_{shots}shot_accuracy"
+
+  # -- data ---------------------------------------------------------------------
+  def image_set(self, split: str) -> data_lib.ImageSet:
+    """A class split in memory (read once per task)."""
+    if split not in self._sets:
+      self._sets[split] = data_lib.load_split(self.config.data, split)
+    return self._sets[split]
+
+  def num_classes(self) -> int:
+    return self.image_set("base").num_classes
+
+  def num_train_examples(self) -> int:
+    if self.config.fewshot.phase == "pretrain":
+      return len(self.image_set("base"))
+    return self.config.fewshot.episodes_per_epoch * self.episode_rows
+
+  def train_sampler(self, seed: int) -> data_lib.EpisodeSampler:
+    fs = self.config.fewshot
+    # Its own stream: training episodes never coincide with evaluation ones.
+    stream = int(np.random.SeedSequence([seed, 1]).generate_state(1)[0])
+    return data_lib.EpisodeSampler(self.image_set("base").labels, fs.train_ways,
+                                   fs.train_shots, fs.train_queries, stream)
+
+  def train_dataset(self, *, batch_size, seed, epoch, process_index,
+                    process_count):
+    cfg, fs = self.config, self.config.fewshot
+    data, size = self.image_set("base"), cfg.data.image_size
+    image = ((batch_size, size, size, 3), np.float32)
+    label = ((batch_size,), np.int32)
+    if fs.phase == "pretrain":
+      make = lambda: data_lib.classification_batches(
+          data, batch_size=batch_size, seed=seed, epoch=epoch, size=size,
+          flip=cfg.data.flip, process_index=process_index,
+          process_count=process_count)
+      return data_lib.as_tf_dataset(make, {"image": image, "label": label})
+    if batch_size % self.episode_rows:
+      raise ValueError(f"The per-process batch {batch_size} is not whole "
+                       f"episodes of {self.episode_rows} rows; use a batch_size "
+                       f"that is a multiple of {self.episode_rows} x processes.")
+    per_batch = batch_size // self.episode_rows
+    steps = self.num_train_examples() // (batch_size * process_count)
+    sampler = self.train_sampler(seed)
+    make = lambda: data_lib.episode_batches(
+        data, sampler, episodes_per_batch=per_batch, num_batches=steps,
+        first_episode=epoch * steps * per_batch * process_count, seed=seed,
+        size=size, flip=cfg.data.flip, process_index=process_index,
+        process_count=process_count)
+    return data_lib.as_tf_dataset(make, {"image": image, "label": label,
+                                         "episode_class": label})
+
+  # -- loss ---------------------------------------------------------------------
+  def loss_and_metrics(self, logits, aux, batch, context):
+    del context
+    fs = self.config.fewshot
+    if fs.phase == "pretrain":
+      return classification.loss_and_metrics(
+          logits, aux, batch,
+          label_smoothing=self.config.get("label_smoothing", 0.0))
+    loss, accuracy = prototypical_loss(
+        embedding(aux), batch["label"], ways=fs.train_ways, shots=fs.train_shots,
+        queries=fs.train_queries, metric=fs.metric,
+        scale=fs.cosine_scale if fs.metric == "cosine" else 1.0)
+    return loss, {"loss": loss, "accuracy": accuracy}
+
+  def initial_state(self, trainer, state):
+    """A fresh state's parameters replaced by the pretraining run's best
+    (episodic phase; the optimiser state stays fresh, step 0)."""
+    if self.config.fewshot.phase != "episodic":
+      return state
+    params, batch_stats, meta = load_pretrained(self.config.fewshot.pretrain_workdir)
+    _check_same_tree("params", params, state.params)
+    _check_same_tree("batch_stats", batch_stats, state.batch_stats)
+    put = lambda new, old: jax.tree.map(
+        lambda n, o: jax.device_put(jnp.asarray(n, o.dtype), o.sharding), new, old)
+    del meta
+    return state.replace(params=put(params, state.params),
+                         batch_stats=put(batch_stats, state.batch_stats))
+
+  # -- evaluation -----------------------------------------------------------------
+  def eval_splits(self) -> list[str]:
+    return list(self.config.fewshot.eval_splits)
+
+  def evaluate(self, trainer, state, split: str) -> dict[str, float]:
+    """Episode accuracies (prototype and cosine) with 95% intervals.
+
+    Keys ``{N}way_{K}shot_accuracy`` (prototype classifier, the selection
+    metric for ``select_shots``), ``..._ci95``, ``{N}way_{K}shot_cosine`` and
+    ``..._cosine_ci95`` for each K in ``eval_shots``; ``accuracy`` repeats the
+    selection metric.
+    """
+    fs = self.config.fewshot
+    data = self.image_set(split)
+    emb = split_embeddings(trainer, state, data.images, self.config.data.image_size)
+    out = {}
+    for shots in fs.eval_shots:
+      sampler = data_lib.EpisodeSampler(data.labels, fs.eval_ways, shots,
+                                        fs.eval_queries, fs.eval_seed)
+      r = evaluate_episodes(emb, sampler, fs.eval_episodes, fs.eval_episode_batch)
+      key = self._key(fs.eval_ways, shots)
+      out.update({key: r["prototype"], f"{key}_ci95": r["prototype_ci95"],
+                  key.replace("accuracy", "cosine"): r["cosine"],
+                  key.replace("accuracy", "cosine_ci95"): r["cosine_ci95"]})
+    out["accuracy"] = out[self.selection_metric]
+    return out
