@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -16,6 +17,8 @@ from brnpa_jax.data import fewshot as data_lib
 from brnpa_jax.models import build_model
 from brnpa_jax.models.resnet12 import ResNet12, ResNet12Narrow
 from brnpa_jax.tasks import fewshot
+from brnpa_jax.train.checkpointing import Checkpointer
+from brnpa_jax.train.state import create_state, variables
 from configs import fewshot_folder, fewshot_omniglot
 
 # -- class splits and episodes ------------------------------------------------
@@ -279,3 +282,136 @@ def test_episode_batches_layout_and_processes(folder_root):
   # The query rows of an episode are of the class of its label.
   ec, lab = whole[0]["episode_class"][:6], whole[0]["label"][:6]
   assert len({(l, c) for l, c in zip(lab, ec)}) == 2
+
+
+# -- end to end -------------------------------------------------------------------
+
+
+class MiniTrainer:
+  """What the trainer hands a task (``forward``, ``to_global``,
+  ``local_eval_batch``) and a plain jitted step on the task's loss; used
+  until the Task refactor of the trainer is on main."""
+
+  def __init__(self, config, task):
+    self.local_eval_batch = config.eval_batch_size
+    self.model = build_model(config.model, task.num_classes(), config.dtype)
+    self.tx = optax.sgd(0.01, momentum=0.9)
+    shape = (1, config.data.image_size, config.data.image_size, 3)
+    self.state = jax.jit(lambda r: create_state(self.model, self.tx, r, shape))(
+        jax.random.key(0))
+    self.forward = jax.jit(
+        lambda state, images: self.model.apply(variables(state), images))
+    self.use(task)
+
+  def use(self, task):
+    """Compiles the train step for ``task``'s loss."""
+    def step(state, batch):
+      def loss_fn(params):
+        (logits, aux), new = self.model.apply(
+            {"params": params, "batch_stats": state.batch_stats}, batch["image"],
+            train=True, mutable=["batch_stats"])
+        loss, metrics = task.loss_and_metrics(logits, aux, batch, None)
+        return loss, (metrics, new["batch_stats"])
+      grads, (metrics, stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+      updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+      return state.replace(step=state.step + 1, batch_stats=stats,
+                           params=optax.apply_updates(state.params, updates),
+                           opt_state=opt_state), metrics
+    self.train_step = jax.jit(step)
+
+  def to_global(self, batch):
+    return jax.tree.map(jnp.asarray, batch)
+
+  def train_epoch(self, task, batch_size):
+    ds = task.train_dataset(batch_size=batch_size, seed=0, epoch=0,
+                            process_index=0, process_count=1)
+    metrics = []
+    for batch in tfds.as_numpy(ds):
+      self.state, m = self.train_step(self.state, self.to_global(batch))
+      metrics.append(jax.device_get(m))
+    return metrics
+
+
+def _with(config, **fields):
+  c = ml_collections.ConfigDict(config.to_dict())
+  for key, value in fields.items():
+    node, *path = key.split(".")
+    target = c[node] if path else c
+    target[path[-1] if path else node] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def pretrained(folder_root, tmp_path_factory):
+  """One pretraining epoch on the generated folder, saved as the best state."""
+  workdir = tmp_path_factory.mktemp("fs_pre")
+  config = _with(_tiny_folder_config(folder_root), batch_size=8,
+                 eval_batch_size=8)
+  task = fewshot.FewShotTask(config)
+  trainer = MiniTrainer(config, task)
+  metrics = trainer.train_epoch(task, config.batch_size)
+  val = task.evaluate(trainer, trainer.state, "val")
+  ckpt = Checkpointer(str(workdir))
+  ckpt.save(3, trainer.state, {"best_val_accuracy": val["accuracy"]}, best=True)
+  ckpt.wait_until_finished()
+  ckpt.close()
+  return config, workdir, trainer, metrics, val
+
+
+def test_pretrain_epoch_and_episode_evaluation(pretrained):
+  config, _, trainer, metrics, val = pretrained
+  assert len(metrics) == 3 and all(np.isfinite(m["loss"]) for m in metrics)
+  assert set(val) == {"accuracy", "5way_1shot_accuracy", "5way_1shot_accuracy_ci95",
+                      "5way_1shot_cosine", "5way_1shot_cosine_ci95",
+                      "5way_2shot_accuracy", "5way_2shot_accuracy_ci95",
+                      "5way_2shot_cosine", "5way_2shot_cosine_ci95"}
+  assert val["accuracy"] == val["5way_1shot_accuracy"]
+  # Colour classes: well above chance (0.2) even after one epoch.
+  assert val["5way_2shot_accuracy"] > 0.5
+  assert 0 < val["5way_1shot_accuracy_ci95"] < 0.5
+  # Padded batches put back in order: the last, padded batch (rows 24..29).
+  images = fewshot.FewShotTask(config).image_set("val").images
+  emb = fewshot.split_embeddings(trainer, trainer.state, images, 32)
+  assert emb.shape == (30, 3 * 80)
+  last = np.zeros((8, 32, 32, 3), np.float32)
+  last[:6] = data_lib.center(images[24:], 32)
+  _, aux = trainer.forward(trainer.state, last)
+  np.testing.assert_allclose(emb[24:], fewshot.embedding(aux)[:6], rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_episodic_finetuning_from_pretrained(pretrained):
+  config, workdir, trainer, _, _ = pretrained
+  epi = _with(config, **{"fewshot.phase": "episodic",
+                         "fewshot.pretrain_workdir": str(workdir),
+                         "fewshot.train_ways": 2, "fewshot.train_shots": 1,
+                         "fewshot.train_queries": 2, "batch_size": 12})
+  task = fewshot.FewShotTask(epi)
+  assert task.num_train_examples() == 4 * 6
+  pretrained_params = jax.device_get(trainer.state.params)
+  # A fresh state (here: zeros) takes the pretraining run's best parameters.
+  fresh = trainer.state.replace(params=jax.tree.map(jnp.zeros_like,
+                                                    trainer.state.params))
+  trainer.state = task.initial_state(trainer, fresh)
+  for a, b in zip(jax.tree.leaves(trainer.state.params),
+                  jax.tree.leaves(pretrained_params)):
+    np.testing.assert_array_equal(a, b)
+  trainer.use(task)
+  metrics = trainer.train_epoch(task, 12)
+  assert len(metrics) == 2
+  assert all(np.isfinite(m["loss"]) and 0 <= m["accuracy"] <= 1 for m in metrics)
+  novel = task.evaluate(trainer, trainer.state, "novel")
+  assert 0.2 < novel["accuracy"] <= 1.0
+
+  with pytest.raises(ValueError, match="pretrain_workdir"):
+    fewshot.FewShotTask(_with(epi, **{"fewshot.pretrain_workdir": ""}))
+  missing = fewshot.FewShotTask(_with(epi, **{"fewshot.pretrain_workdir":
+                                              str(workdir / "nope")}))
+  with pytest.raises(FileNotFoundError, match="Run the pretrain phase first"):
+    missing.initial_state(trainer, fresh)
+  wider = _with(epi, **{"model.width": 16})
+  model = build_model(wider.model, 4)
+  shapes = jax.eval_shape(lambda: create_state(
+      model, trainer.tx, jax.random.key(0), (1, 32, 32, 3)))
+  with pytest.raises(ValueError, match="do not fit this model"):
+    fewshot.FewShotTask(wider).initial_state(trainer, shapes)
