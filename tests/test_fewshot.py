@@ -1,6 +1,7 @@
 """Few-shot: splits, episodes, prototype classifier, ResNet-12, data, end to end."""
 
 import functools
+import json
 import os
 
 import jax
@@ -415,3 +416,22 @@ def test_episodic_finetuning_from_pretrained(pretrained):
       model, trainer.tx, jax.random.key(0), (1, 32, 32, 3)))
   with pytest.raises(ValueError, match="do not fit this model"):
     fewshot.FewShotTask(wider).initial_state(trainer, shapes)
+
+
+def test_two_phases_through_the_trainer(folder_root, tmp_path):
+  """Pretrain then episodic fine-tuning with ``train_and_evaluate``."""
+  pytest.importorskip("brnpa_jax.tasks.base",
+                      reason="the trainer's Task refactor is not merged yet")
+  from brnpa_jax.train.trainer import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  pre = _with(_tiny_folder_config(folder_root), batch_size=8, eval_batch_size=8)
+  train_and_evaluate(pre, str(tmp_path / "pre"))
+  assert os.listdir(tmp_path / "pre" / "best")
+  epi = _with(pre, **{"fewshot.phase": "episodic",
+                      "fewshot.pretrain_workdir": str(tmp_path / "pre"),
+                      "fewshot.train_ways": 2, "fewshot.train_shots": 1,
+                      "fewshot.train_queries": 2, "batch_size": 12})
+  train_and_evaluate(epi, str(tmp_path / "epi"))
+  saved = json.load(open(tmp_path / "epi" / "summary.json"))
+  novel = {k: v for k, v in saved.items() if k.startswith("novel_")
+           and "5way_1shot" in k and "ci95" not in k}
+  assert novel and all(0.0 <= v <= 1.0 for v in novel.values()), saved
