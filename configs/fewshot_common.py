@@ -14,7 +14,7 @@ from brnpa_jax.models import BACKBONES, HEADS, STRIDES
 SWITCHES = {
     "backbone": "resnet12", "head": "brnpa", "res": "high", "k": 3, "width": 64,
     "phase": "pretrain", "pretrain_workdir": "", "ways": 5, "shots": 5,
-    "queries": 15, "metric": "euclidean", "size": 0, "epochs": 0,
+    "queries": 15, "metric": "euclidean", "teacher": "", "size": 0, "epochs": 0,
     "dtype": "float32", "runlocal": False,
 }
 CHOICES = {"backbone": tuple(BACKBONES), "head": tuple(HEADS),
@@ -64,6 +64,12 @@ def fewshot_config(arg: str | None, *, name: str, image_size: int,
       eval_ways=5, eval_shots=(1, 5), eval_queries=15, eval_episodes=600,
       eval_seed=0, eval_episode_batch=100, select_shots=1,
       eval_splits=("val", "novel")))
+
+  # Pretraining distilled from a low-resolution model (SPEC section 5): the
+  # teacher is the best state of a pretraining workdir (same backbone/head).
+  c.distill = ml_collections.ConfigDict(dict(
+      teacher_workdir=a["teacher"], teacher_res="low", temperature=16.0,
+      alpha=0.4))
 
   if episodic:  # small steps from the pretrained state
     c.optim = ml_collections.ConfigDict(dict(

@@ -20,10 +20,19 @@ classes at the end. Baselines and variants:
       --workdir runs/fs_cub_r18
   python train.py --config 'configs/fewshot_cub.py:runlocal' --workdir /tmp/fs_smoke
 
+High-resolution pretraining distilled from the low-resolution one (T=16,
+alpha=0.4, SPEC section 5; ``--config.distill.temperature=8`` and
+``--config.distill.alpha=0.5`` for the other setting), then episodic as above:
+
+  python train.py --config 'configs/fewshot_cub.py:res=low' --workdir runs/fs_cub_low
+  python train.py --config 'configs/fewshot_cub.py:teacher=runs/fs_cub_low' \
+      --workdir runs/fs_cub_pre_kd
+
 Switches: backbone (resnet12|resnet12_narrow|resnet18|...), width (channels of
 the first stage, 64), head (brnpa|gap|bcnn), res (low|high), k, phase
 (pretrain|episodic), pretrain_workdir, ways/shots/queries (training episodes),
-metric (euclidean|cosine), size (input side, 84), epochs, dtype, runlocal.
+metric (euclidean|cosine), teacher (a low-resolution pretraining workdir to
+distil from), size (input side, 84), epochs, dtype, runlocal.
 """
 
 import ml_collections

@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -435,3 +436,42 @@ def test_two_phases_through_the_trainer(folder_root, tmp_path):
   novel = {k: v for k, v in saved.items() if k.startswith("novel_")
            and "5way_1shot" in k and "ci95" not in k}
   assert novel and all(0.0 <= v <= 1.0 for v in novel.values()), saved
+
+
+def _spec_distillation_loss(student, teacher, labels, temperature, alpha):
+  """SPEC section 4's loss, for when the shared one is not merged yet."""
+  t = temperature
+  p_t = jax.nn.softmax(teacher / t)
+  kl = jnp.sum(p_t * (jax.nn.log_softmax(teacher / t)
+                      - jax.nn.log_softmax(student / t)), -1)
+  ce = optax.softmax_cross_entropy_with_integer_labels(student, labels)
+  return jnp.mean(kl) * alpha * t * t + jnp.mean(ce) * (1 - alpha)
+
+
+def test_pretraining_distilled_from_low_resolution_teacher(pretrained,
+                                                           monkeypatch):
+  config, workdir, trainer, _, _ = pretrained
+  try:
+    from brnpa_jax.tasks import distill  # pylint: disable=g-import-not-at-top
+    loss_fn = distill.distillation_loss
+  except ImportError:
+    module = type(sys)("brnpa_jax.tasks.distill")
+    module.distillation_loss = loss_fn = _spec_distillation_loss
+    monkeypatch.setitem(sys.modules, "brnpa_jax.tasks.distill", module)
+  kd = _with(config, **{"distill.teacher_workdir": str(workdir)})
+  task = fewshot.FewShotTask(kd)
+  context = task.train_context()
+  images = data_lib.center(task.image_set("base").images[:4], 32)
+  batch = {"image": images, "label": task.image_set("base").labels[:4]}
+  student, _ = trainer.forward(trainer.state, images)
+  loss, metrics = jax.jit(task.loss_and_metrics)(student, {}, batch, context)
+  # The teacher is the saved model at low resolution: other logits.
+  teacher = build_model(_with(config, **{"model.res": "low"}).model, 4)
+  teacher_logits = jax.jit(teacher.apply)(context, images)[0]
+  assert not np.allclose(teacher_logits, student, atol=1e-3)
+  expected = loss_fn(student, teacher_logits, batch["label"], 16.0, 0.4)
+  assert float(loss) == pytest.approx(float(expected), rel=1e-4)
+  assert set(metrics) == {"loss", "accuracy"}
+  with pytest.raises(ValueError, match="pretraining phase"):
+    fewshot.FewShotTask(_with(kd, **{"fewshot.phase": "episodic",
+                                     "fewshot.pretrain_workdir": str(workdir)}))

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from brnpa_jax.data import fewshot as data_lib
+from brnpa_jax.models import build_model
 from brnpa_jax.tasks import classification
 
 try:
@@ -274,6 +275,9 @@ class FewShotTask(Task):
       raise ValueError(f"fewshot.phase={fs.phase!r}; valid: {PHASES}.")
     if fs.metric not in METRICS:
       raise ValueError(f"fewshot.metric={fs.metric!r}; valid: {METRICS}.")
+    if self._distill() is not None and fs.phase != "pretrain":
+      raise ValueError("Distillation (distill.teacher_workdir) applies to the "
+                       "pretraining phase; clear it for phase=episodic.")
     if fs.phase == "episodic":
       if not fs.pretrain_workdir:
         raise ValueError("phase=episodic starts from a pretrained model: set "
@@ -349,9 +353,42 @@ class FewShotTask(Task):
                                          "episode_class": label})
 
   # -- loss ---------------------------------------------------------------------
+  def _distill(self):
+    """The ``distill`` section when a teacher is set (pretraining only)."""
+    d = self.config.get("distill")
+    return d if d is not None and d.get("teacher_workdir") else None
+
+  def teacher_model(self):
+    """The frozen teacher: this model at ``distill.teacher_res`` (low)."""
+    model_cfg = self.config.model.to_dict()
+    model_cfg["res"] = self.config.distill.get("teacher_res", "low")
+    import ml_collections  # pylint: disable=g-import-not-at-top
+    return build_model(ml_collections.ConfigDict(model_cfg), self.num_classes(),
+                       self.config.dtype)
+
+  def train_context(self):
+    """The teacher's variables (replicated by the trainer), or None."""
+    if self._distill() is None:
+      return None
+    params, batch_stats, _ = load_pretrained(self.config.distill.teacher_workdir)
+    size = self.config.data.image_size
+    want = jax.eval_shape(self.teacher_model().init, jax.random.key(0),
+                          jnp.zeros((1, size, size, 3)))
+    _check_same_tree("params", params, want["params"])
+    return {"params": params, "batch_stats": batch_stats}
+
   def loss_and_metrics(self, logits, aux, batch, context):
-    del context
     fs = self.config.fewshot
+    if fs.phase == "pretrain" and self._distill() is not None:
+      from brnpa_jax.tasks.distill import distillation_loss  # pylint: disable=g-import-not-at-top
+      d = self.config.distill
+      teacher_logits = jax.lax.stop_gradient(self.teacher_model().apply(
+          context, batch["image"], train=False)[0])
+      loss = distillation_loss(logits, teacher_logits, batch["label"],
+                               d.temperature, d.alpha)
+      correct = jnp.argmax(logits, -1) == batch["label"]
+      return loss, {"loss": loss,
+                    "accuracy": jnp.mean(correct.astype(jnp.float32))}
     if fs.phase == "pretrain":
       return classification.loss_and_metrics(
           logits, aux, batch,
