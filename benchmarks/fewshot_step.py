@@ -73,7 +73,7 @@ def step_seconds(args, head, res, episodic):
           train=True, mutable=["batch_stats"])
       if episodic:
         loss, _ = fewshot.prototypical_loss(
-            fewshot.embedding(aux), labels, ways=args.ways, shots=args.shots,
+            aux["embedding"], labels, ways=args.ways, shots=args.shots,
             queries=args.queries)
       else:
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()

@@ -66,10 +66,10 @@ def fewshot_config(arg: str | None, *, name: str, image_size: int,
       eval_splits=("val", "novel")))
 
   # Pretraining distilled from a low-resolution model (SPEC section 5): the
-  # teacher is the best state of a pretraining workdir (same backbone/head).
+  # teacher is the best state of a finished pretraining workdir (its model as
+  # its config.json describes it, e.g. res=low).
   c.distill = ml_collections.ConfigDict(dict(
-      teacher_workdir=a["teacher"], teacher_res="low", temperature=16.0,
-      alpha=0.4))
+      teacher_workdir=a["teacher"], temperature=16.0, alpha=0.4))
 
   if episodic:  # small steps from the pretrained state
     c.optim = ml_collections.ConfigDict(dict(
@@ -91,9 +91,7 @@ def fewshot_config(arg: str | None, *, name: str, image_size: int,
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   c.max_to_keep = 2
-  # The trainer's overlay writer reads the classification pipeline; few-shot
-  # splits are not there, so none by default.
-  c.num_overlays = 0
+  c.num_overlays = 8  # ranked maps of one image per novel class, at the end
 
   if a["runlocal"]:
     c.model.backbone, c.model.width = "resnet12", 8
@@ -102,5 +100,5 @@ def fewshot_config(arg: str | None, *, name: str, image_size: int,
     c.fewshot.eval_episodes, c.fewshot.eval_episode_batch = 20, 10
     c.batch_size = episode_rows if episodic else 32
     c.eval_batch_size, c.num_epochs = 32, a["epochs"] or 1
-    c.log_every_steps, c.checkpoint_every_steps = 2, 4
+    c.log_every_steps, c.checkpoint_every_steps, c.num_overlays = 2, 4, 4
   return c, a

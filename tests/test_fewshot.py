@@ -3,13 +3,11 @@
 import functools
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -19,8 +17,10 @@ from brnpa_jax.data import fewshot as data_lib
 from brnpa_jax.models import build_model
 from brnpa_jax.models.resnet12 import ResNet12, ResNet12Narrow
 from brnpa_jax.tasks import fewshot
-from brnpa_jax.train.checkpointing import Checkpointer
-from brnpa_jax.train.state import create_state, variables
+from brnpa_jax.models import STRIDES
+from brnpa_jax.tasks import distill
+from brnpa_jax.train.state import create_state
+from brnpa_jax.train.trainer import Trainer, train_and_evaluate
 from configs import fewshot_folder, fewshot_omniglot
 
 # -- class splits and episodes ------------------------------------------------
@@ -171,12 +171,10 @@ def test_resnet12_shapes(res, size, hw):
   model = build_model(cfg, 7)
   images = jnp.zeros((2, size, size, 3))
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images))
-  logits, aux, emb = jax.eval_shape(
-      lambda v: (*model.apply(v, images), fewshot.embedding(model.apply(v, images)[1])),
-      variables)
+  logits, aux = jax.eval_shape(lambda v: model.apply(v, images), variables)
   assert logits.shape == (2, 7)
   assert aux["features"].shape == (2, hw, hw, 640)
-  assert emb.shape == (2, 3 * 640)
+  assert aux["embedding"].shape == (2, 3 * 640)
   backbone = sum(x.size for x in jax.tree.leaves(variables["params"]["backbone"]))
   assert backbone == _resnet12_params((64, 160, 320, 640))  # 12.4 M
 
@@ -289,51 +287,6 @@ def test_episode_batches_layout_and_processes(folder_root):
 # -- end to end -------------------------------------------------------------------
 
 
-class MiniTrainer:
-  """What the trainer hands a task (``forward``, ``to_global``,
-  ``local_eval_batch``) and a plain jitted step on the task's loss; used
-  until the Task refactor of the trainer is on main."""
-
-  def __init__(self, config, task):
-    self.local_eval_batch = config.eval_batch_size
-    self.model = build_model(config.model, task.num_classes(), config.dtype)
-    self.tx = optax.sgd(0.01, momentum=0.9)
-    shape = (1, config.data.image_size, config.data.image_size, 3)
-    self.state = jax.jit(lambda r: create_state(self.model, self.tx, r, shape))(
-        jax.random.key(0))
-    self.forward = jax.jit(
-        lambda state, images: self.model.apply(variables(state), images))
-    self.use(task)
-
-  def use(self, task):
-    """Compiles the train step for ``task``'s loss."""
-    def step(state, batch):
-      def loss_fn(params):
-        (logits, aux), new = self.model.apply(
-            {"params": params, "batch_stats": state.batch_stats}, batch["image"],
-            train=True, mutable=["batch_stats"])
-        loss, metrics = task.loss_and_metrics(logits, aux, batch, None)
-        return loss, (metrics, new["batch_stats"])
-      grads, (metrics, stats) = jax.grad(loss_fn, has_aux=True)(state.params)
-      updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-      return state.replace(step=state.step + 1, batch_stats=stats,
-                           params=optax.apply_updates(state.params, updates),
-                           opt_state=opt_state), metrics
-    self.train_step = jax.jit(step)
-
-  def to_global(self, batch):
-    return jax.tree.map(jnp.asarray, batch)
-
-  def train_epoch(self, task, batch_size):
-    ds = task.train_dataset(batch_size=batch_size, seed=0, epoch=0,
-                            process_index=0, process_count=1)
-    metrics = []
-    for batch in tfds.as_numpy(ds):
-      self.state, m = self.train_step(self.state, self.to_global(batch))
-      metrics.append(jax.device_get(m))
-    return metrics
-
-
 def _with(config, **fields):
   c = ml_collections.ConfigDict(config.to_dict())
   for key, value in fields.items():
@@ -345,65 +298,63 @@ def _with(config, **fields):
 
 @pytest.fixture(scope="module")
 def pretrained(folder_root, tmp_path_factory):
-  """One pretraining epoch on the generated folder, saved as the best state."""
+  """One low-resolution pretraining epoch through the trainer."""
   workdir = tmp_path_factory.mktemp("fs_pre")
   config = _with(_tiny_folder_config(folder_root), batch_size=8,
-                 eval_batch_size=8)
-  task = fewshot.FewShotTask(config)
-  trainer = MiniTrainer(config, task)
-  metrics = trainer.train_epoch(task, config.batch_size)
-  val = task.evaluate(trainer, trainer.state, "val")
-  ckpt = Checkpointer(str(workdir))
-  ckpt.save(3, trainer.state, {"best_val_accuracy": val["accuracy"]}, best=True)
-  ckpt.wait_until_finished()
-  ckpt.close()
-  return config, workdir, trainer, metrics, val
+                 eval_batch_size=8, **{"model.res": "low"})
+  summary = train_and_evaluate(config, str(workdir))
+  return config, workdir, summary
 
 
-def test_pretrain_epoch_and_episode_evaluation(pretrained):
-  config, _, trainer, metrics, val = pretrained
-  assert len(metrics) == 3 and all(np.isfinite(m["loss"]) for m in metrics)
-  assert set(val) == {"accuracy", "5way_1shot_accuracy", "5way_1shot_accuracy_ci95",
-                      "5way_1shot_cosine", "5way_1shot_cosine_ci95",
-                      "5way_2shot_accuracy", "5way_2shot_accuracy_ci95",
-                      "5way_2shot_cosine", "5way_2shot_cosine_ci95"}
-  assert val["accuracy"] == val["5way_1shot_accuracy"]
-  # Colour classes: well above chance (0.2) even after one epoch.
-  assert val["5way_2shot_accuracy"] > 0.5
-  assert 0 < val["5way_1shot_accuracy_ci95"] < 0.5
+def test_pretrain_through_the_trainer(pretrained):
+  _, workdir, summary = pretrained
+  rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+  train = [r for r in rows if "train_loss" in r]
+  val = [r for r in rows if "val_5way_1shot_accuracy" in r]
+  assert len(train) >= 1 and all(np.isfinite(r["train_loss"]) for r in train)
+  assert len(val) == 1 and 0 < val[0]["val_5way_1shot_accuracy_ci95"] < 0.5
+  assert summary["best_val_5way_1shot_accuracy"] == val[0]["val_5way_1shot_accuracy"]
+  for k in ("1shot_accuracy", "1shot_cosine", "2shot_accuracy", "2shot_cosine"):
+    assert 0.0 <= summary[f"novel_5way_{k}"] <= 1.0
+  # Colour classes: well above chance (0.2) after one epoch.
+  assert summary["novel_5way_2shot_accuracy"] > 0.5
+  assert os.path.getsize(summary["overlays"]) > 1000
+
+
+def test_episodic_finetuning_from_pretrained(pretrained, tmp_path):
+  config, workdir, _ = pretrained
+  # High resolution from the low-resolution pretraining: the same parameters.
+  epi = _with(config, **{"fewshot.phase": "episodic",
+                         "fewshot.pretrain_workdir": str(workdir),
+                         "model.res": "high", "fewshot.train_ways": 2,
+                         "fewshot.train_shots": 1, "fewshot.train_queries": 2,
+                         "batch_size": 12})
+  trainer = Trainer(epi, str(tmp_path))
+  task = trainer.task
+  assert task.num_train_examples() == 4 * 6 and trainer.steps_per_epoch == 2
+  fresh = trainer._init(trainer.init_rng)  # pylint: disable=protected-access
+  state = task.initial_state(trainer, fresh)
+  saved, _, _ = fewshot.load_pretrained(str(workdir))
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(saved)):
+    np.testing.assert_array_equal(a, b)
+  ds = task.train_dataset(batch_size=12, seed=0, epoch=0, process_index=0,
+                          process_count=1)
+  for batch in tfds.as_numpy(ds):
+    state, metrics = trainer.train_step(state, trainer.to_global(batch),
+                                        trainer.train_rng)
+    assert np.isfinite(metrics["loss"]) and 0 <= metrics["accuracy"] <= 1
+  assert int(state.step) == 2
+  novel = task.evaluate(trainer, state, "novel")
+  assert 0.2 < novel["accuracy"] <= 1.0
   # Padded batches put back in order: the last, padded batch (rows 24..29).
-  images = fewshot.FewShotTask(config).image_set("val").images
-  emb = fewshot.split_embeddings(trainer, trainer.state, images, 32)
+  images = task.image_set("val").images
+  emb = fewshot.split_embeddings(trainer, state, images, 32)
   assert emb.shape == (30, 3 * 80)
   last = np.zeros((8, 32, 32, 3), np.float32)
   last[:6] = data_lib.center(images[24:], 32)
-  _, aux = trainer.forward(trainer.state, last)
-  np.testing.assert_allclose(emb[24:], fewshot.embedding(aux)[:6], rtol=1e-5,
+  _, aux = trainer.forward(state, trainer.to_global({"image": last})["image"])
+  np.testing.assert_allclose(emb[24:], aux["embedding"][:6], rtol=1e-5,
                              atol=1e-5)
-
-
-def test_episodic_finetuning_from_pretrained(pretrained):
-  config, workdir, trainer, _, _ = pretrained
-  epi = _with(config, **{"fewshot.phase": "episodic",
-                         "fewshot.pretrain_workdir": str(workdir),
-                         "fewshot.train_ways": 2, "fewshot.train_shots": 1,
-                         "fewshot.train_queries": 2, "batch_size": 12})
-  task = fewshot.FewShotTask(epi)
-  assert task.num_train_examples() == 4 * 6
-  pretrained_params = jax.device_get(trainer.state.params)
-  # A fresh state (here: zeros) takes the pretraining run's best parameters.
-  fresh = trainer.state.replace(params=jax.tree.map(jnp.zeros_like,
-                                                    trainer.state.params))
-  trainer.state = task.initial_state(trainer, fresh)
-  for a, b in zip(jax.tree.leaves(trainer.state.params),
-                  jax.tree.leaves(pretrained_params)):
-    np.testing.assert_array_equal(a, b)
-  trainer.use(task)
-  metrics = trainer.train_epoch(task, 12)
-  assert len(metrics) == 2
-  assert all(np.isfinite(m["loss"]) and 0 <= m["accuracy"] <= 1 for m in metrics)
-  novel = task.evaluate(trainer, trainer.state, "novel")
-  assert 0.2 < novel["accuracy"] <= 1.0
 
   with pytest.raises(ValueError, match="pretrain_workdir"):
     fewshot.FewShotTask(_with(epi, **{"fewshot.pretrain_workdir": ""}))
@@ -417,61 +368,26 @@ def test_episodic_finetuning_from_pretrained(pretrained):
       model, trainer.tx, jax.random.key(0), (1, 32, 32, 3)))
   with pytest.raises(ValueError, match="do not fit this model"):
     fewshot.FewShotTask(wider).initial_state(trainer, shapes)
+  trainer.close()
 
 
-def test_two_phases_through_the_trainer(folder_root, tmp_path):
-  """Pretrain then episodic fine-tuning with ``train_and_evaluate``."""
-  pytest.importorskip("brnpa_jax.tasks.base",
-                      reason="the trainer's Task refactor is not merged yet")
-  from brnpa_jax.train.trainer import train_and_evaluate  # pylint: disable=g-import-not-at-top
-  pre = _with(_tiny_folder_config(folder_root), batch_size=8, eval_batch_size=8)
-  train_and_evaluate(pre, str(tmp_path / "pre"))
-  assert os.listdir(tmp_path / "pre" / "best")
-  epi = _with(pre, **{"fewshot.phase": "episodic",
-                      "fewshot.pretrain_workdir": str(tmp_path / "pre"),
-                      "fewshot.train_ways": 2, "fewshot.train_shots": 1,
-                      "fewshot.train_queries": 2, "batch_size": 12})
-  train_and_evaluate(epi, str(tmp_path / "epi"))
-  saved = json.load(open(tmp_path / "epi" / "summary.json"))
-  novel = {k: v for k, v in saved.items() if k.startswith("novel_")
-           and "5way_1shot" in k and "ci95" not in k}
-  assert novel and all(0.0 <= v <= 1.0 for v in novel.values()), saved
-
-
-def _spec_distillation_loss(student, teacher, labels, temperature, alpha):
-  """SPEC section 4's loss, for when the shared one is not merged yet."""
-  t = temperature
-  p_t = jax.nn.softmax(teacher / t)
-  kl = jnp.sum(p_t * (jax.nn.log_softmax(teacher / t)
-                      - jax.nn.log_softmax(student / t)), -1)
-  ce = optax.softmax_cross_entropy_with_integer_labels(student, labels)
-  return jnp.mean(kl) * alpha * t * t + jnp.mean(ce) * (1 - alpha)
-
-
-def test_pretraining_distilled_from_low_resolution_teacher(pretrained,
-                                                           monkeypatch):
-  config, workdir, trainer, _, _ = pretrained
-  try:
-    from brnpa_jax.tasks import distill  # pylint: disable=g-import-not-at-top
-    loss_fn = distill.distillation_loss
-  except ImportError:
-    module = type(sys)("brnpa_jax.tasks.distill")
-    module.distillation_loss = loss_fn = _spec_distillation_loss
-    monkeypatch.setitem(sys.modules, "brnpa_jax.tasks.distill", module)
-  kd = _with(config, **{"distill.teacher_workdir": str(workdir)})
+def test_pretraining_distilled_from_low_resolution_teacher(pretrained):
+  config, workdir, _ = pretrained
+  kd = _with(config, **{"distill.teacher_workdir": str(workdir),
+                        "model.res": "high"})
   task = fewshot.FewShotTask(kd)
   context = task.train_context()
-  images = data_lib.center(task.image_set("base").images[:4], 32)
-  batch = {"image": images, "label": task.image_set("base").labels[:4]}
-  student, _ = trainer.forward(trainer.state, images)
+  assert tuple(task.teacher.backbone.strides) == STRIDES["low"]  # its config.json
+  base = task.image_set("base")
+  images = data_lib.center(base.images[:4], 32)
+  batch = {"image": images, "label": base.labels[:4]}
+  student = jax.random.normal(jax.random.key(0), (4, 4))
   loss, metrics = jax.jit(task.loss_and_metrics)(student, {}, batch, context)
-  # The teacher is the saved model at low resolution: other logits.
-  teacher = build_model(_with(config, **{"model.res": "low"}).model, 4)
-  teacher_logits = jax.jit(teacher.apply)(context, images)[0]
-  assert not np.allclose(teacher_logits, student, atol=1e-3)
-  expected = loss_fn(student, teacher_logits, batch["label"], 16.0, 0.4)
+  teacher_logits = jax.jit(task.teacher.apply)(context, images)[0]
+  expected, kl, _ = distill.distillation_loss(
+      student, teacher_logits, batch["label"], temperature=16.0, alpha=0.4)
   assert float(loss) == pytest.approx(float(expected), rel=1e-4)
-  assert set(metrics) == {"loss", "accuracy"}
+  assert float(metrics["kl"]) == pytest.approx(float(kl), rel=1e-4)
   with pytest.raises(ValueError, match="pretraining phase"):
     fewshot.FewShotTask(_with(kd, **{"fewshot.phase": "episodic",
                                      "fewshot.pretrain_workdir": str(workdir)}))

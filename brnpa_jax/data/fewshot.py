@@ -126,15 +126,8 @@ def load_tfds_split(data_cfg, split: str) -> ImageSet:
   spec = TFDS_DATASETS[data_cfg.name]
   class_ids = spec.class_splits()[split]
   side = stored_size(data_cfg)
-  data_dir = os.path.expanduser(data_cfg.data_dir)
-  try:
-    builder = tfds.builder(spec.name, data_dir=data_dir)
-    ds = builder.as_dataset(split=spec.tfds_splits[split], shuffle_files=False)
-  except (AssertionError, FileNotFoundError) as e:
-    raise FileNotFoundError(
-        f"{spec.name} is not prepared in {data_dir}. Prepare it once with "
-        f"`tfds build {spec.name} --data_dir {data_dir}` (CUB needs network "
-        f"access; see the README) or set data.data_dir.") from e
+  ds = _tfds_builder(data_cfg).as_dataset(split=spec.tfds_splits[split],
+                                          shuffle_files=False)
   lookup = np.full(int(max(class_ids)) + 1, -1, np.int32)
   lookup[class_ids] = np.arange(len(class_ids), dtype=np.int32)
   table = tf.constant(lookup)
@@ -206,6 +199,38 @@ def load_folder_split(data_cfg, split: str) -> ImageSet:
                   np.asarray(classes))
 
 
+def _tfds_builder(data_cfg):
+  """The dataset's tfds builder in ``data.data_dir``, prepared (Omniglot
+  downloads itself on first use; a no-op once prepared)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  name = TFDS_DATASETS[data_cfg.name].name
+  data_dir = os.path.expanduser(data_cfg.data_dir)
+  builder = tfds.builder(name, data_dir=data_dir)
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # pylint: disable=broad-except
+    raise FileNotFoundError(
+        f"{name} is not prepared in {data_dir} and could not be prepared "
+        f"({type(e).__name__}: {e}). Prepare it once with `tfds build {name} "
+        f"--data_dir {data_dir}` on a machine with network access (or copy a "
+        "prepared directory there), or set data.data_dir.") from e
+  return builder
+
+
+def prepare(data_cfg) -> None:
+  """Makes ``data.name`` ready: prepares a tfds dataset, checks a folder root."""
+  if data_cfg.name == "folder":
+    root = os.path.expanduser(data_cfg.folder.root or "")
+    if not os.path.isdir(root):
+      raise FileNotFoundError(f"data.folder.root={root!r} is not a directory; "
+                              "pass root=<dataset folder> in the config arg.")
+  elif data_cfg.name in TFDS_DATASETS:
+    _tfds_builder(data_cfg)
+  else:
+    raise ValueError(f"Unknown few-shot dataset {data_cfg.name!r}; valid: "
+                     f"{sorted(TFDS_DATASETS) + ['folder']}.")
+
+
 def load_split(data_cfg, split: str) -> ImageSet:
   """One class split (``base``, ``val`` or ``novel``) of ``data.name``."""
   if split not in SPLITS:
@@ -213,8 +238,7 @@ def load_split(data_cfg, split: str) -> ImageSet:
   if data_cfg.name == "folder":
     return load_folder_split(data_cfg, split)
   if data_cfg.name not in TFDS_DATASETS:
-    raise ValueError(f"Unknown few-shot dataset {data_cfg.name!r}; valid: "
-                     f"{sorted(TFDS_DATASETS) + ['folder']}.")
+    prepare(data_cfg)  # raises: unknown dataset
   return load_tfds_split(data_cfg, split)
 
 

@@ -31,13 +31,11 @@ import numpy as np
 import optax
 
 from brnpa_jax.data import fewshot as data_lib
-from brnpa_jax.models import build_model
+from brnpa_jax.data.transforms import denormalize
+from brnpa_jax.explain.overlay import save_overlay_grid
 from brnpa_jax.tasks import classification
 
-try:
-  from brnpa_jax.tasks.base import Task
-except ImportError:  # before the trainer's Task refactor: same interface
-  Task = object
+from brnpa_jax.tasks.base import Task
 
 PHASES = ("pretrain", "episodic")
 METRICS = ("euclidean", "cosine")
@@ -81,14 +79,6 @@ def prototype_logits(support_SxD, support_labels_S, query_QxD, ways: int,
     return scale * (query @ _l2_normalize(protos_NxD).T)
   diff = query[:, None, :] - protos_NxD[None, :, :]
   return -scale * jnp.sum(diff * diff, -1)
-
-
-def embedding(aux):
-  """The pooled embedding (B, D): ``aux['embedding']`` or the head's vectors."""
-  if "embedding" in aux:
-    return aux["embedding"]
-  vectors = aux["vectors"]  # (B, K, C): the pooled vector, reshaped
-  return vectors.reshape(vectors.shape[0], -1)
 
 
 def prototypical_loss(embeddings_BxD, labels_B, *, ways: int, shots: int,
@@ -202,7 +192,7 @@ def split_embeddings(trainer, state, images_uint8, size: int) -> np.ndarray:
     images = np.zeros((local, size, size, 3), np.float32)
     images[:len(index)] = data_lib.center(images_uint8[index], size)
     _, aux = trainer.forward(state, trainer.to_global({"image": images})["image"])
-    emb = np.asarray(jax.device_get(embedding(aux)), np.float32)
+    emb = np.asarray(jax.device_get(aux["embedding"]), np.float32)
     chunks.append(emb.reshape(procs, local, -1))
   rows = np.concatenate(chunks, axis=1)[:, :per_process]
   return rows.reshape(procs * per_process, -1)[:n]
@@ -310,6 +300,10 @@ class FewShotTask(Task):
       self._sets[split] = data_lib.load_split(self.config.data, split)
     return self._sets[split]
 
+  def prepare_data(self) -> None:
+    """Prepares the tfds dataset (downloads Omniglot); checks a folder."""
+    data_lib.prepare(self.config.data)
+
   def num_classes(self) -> int:
     return self.image_set("base").num_classes
 
@@ -358,43 +352,34 @@ class FewShotTask(Task):
     d = self.config.get("distill")
     return d if d is not None and d.get("teacher_workdir") else None
 
-  def teacher_model(self):
-    """The frozen teacher: this model at ``distill.teacher_res`` (low)."""
-    model_cfg = self.config.model.to_dict()
-    model_cfg["res"] = self.config.distill.get("teacher_res", "low")
-    import ml_collections  # pylint: disable=g-import-not-at-top
-    return build_model(ml_collections.ConfigDict(model_cfg), self.num_classes(),
-                       self.config.dtype)
-
   def train_context(self):
-    """The teacher's variables (replicated by the trainer), or None."""
+    """The frozen teacher's variables (replicated by the trainer), or None."""
     if self._distill() is None:
       return None
-    params, batch_stats, _ = load_pretrained(self.config.distill.teacher_workdir)
-    size = self.config.data.image_size
-    want = jax.eval_shape(self.teacher_model().init, jax.random.key(0),
-                          jnp.zeros((1, size, size, 3)))
-    _check_same_tree("params", params, want["params"])
-    return {"params": params, "batch_stats": batch_stats}
+    from brnpa_jax.tasks import distill  # pylint: disable=g-import-not-at-top
+    self.teacher, variables, _ = distill.load_teacher(
+        self.config.distill.teacher_workdir, self.num_classes(),
+        self.config.dtype)
+    return variables
 
   def loss_and_metrics(self, logits, aux, batch, context):
     fs = self.config.fewshot
     if fs.phase == "pretrain" and self._distill() is not None:
-      from brnpa_jax.tasks.distill import distillation_loss  # pylint: disable=g-import-not-at-top
+      from brnpa_jax.tasks import distill  # pylint: disable=g-import-not-at-top
       d = self.config.distill
-      teacher_logits = jax.lax.stop_gradient(self.teacher_model().apply(
-          context, batch["image"], train=False)[0])
-      loss = distillation_loss(logits, teacher_logits, batch["label"],
-                               d.temperature, d.alpha)
+      teacher_logits, _ = self.teacher.apply(context, batch["image"], train=False)
+      loss, kl, ce = distill.distillation_loss(
+          logits, teacher_logits, batch["label"], temperature=d.temperature,
+          alpha=d.alpha)
       correct = jnp.argmax(logits, -1) == batch["label"]
-      return loss, {"loss": loss,
+      return loss, {"loss": loss, "kl": kl, "ce": ce,
                     "accuracy": jnp.mean(correct.astype(jnp.float32))}
     if fs.phase == "pretrain":
       return classification.loss_and_metrics(
           logits, aux, batch,
           label_smoothing=self.config.get("label_smoothing", 0.0))
     loss, accuracy = prototypical_loss(
-        embedding(aux), batch["label"], ways=fs.train_ways, shots=fs.train_shots,
+        aux["embedding"], batch["label"], ways=fs.train_ways, shots=fs.train_shots,
         queries=fs.train_queries, metric=fs.metric,
         scale=fs.cosine_scale if fs.metric == "cosine" else 1.0)
     return loss, {"loss": loss, "accuracy": accuracy}
@@ -439,3 +424,25 @@ class FewShotTask(Task):
                   key.replace("accuracy", "cosine_ci95"): r["cosine_ci95"]})
     out["accuracy"] = out[self.selection_metric]
     return out
+
+  def visualize(self, trainer, state, count: int) -> str | None:
+    """Ranked maps of the best state on one image of each of the first
+    ``count`` classes of the last evaluation split (novel); returns the PNG."""
+    if count <= 0:
+      return None
+    split, size = self.eval_splits()[-1], self.config.data.image_size
+    data = self.image_set(split)
+    index = np.unique(data.labels, return_index=True)[1][
+        :min(count, trainer.local_eval_batch)]
+    images = np.zeros((trainer.local_eval_batch, size, size, 3), np.float32)
+    images[:len(index)] = data_lib.center(data.images[index], size)
+    _, aux = jax.device_get(trainer.predict(
+        state, trainer.to_global({"image": images})["image"]))
+    n = len(index)
+    path = os.path.join(trainer.workdir, "overlays", f"{split}_ranked_maps.png")
+    if jax.process_index() == 0:
+      save_overlay_grid(path, denormalize(images[:n]), aux["maps"][:n],
+                        aux["norms"][:n],
+                        [f"{split} class {data.class_ids[data.labels[i]]}"
+                         for i in index])
+    return path
