@@ -19,6 +19,7 @@ from brnpa_jax.models.resnet12 import ResNet12, ResNet12Narrow
 from brnpa_jax.tasks import fewshot
 from brnpa_jax.models import STRIDES
 from brnpa_jax.tasks import distill
+from brnpa_jax.tasks.base import Task
 from brnpa_jax.train.state import create_state
 from brnpa_jax.train.trainer import Trainer, train_and_evaluate
 from configs import fewshot_folder, fewshot_omniglot
@@ -345,7 +346,7 @@ def test_episodic_finetuning_from_pretrained(pretrained, tmp_path):
     assert np.isfinite(metrics["loss"]) and 0 <= metrics["accuracy"] <= 1
   assert int(state.step) == 2
   novel = task.evaluate(trainer, state, "novel")
-  assert 0.2 < novel["accuracy"] <= 1.0
+  assert 0.2 < novel["5way_2shot_accuracy"] <= 1.0
   # Padded batches put back in order: the last, padded batch (rows 24..29).
   images = task.image_set("val").images
   emb = fewshot.split_embeddings(trainer, state, images, 32)
@@ -391,3 +392,21 @@ def test_pretraining_distilled_from_low_resolution_teacher(pretrained):
   with pytest.raises(ValueError, match="pretraining phase"):
     fewshot.FewShotTask(_with(kd, **{"fewshot.phase": "episodic",
                                      "fewshot.pretrain_workdir": str(workdir)}))
+
+
+@pytest.mark.skipif(not hasattr(Task, "initial_state"),
+                    reason="the trainer does not call Task.initial_state yet")
+def test_episodic_phase_through_the_trainer(pretrained, tmp_path):
+  """With lr 0 the episodic run's parameters stay the pretrained ones."""
+  config, workdir, _ = pretrained
+  epi = _with(config, **{"fewshot.phase": "episodic",
+                         "fewshot.pretrain_workdir": str(workdir),
+                         "fewshot.train_ways": 2, "fewshot.train_shots": 1,
+                         "fewshot.train_queries": 2, "batch_size": 12,
+                         "optim.lr": 0.0, "optim.weight_decay": 0.0})
+  summary = train_and_evaluate(epi, str(tmp_path))
+  assert 0.2 < summary["novel_5way_2shot_accuracy"] <= 1.0
+  saved, _, _ = fewshot.load_pretrained(str(workdir))
+  after, _, _ = fewshot.load_pretrained(str(tmp_path))
+  for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(saved)):
+    np.testing.assert_array_equal(a, b)

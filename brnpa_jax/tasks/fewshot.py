@@ -353,7 +353,11 @@ class FewShotTask(Task):
     return d if d is not None and d.get("teacher_workdir") else None
 
   def train_context(self):
-    """The frozen teacher's variables (replicated by the trainer), or None."""
+    """The frozen teacher's variables (replicated by the trainer), or None.
+
+    Also sets ``self.teacher``, the model ``loss_and_metrics`` applies them to
+    (the trainer calls this before it traces the step).
+    """
     if self._distill() is None:
       return None
     from brnpa_jax.tasks import distill  # pylint: disable=g-import-not-at-top
@@ -389,12 +393,11 @@ class FewShotTask(Task):
     (episodic phase; the optimiser state stays fresh, step 0)."""
     if self.config.fewshot.phase != "episodic":
       return state
-    params, batch_stats, meta = load_pretrained(self.config.fewshot.pretrain_workdir)
+    params, batch_stats, _ = load_pretrained(self.config.fewshot.pretrain_workdir)
     _check_same_tree("params", params, state.params)
     _check_same_tree("batch_stats", batch_stats, state.batch_stats)
     put = lambda new, old: jax.tree.map(
         lambda n, o: jax.device_put(jnp.asarray(n, o.dtype), o.sharding), new, old)
-    del meta
     return state.replace(params=put(params, state.params),
                          batch_stats=put(batch_stats, state.batch_stats))
 
@@ -407,8 +410,7 @@ class FewShotTask(Task):
 
     Keys ``{N}way_{K}shot_accuracy`` (prototype classifier, the selection
     metric for ``select_shots``), ``..._ci95``, ``{N}way_{K}shot_cosine`` and
-    ``..._cosine_ci95`` for each K in ``eval_shots``; ``accuracy`` repeats the
-    selection metric.
+    ``..._cosine_ci95`` for each K in ``eval_shots``.
     """
     fs = self.config.fewshot
     data = self.image_set(split)
@@ -422,7 +424,6 @@ class FewShotTask(Task):
       out.update({key: r["prototype"], f"{key}_ci95": r["prototype_ci95"],
                   key.replace("accuracy", "cosine"): r["cosine"],
                   key.replace("accuracy", "cosine_ci95"): r["cosine_ci95"]})
-    out["accuracy"] = out[self.selection_metric]
     return out
 
   def visualize(self, trainer, state, count: int) -> str | None:
