@@ -41,11 +41,12 @@ def fewshot_config(arg: str | None, *, name: str, image_size: int,
   c.dtype = a["dtype"]
   c.mesh = ml_collections.ConfigDict(dict(num_devices=0, fsdp=1))
 
+  # Class splits: training on base, selection on val, final numbers on novel
+  # (brnpa_jax/data/fewshot.py defines them per dataset).
   c.data = ml_collections.ConfigDict(dict(
       name=name, data_dir="~/tensorflow_datasets",
       image_size=a["size"] or image_size, resize_ratio=resize_ratio, flip=flip,
-      brightness=0.0, saturation=0.0, train_split="base",
-      eval_splits=("val", "novel"), shuffle_buffer=0, process_split="slice",
+      eval_splits=("val", "novel"),
       folder=ml_collections.ConfigDict(dict(root="",
                                             splits=("train", "val", "test")))))
 
@@ -62,8 +63,7 @@ def fewshot_config(arg: str | None, *, name: str, image_size: int,
       episodes_per_epoch=500, metric=a["metric"], cosine_scale=10.0,
       # Evaluation protocol: the same episodes for every model (eval_seed).
       eval_ways=5, eval_shots=(1, 5), eval_queries=15, eval_episodes=600,
-      eval_seed=0, eval_episode_batch=100, select_shots=1,
-      eval_splits=("val", "novel")))
+      eval_seed=0, eval_episode_batch=100, select_shots=1))
 
   # Pretraining distilled from a low-resolution model (SPEC section 5): the
   # teacher is the best state of a finished pretraining workdir (its model as

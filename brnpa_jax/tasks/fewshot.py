@@ -402,9 +402,6 @@ class FewShotTask(Task):
                          batch_stats=put(batch_stats, state.batch_stats))
 
   # -- evaluation -----------------------------------------------------------------
-  def eval_splits(self) -> list[str]:
-    return list(self.config.fewshot.eval_splits)
-
   def evaluate(self, trainer, state, split: str) -> dict[str, float]:
     """Episode accuracies (prototype and cosine) with 95% intervals.
 
