@@ -307,7 +307,23 @@ class FewShotTask(Task):
   def num_classes(self) -> int:
     return self.image_set("base").num_classes
 
+  def eval_sampler(self, split: str, shots: int) -> data_lib.EpisodeSampler:
+    """The evaluation episodes of ``split`` (the same for every model)."""
+    fs = self.config.fewshot
+    try:
+      return data_lib.EpisodeSampler(self.image_set(split).labels, fs.eval_ways,
+                                     shots, fs.eval_queries, fs.eval_seed)
+    except ValueError as e:
+      raise ValueError(f"Evaluation episodes of the {split!r} classes: {e} "
+                       "(config.fewshot.eval_ways / eval_shots / "
+                       "eval_queries).") from e
+
   def num_train_examples(self) -> int:
+    # The trainer asks this first: check the evaluation episodes now rather
+    # than after the first epoch.
+    for split in self.eval_splits():
+      for shots in self.config.fewshot.eval_shots:
+        self.eval_sampler(split, shots)
     if self.config.fewshot.phase == "pretrain":
       return len(self.image_set("base"))
     return self.config.fewshot.episodes_per_epoch * self.episode_rows
@@ -414,9 +430,8 @@ class FewShotTask(Task):
     emb = split_embeddings(trainer, state, data.images, self.config.data.image_size)
     out = {}
     for shots in fs.eval_shots:
-      sampler = data_lib.EpisodeSampler(data.labels, fs.eval_ways, shots,
-                                        fs.eval_queries, fs.eval_seed)
-      r = evaluate_episodes(emb, sampler, fs.eval_episodes, fs.eval_episode_batch)
+      r = evaluate_episodes(emb, self.eval_sampler(split, shots),
+                            fs.eval_episodes, fs.eval_episode_batch)
       key = self._key(fs.eval_ways, shots)
       out.update({key: r["prototype"], f"{key}_ci95": r["prototype_ci95"],
                   key.replace("accuracy", "cosine"): r["cosine"],
