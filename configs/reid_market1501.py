@@ -1,17 +1,21 @@
 r"""Person re-identification with BR-NPA on Market-1501 (or DukeMTMC-reID).
 
-Launch (from the repository root; the dataset unpacked under data_dir, see
-docs: ``<data_dir>/bounding_box_train``, ``query``, ``bounding_box_test``):
+Launch (from the repository root), the archive unpacked in ``data_dir``
+(default ``~/datasets``, holding ``Market-1501-v15.09.15/`` or
+``DukeMTMC-reID/``, or the dataset folder itself: ``bounding_box_train/``,
+``query/``, ``bounding_box_test/``):
 
-  python train.py --config 'configs/reid_market1501.py:data_dir=/data/Market-1501-v15.09.15' \
-      --workdir runs/reid_market
+  python train.py --config configs/reid_market1501.py --workdir runs/reid_market
 
 Switches go after a colon, comma-separated; a bare switch means true:
 
-  python train.py --config 'configs/reid_market1501.py:dataset=dukemtmc,data_dir=/data/DukeMTMC-reID' \
+  python train.py --config 'configs/reid_market1501.py:dataset=dukemtmc' \
       --workdir runs/reid_duke
-  python train.py --config 'configs/reid_market1501.py:head=gap,res=low' --workdir runs/reid_gap
-  python train.py --config 'configs/reid_market1501.py:runlocal,data_dir=/tmp/tiny_market' \
+  python train.py --config 'configs/reid_market1501.py:data_dir=/data/market' \
+      --workdir runs/reid_market
+  python train.py --config 'configs/reid_market1501.py:head=gap,res=low' \
+      --workdir runs/reid_gap
+  python train.py --config 'configs/reid_market1501.py:runlocal,data_dir=/tmp/m' \
       --workdir /tmp/reid_smoke
 
 Switches: dataset (market1501|dukemtmc), data_dir, head (brnpa|bcnn|gap),
@@ -19,15 +23,15 @@ backbone (resnet18|34|50|101|152|resnet_tiny), res (reid_high: the first
 block of stages 2-4 at stride 1, output stride 4, a 64x32 map at 256x128;
 high: output stride 8; low: 32), k (number of maps), p (identities per
 batch), per_id (images per identity; batch = p x per_id), soft_margin,
-val_identities (training identities held out for model selection; 0
-selects on the test query/gallery as the re-id literature does), dtype,
+val_identities (training identities held out for model selection; 0:
+select on the test query/gallery, as re-id papers do: optimistic), dtype,
 epochs, runlocal (tiny model, 32x16 images, seconds). Any field can also be
 set with ``--config.<field>=<value>``.
 
 The recipe is Luo et al.'s "Bag of Tricks" baseline: Adam 3.5e-4 with 10
-warm-up epochs, weight decay 5e-4, 120 epochs, x0.1 every 40 after warm-up, label
-smoothing 0.1, triplet margin 0.3, random erasing p=0.5 (ImageNet-mean fill),
-flip, pad 10 and crop. Backbones start from random weights unless a
+warm-up epochs, weight decay 5e-4, 120 epochs, x0.1 every 40 after warm-up,
+label smoothing 0.1, triplet margin 0.3, random erasing p=0.5 (ImageNet-mean
+fill), flip, pad 10 and crop. Backbones start from random weights unless a
 pretrained-weights loader is configured.
 """
 

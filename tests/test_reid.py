@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from brnpa_jax.data import reid as reid_data
+from brnpa_jax.models import reid as reid_model
 from brnpa_jax.tasks import reid
 from brnpa_jax.train.trainer import train_and_evaluate
 from configs import reid_market1501
@@ -154,14 +155,14 @@ def test_batch_hard_triplet_matches_brute_force(soft):
   rng = np.random.default_rng(0)
   emb = rng.normal(size=(12, 5)).astype(np.float32)
   labels = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 4])  # 4: no positive
-  loss, active = reid.batch_hard_triplet(jnp.asarray(emb), jnp.asarray(labels),
+  loss, active = reid_model.batch_hard_triplet(jnp.asarray(emb), jnp.asarray(labels),
                                          0.3, soft)
   np.testing.assert_allclose(loss, brute_force_triplet(emb, labels, 0.3, soft),
                              rtol=1e-5)
   assert 0.0 < float(active) <= 1.0
   # Degenerate: identical embeddings, one identity: finite, zero.
   same = jnp.ones((4, 5))
-  loss, _ = reid.batch_hard_triplet(same, jnp.zeros(4, jnp.int32), 0.3, soft)
+  loss, _ = reid_model.batch_hard_triplet(same, jnp.zeros(4, jnp.int32), 0.3, soft)
   assert float(loss) == 0.0
 
 

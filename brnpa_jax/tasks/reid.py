@@ -29,50 +29,10 @@ import tensorflow as tf
 from brnpa_jax.data import reid as reid_data
 from brnpa_jax.data.transforms import denormalize
 from brnpa_jax.explain.overlay import rank_overlay
-from brnpa_jax.models.reid import build_reid_model
+from brnpa_jax.models.reid import build_reid_model, reid_loss, squared_distances
 from brnpa_jax.tasks.base import Task
-from brnpa_jax.tasks.classification import cross_entropy
 
 RANKS = (1, 5, 10)
-
-
-# -- losses (pure, inside the train step) --------------------------------------
-def squared_distances(a_NxD, b_MxD):
-  """Squared Euclidean distances (N, M), clamped at 0 against rounding."""
-  a = a_NxD.astype(jnp.float32)
-  b = b_MxD.astype(jnp.float32)
-  d = (jnp.sum(a * a, -1)[:, None] + jnp.sum(b * b, -1)[None, :]
-       - 2.0 * a @ b.T)
-  return jnp.maximum(d, 0.0)
-
-
-def batch_hard_triplet(emb_BxD, labels_B, margin: float = 0.3,
-                       soft_margin: bool = False):
-  """Batch-hard triplet loss (Hermans et al. 2017) with Euclidean distances.
-
-  For every anchor: the farthest image of its identity (not itself) and the
-  nearest image of another identity; the loss is
-  ``max(d_ap - d_an + margin, 0)`` or, with ``soft_margin``,
-  ``log(1 + exp(d_ap - d_an))``, averaged over anchors that have both a
-  positive and a negative (0 when none has).
-
-  Returns:
-    ``(loss, fraction of anchors with a positive loss)``.
-  """
-  same = labels_B[:, None] == labels_B[None, :]
-  not_self = ~jnp.eye(labels_B.shape[0], dtype=bool)
-  pos, neg = same & not_self, ~same
-  # The clamp keeps sqrt's gradient finite at 0 (identical embeddings).
-  dist = jnp.sqrt(jnp.maximum(squared_distances(emb_BxD, emb_BxD), 1e-12))
-  d_ap = jnp.max(jnp.where(pos, dist, -jnp.inf), axis=1)
-  d_an = jnp.min(jnp.where(neg, dist, jnp.inf), axis=1)
-  valid = jnp.any(pos, 1) & jnp.any(neg, 1)
-  gap = jnp.where(valid, d_ap - d_an, 0.0)
-  per_anchor = jax.nn.softplus(gap) if soft_margin else jax.nn.relu(gap + margin)
-  count = jnp.maximum(jnp.sum(valid), 1)
-  loss = jnp.sum(jnp.where(valid, per_anchor, 0.0)) / count
-  active = jnp.sum(valid & (gap + (0.0 if soft_margin else margin) > 0)) / count
-  return loss, active
 
 
 # -- retrieval metrics -----------------------------------------------------------
@@ -215,15 +175,10 @@ class ReIDTask(Task):
   def loss_and_metrics(self, logits, aux, batch, context):
     del context
     r = self.config.reid
-    labels = batch["label"]
-    ce = jnp.mean(cross_entropy(logits, labels,
-                                self.config.get("label_smoothing", 0.1)))
-    triplet, active = batch_hard_triplet(aux["embedding"], labels,
-                                         r.triplet_margin, r.soft_margin)
-    loss = ce + r.triplet_weight * triplet
-    accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
-    return loss, {"loss": loss, "ce": ce, "triplet": triplet,
-                  "active_triplets": active, "accuracy": accuracy}
+    return reid_loss(logits, aux, batch["label"],
+                     label_smoothing=self.config.get("label_smoothing", 0.1),
+                     margin=r.triplet_margin, soft_margin=r.soft_margin,
+                     triplet_weight=r.triplet_weight)
 
   # -- evaluation ----------------------------------------------------------------
   def _aux_fn(self, trainer, keys: tuple[str, ...]):
