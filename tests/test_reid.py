@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -135,6 +136,34 @@ def test_random_erasing():
   assert np.array_equal(reid_data.random_erasing(image, rng, p=0.0), image)
   noisy = reid_data.random_erasing(image, rng, p=1.0, fill="random")
   assert (noisy != 1.0).any() and np.isfinite(noisy).all()
+
+
+# -- model and config ----------------------------------------------------------------
+def test_model_bnneck_and_strides():
+  c = reid_market1501.get_config("runlocal")
+  model = reid_model.build_reid_model(c.model, num_classes=5)
+  images = jax.ShapeDtypeStruct((2, 32, 16, 3), jnp.float32)
+  (logits, aux), variables = jax.eval_shape(model.init_with_output,
+                                            jax.random.key(0), images)
+  params = variables["params"]
+  assert set(params["bnneck"]) == {"scale"}          # no learned shift
+  assert set(params["classifier"]) == {"kernel"}     # no bias
+  assert logits.shape == (2, 5)
+  assert aux["features"].shape[1:3] == (8, 4)        # reid_high: output stride 4
+  assert aux["embedding"].shape == aux["embedding_bn"].shape == (2, 3 * 64)
+  c.unlock()
+  c.model.aux_heads = True
+  with pytest.raises(ValueError, match="aux_heads"):
+    reid_model.build_reid_model(c.model, 5)
+
+
+def test_config_switches():
+  c = reid_market1501.get_config("dataset=dukemtmc,p=8,per_id=2,res=high")
+  assert (c.task, c.data.name, c.batch_size, c.model.res) == ("reid", "dukemtmc",
+                                                              16, "high")
+  assert c.data.image_size == (256, 128)
+  with pytest.raises(ValueError, match="dataset"):
+    reid_market1501.get_config("dataset=cuhk03")
 
 
 # -- losses and metrics --------------------------------------------------------------
