@@ -1,8 +1,9 @@
 """Person re-identification: P x K batches, ID + triplet loss, CMC and mAP.
 
-Training (Luo et al. 2019, "Bag of Tricks"): cross-entropy with label
-smoothing on the post-BN-neck logits plus the batch-hard triplet loss
-(Hermans et al. 2017) on the pre-BN embedding. Evaluation follows the
+Training (Luo et al. 2019, "Bag of Tricks"; ``models.reid.reid_loss``):
+cross-entropy with label smoothing on the post-BN-neck logits plus the
+batch-hard triplet loss (Hermans et al. 2017) on the pre-BN embedding, on
+identity-balanced P x K batches (``data.reid``). Evaluation follows the
 Market-1501 protocol: every query ranks the gallery by Euclidean distance
 between L2-normalised post-BN embeddings; gallery images of the query's
 identity seen by the query's camera, and junk images (identity -1), are
