@@ -193,6 +193,10 @@ def test_batch_hard_triplet_matches_brute_force(soft):
   same = jnp.ones((4, 5))
   loss, _ = reid_model.batch_hard_triplet(same, jnp.zeros(4, jnp.int32), 0.3, soft)
   assert float(loss) == 0.0
+  # Identical embeddings of two identities: zero distances, finite gradient.
+  grad = jax.grad(lambda e: reid_model.batch_hard_triplet(
+      e, jnp.array([0, 0, 1, 1]), 0.3, soft)[0])(same)
+  assert np.isfinite(grad).all()
 
 
 def hand_example():
