@@ -5,7 +5,9 @@ Layout (``root`` is ``data.data_dir``)::
   root/train/<class>/<image>        required
   root/validation/<class>/<image>   optional (or root/val/); without it,
                                     VALIDATION_PERCENT of each class of
-                                    train/ is held out for validation
+                                    train/ (rounded, at least one image of
+                                    a class with two or more, never all)
+                                    is held out for validation
   root/test/<class>/<image>         optional
 
 The class index is the position of the folder name in the sorted names of
@@ -151,7 +153,8 @@ class ImageFolder:
     root: the folder holding ``train/`` (and optionally ``validation/`` or
       ``val/``, and ``test/``).
     validation_percent: share of each class of ``train/`` held out for
-      validation when there is no validation folder.
+      validation when there is no validation folder (at least one image of
+      each class with two or more, never all of a class); 0 holds out none.
     seed: fixes the held-out files and the order of each split.
     verify: decode every image once while scanning.
     on_corrupt: ``'error'`` or ``'skip'`` (with a warning).
@@ -236,6 +239,8 @@ class ImageFolder:
     for label, paths in by_class.items():
       ranked = sorted(paths, key=lambda p: _order_key(self.seed, self._rel(p)))
       n_val = int(round(len(paths) * percent / 100))
+      if percent > 0 and len(paths) > 1:
+        n_val = min(max(n_val, 1), len(paths) - 1)
       val += [(p, label) for p in ranked[:n_val]]
       train += [(p, label) for p in ranked[n_val:]]
     return train, val
