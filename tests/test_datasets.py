@@ -350,3 +350,33 @@ def test_missing_folders_say_what_layout_is_expected(tmp_path, tree):
     image_folder.ImageFolder(str(only_train))
   with pytest.raises(ValueError, match="on_corrupt"):
     image_folder.ImageFolder(str(tree[0]), on_corrupt="ignore")
+
+
+def test_the_authors_layout_and_the_cub_archive(tmp_path):
+  # The official archive: images/<class>/, images.txt, train_test_split.txt.
+  cub = tmp_path / "CUB_200_2011"
+  names, split = [], []
+  for i, (cls, is_train) in enumerate([("001.Albatross", 1), ("001.Albatross", 0),
+                                       ("002.Auklet", 1), ("002.Auklet", 1),
+                                       ("002.Auklet", 0)], start=1):
+    _save(cub / "images" / cls / f"{cls}_{i}.jpg", _colour(i), "JPEG")
+    names.append(f"{i} {cls}/{cls}_{i}.jpg")
+    split.append(f"{i} {is_train}")
+  (cub / "images.txt").write_text("\n".join(names) + "\n")
+  (cub / "train_test_split.txt").write_text("\n".join(split) + "\n")
+  # Arranged as the authors' release reads it: data/CUB-200-2011_{train,test}.
+  arranged, data = tmp_path / "arranged", tmp_path / "data"
+  assert image_folder.arrange_cub(str(cub), str(arranged)) == {"train": 3, "test": 2}
+  assert (arranged / "train" / "002.Auklet" / "002.Auklet_3.jpg").is_symlink()
+  data.mkdir()
+  for split in ("train", "test"):
+    (arranged / split).rename(data / f"CUB-200-2011_{split}")
+  ds = image_folder.ImageFolder(str(data))
+  assert ds.classes == ["001.Albatross", "002.Auklet"]
+  assert (ds.count("train") + ds.count("validation"), ds.count("test")) == (3, 2)
+  assert all("CUB-200-2011_test" in f.path for f in ds.files("test"))
+  (data / "cars_train").mkdir()
+  with pytest.raises(tfds_datasets.DatasetNotPreparedError, match="Several train"):
+    image_folder.ImageFolder(str(data))
+  with pytest.raises(FileNotFoundError, match="images.txt is missing"):
+    image_folder.arrange_cub(str(tmp_path / "data"), str(tmp_path / "out"))

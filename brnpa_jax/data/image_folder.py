@@ -10,6 +10,14 @@ Layout (``root`` is ``data.data_dir``)::
                                     is held out for validation
   root/test/<class>/<image>         optional
 
+Instead of ``train/`` (``validation/``, ``test/``), a split may be the one
+folder of ``root`` whose name ends in ``_train`` (``_val``, ``_test``): the
+authors' release reads ``data/CUB-200-2011_train`` and ``..._test``, so
+``data_dir=data`` works on their layout as it is. ``python -m
+brnpa_jax.data.image_folder CUB_200_2011 OUT`` arranges the official CUB
+archive (``images/``, ``images.txt``, ``train_test_split.txt``) into
+``OUT/train`` and ``OUT/test`` with symbolic links.
+
 The class index is the position of the folder name in the sorted names of
 ``train/``; ``validation/`` and ``test/`` may only use those names. Files
 whose extension is not an image's (``IMAGE_EXTENSIONS``) and hidden entries
@@ -55,6 +63,8 @@ from brnpa_jax.data.tfds_datasets import DatasetNotPreparedError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm",
                     ".tif", ".tiff", ".webp")
 VALIDATION_PERCENT = 10
+# Folder names of each split: the exact name, else one folder ending in
+# ``_<name>`` (the authors' release reads data/CUB-200-2011_train and _test).
 SPLIT_FOLDERS = {"train": ("train",), "validation": ("validation", "val"),
                  "test": ("test",)}
 ON_CORRUPT = ("error", "skip")
@@ -69,6 +79,7 @@ LAYOUT_HELP = """Expected layout (one sub-folder per class):
   {root}/validation/<class>/<image>.jpg   optional (or val/); else {pct}% of
                                           each class of train/ is held out
   {root}/test/<class>/<image>.jpg         optional
+(or one folder each named *_train, *_val, *_test, as the authors' release).
 Set data.data_dir (the config arg data_dir=...) to the folder that holds
 train/."""
 
@@ -100,6 +111,22 @@ def _list_images(folder: str) -> list[str]:
     out += [os.path.join(dirpath, f) for f in sorted(filenames)
             if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
   return out
+
+
+def _find_split_folder(root: str, names: Sequence[str]) -> str | None:
+  """``root/<name>``, else the one ``root/*_<name>`` folder, else None."""
+  if not os.path.isdir(root):
+    return None
+  for name in names:
+    if os.path.isdir(os.path.join(root, name)):
+      return os.path.join(root, name)
+  entries = sorted(e.name for e in os.scandir(root) if e.is_dir())
+  found = [e for e in entries if any(e.endswith(f"_{n}") for n in names)]
+  if len(found) > 1:
+    raise DatasetNotPreparedError(
+        f"Several {names[0]} folders in {root}: {found}. Point data.data_dir "
+        f"at a folder holding one dataset's {names[0]}/ folder.")
+  return os.path.join(root, found[0]) if found else None
 
 
 def inspect_image(path: str, verify: bool) -> int:
@@ -170,8 +197,7 @@ class ImageFolder:
       raise ValueError(f"validation_percent={validation_percent}: use [0, 100).")
     self.root = os.path.abspath(os.path.expanduser(root))
     help_text = LAYOUT_HELP.format(root=self.root, pct=validation_percent)
-    folders = {s: next((os.path.join(self.root, n) for n in names
-                        if os.path.isdir(os.path.join(self.root, n))), None)
+    folders = {s: _find_split_folder(self.root, names)
                for s, names in SPLIT_FOLDERS.items()}
     if folders["train"] is None:
       raise DatasetNotPreparedError(
@@ -312,3 +338,60 @@ def load(root: str, validation_percent: float = VALIDATION_PERCENT, seed: int = 
   """``ImageFolder(...)``, scanned once per process for the same arguments."""
   return ImageFolder(root, validation_percent=validation_percent, seed=seed,
                      verify=verify, on_corrupt=on_corrupt)
+
+
+def arrange_cub(cub_dir: str, out: str, copy: bool = False) -> dict[str, int]:
+  """Arranges the official CUB-200-2011 archive into ``out/{train,test}``.
+
+  Args:
+    cub_dir: the extracted ``CUB_200_2011`` folder (``images/``,
+      ``images.txt``, ``train_test_split.txt``).
+    out: the folder to create (``data_dir`` of ``dataset=folder``).
+    copy: copy the images instead of linking them.
+
+  Returns:
+    Images per split, ``{'train': 5994, 'test': 5794}`` for CUB.
+  """
+  names_path = os.path.join(cub_dir, "images.txt")
+  split_path = os.path.join(cub_dir, "train_test_split.txt")
+  for path in (names_path, split_path, os.path.join(cub_dir, "images")):
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} is missing: cub_dir must be the extracted "
+                              "CUB_200_2011 folder of CUB_200_2011.tgz.")
+  with open(names_path) as f:
+    names = dict(line.split() for line in f if line.strip())
+  with open(split_path) as f:
+    is_train = dict(line.split() for line in f if line.strip())
+  counts = {"train": 0, "test": 0}
+  for image_id, rel in names.items():
+    split = "train" if is_train[image_id] == "1" else "test"
+    src = os.path.abspath(os.path.join(cub_dir, "images", rel))
+    dst = os.path.join(out, split, rel)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if not os.path.lexists(dst):
+      if copy:
+        with open(src, "rb") as fi, open(dst, "wb") as fo:
+          fo.write(fi.read())
+      else:
+        os.symlink(src, dst)
+    counts[split] += 1
+  return counts
+
+
+def main(argv=None) -> None:
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(
+      description="Arrange the extracted CUB_200_2011 archive into the image "
+      "folder layout (OUT/train/<class>/, OUT/test/<class>/) that "
+      "dataset=folder,data_dir=OUT reads.")
+  parser.add_argument("cub_dir", help="the extracted CUB_200_2011 folder")
+  parser.add_argument("out", help="the folder to create")
+  parser.add_argument("--copy", action="store_true",
+                      help="copy the images instead of symbolic links")
+  args = parser.parse_args(argv)
+  counts = arrange_cub(args.cub_dir, args.out, args.copy)
+  print(f"{args.out}: {counts['train']} train and {counts['test']} test images.")
+
+
+if __name__ == "__main__":
+  main()
