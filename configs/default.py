@@ -40,6 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The default config, adjusted by the ``arg`` switches."""
   a = parse_arg(arg, SWITCHES, CHOICES)
   c = ml_collections.ConfigDict()
+  c.task = "classification"  # a key of brnpa_jax.tasks.TASKS
   c.seed = 0
   c.dtype = a["dtype"]
   # Devices (0: all, every process's) arranged as a (data, fsdp) mesh; fsdp > 1
@@ -64,6 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1  # micro-batches per optimizer step
   c.eval_batch_size = 200
   c.num_epochs = a["epochs"] or 12
+  c.early_stopping_patience = 0  # epochs without a better val accuracy; 0: off
   c.log_every_steps = 20
   c.checkpoint_every_steps = 100
   c.max_to_keep = 2

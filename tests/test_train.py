@@ -15,24 +15,9 @@ import pytest
 from brnpa_jax.train import steps as steps_lib
 from brnpa_jax.train.checkpointing import Checkpointer, abstract_like
 from brnpa_jax.train.trainer import Trainer, train_and_evaluate
-from configs import default
+from helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(data_dir, **overrides):
-  c = default.get_config("runlocal")
-  c.unlock()
-  c.data.data_dir = str(data_dir)
-  c.mesh.num_devices = 1
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  c.lock()
-  return c
 
 
 @pytest.fixture(scope="module")

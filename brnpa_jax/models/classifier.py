@@ -44,11 +44,13 @@ class Classifier(nn.Module):
     """Returns ``(logits (B, num_classes) float32, aux)``.
 
     aux holds ``features`` (B, h, w, C), ``maps`` (B, K, h, w), ``norms``
-    (B, h, w), ``vectors`` (B, K, C) and, for BR-NPA, ``indices`` (B, K).
+    (B, h, w), ``vectors`` (B, K, C), ``embedding`` (B, D) (the head's pooled
+    vector before dropout and the linear layer; D = K*C for BR-NPA and B-CNN)
+    and, for BR-NPA, ``indices`` (B, K).
     """
     feats = self.backbone(images_BxHxWx3, train=train and not self.freeze_bn)
     pooled, aux = self.head(feats, train=train)
-    aux = dict(aux, features=feats)
+    aux = dict(aux, features=feats, embedding=pooled)
     pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)
     dense: Callable[..., nn.Module] = lambda name: nn.Dense(
         self.num_classes, use_bias=self.use_bias, dtype=self.dtype, name=name)

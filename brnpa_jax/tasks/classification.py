@@ -8,9 +8,16 @@ returning per-batch sums that the trainer adds up over a split and divides by
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import optax
+import tensorflow_datasets as tfds
+
+from brnpa_jax.data.transforms import denormalize
+from brnpa_jax.explain.overlay import save_overlay_grid
+from brnpa_jax.tasks.base import Task
 
 
 def cross_entropy(logits_BxN, labels_B, label_smoothing: float = 0.0):
@@ -64,3 +71,37 @@ def finalize_eval(sums) -> dict[str, float]:
   """Turns summed eval metrics into means over the real examples."""
   count = max(float(sums["count"]), 1.0)
   return {k: float(v) / count for k, v in sums.items() if k != "count"}
+
+
+class ClassificationTask(Task):
+  """Image classification with cross-entropy; selects on validation accuracy."""
+
+  def loss_and_metrics(self, logits, aux, batch, context):
+    del context
+    return loss_and_metrics(logits, aux, batch,
+                            label_smoothing=self.config.get("label_smoothing", 0.0))
+
+  def eval_metrics(self, logits, aux, batch):
+    return eval_metrics(logits, aux, batch)
+
+  def visualize(self, trainer, state, count: int) -> str | None:
+    """PNG grid of the ranked maps over the first ``count`` images of the last
+    evaluation split (the test split by default)."""
+    if count <= 0:
+      return None
+    split = self.eval_splits()[-1]
+    ds = self.eval_dataset(split, batch_size=trainer.local_eval_batch,
+                           process_index=jax.process_index(),
+                           process_count=jax.process_count())
+    batch = next(iter(tfds.as_numpy(ds)))
+    probs, aux = trainer.predict(state, trainer.to_global(
+        {"image": batch["image"]})["image"])
+    probs, aux = jax.device_get((probs, aux))
+    n = min(count, len(batch["label"]))
+    titles = [f"label {l} / pred {p} ({q:.0%})" for l, p, q in
+              zip(batch["label"][:n], probs[:n].argmax(-1), probs[:n].max(-1))]
+    path = os.path.join(trainer.workdir, "overlays", f"{split}_ranked_maps.png")
+    if jax.process_index() == 0:
+      save_overlay_grid(path, denormalize(batch["image"][:n]), aux["maps"][:n],
+                        aux["norms"][:n], titles)
+    return path

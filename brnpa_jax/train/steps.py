@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -16,9 +15,10 @@ from brnpa_jax.train.state import TrainState, create_state, variables
 
 
 def make_train_step(model, tx: optax.GradientTransformation, *,
+                    loss_fn: Callable | None = None,
                     label_smoothing: float = 0.0, grad_accum_steps: int = 1,
                     micro_batch_sharding=None):
-  """Returns ``train_step(state, batch, rng) -> (state, metrics)``.
+  """Returns ``train_step(state, batch, rng, context=None) -> (state, metrics)``.
 
   The rng is the run's base key; each step folds in its own step number, so
   dropout (and the random-init ablation) differ per step yet a resumed run
@@ -35,15 +35,19 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
   Args:
     model: the classifier.
     tx: the optimiser.
-    label_smoothing: for the cross-entropy.
+    loss_fn: ``(logits, aux, batch, context) -> (loss, metrics)``, a task's
+      ``loss_and_metrics``; default: classification cross-entropy.
+    label_smoothing: for the default cross-entropy.
     grad_accum_steps: micro-batches per optimiser step.
     micro_batch_sharding: sharding of the stacked (n, B/n, ...) micro-batches
       (the batch axes on axis 1); None leaves the layout to XLA.
   """
-  loss_fn_task = functools.partial(classification.loss_and_metrics,
-                                   label_smoothing=label_smoothing)
+  if loss_fn is None:
+    loss_fn = lambda logits, aux, batch, context: classification.loss_and_metrics(
+        logits, aux, batch, label_smoothing=label_smoothing)
+  loss_fn_task = loss_fn
 
-  def grads_and_metrics(params, batch_stats, batch, rng):
+  def grads_and_metrics(params, batch_stats, batch, rng, context):
     dropout_rng, brnpa_rng = jax.random.split(rng)
 
     def loss_fn(params):
@@ -51,13 +55,13 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
           {"params": params, "batch_stats": batch_stats},
           batch["image"], train=True, mutable=["batch_stats"],
           rngs={"dropout": dropout_rng, "brnpa": brnpa_rng})
-      loss, metrics = loss_fn_task(logits, aux, batch)
+      loss, metrics = loss_fn_task(logits, aux, batch, context)
       return loss, (metrics, new_vars["batch_stats"])
 
     grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(params)
     return grads, metrics, batch_stats
 
-  def accumulate(state, batch, rng):
+  def accumulate(state, batch, rng, context):
     n = grad_accum_steps
     micro = jax.tree.map(
         lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
@@ -68,7 +72,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
       grads_sum, batch_stats = carry
       i, mb = xs
       grads, metrics, batch_stats = grads_and_metrics(
-          state.params, batch_stats, mb, jax.random.fold_in(rng, i))
+          state.params, batch_stats, mb, jax.random.fold_in(rng, i), context)
       return (jax.tree.map(jnp.add, grads_sum, grads), batch_stats), metrics
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -77,13 +81,13 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
     grads = jax.tree.map(lambda g: g / n, grads_sum)
     return grads, jax.tree.map(jnp.mean, metrics), batch_stats
 
-  def train_step(state: TrainState, batch, rng):
+  def train_step(state: TrainState, batch, rng, context=None):
     rng = jax.random.fold_in(rng, state.step)
     if grad_accum_steps > 1:
-      grads, metrics, batch_stats = accumulate(state, batch, rng)
+      grads, metrics, batch_stats = accumulate(state, batch, rng, context)
     else:
       grads, metrics, batch_stats = grads_and_metrics(
-          state.params, state.batch_stats, batch, rng)
+          state.params, state.batch_stats, batch, rng, context)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
@@ -94,14 +98,28 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
   return train_step
 
 
-def make_eval_step(model):
-  """Returns ``eval_step(state, batch) -> sums`` (see ``classification``)."""
+def make_eval_step(model, metrics_fn: Callable | None = None):
+  """Returns ``eval_step(state, batch) -> sums``.
+
+  ``metrics_fn(logits, aux, batch)`` returns per-batch sums (a task's
+  ``eval_metrics``); default: classification's.
+  """
+  metrics_fn = metrics_fn or classification.eval_metrics
 
   def eval_step(state: TrainState, batch):
     logits, aux = model.apply(variables(state), batch["image"], train=False)
-    return classification.eval_metrics(logits, aux, batch)
+    return metrics_fn(logits, aux, batch)
 
   return eval_step
+
+
+def make_forward_fn(model):
+  """Returns ``forward(state, images) -> (logits, aux)`` in inference mode."""
+
+  def forward(state: TrainState, images):
+    return model.apply(variables(state), images, train=False)
+
+  return forward
 
 
 def make_predict_fn(model):
@@ -118,17 +136,19 @@ def make_predict_fn(model):
 class JittedSteps(NamedTuple):
   """The jitted functions of a run, with the shardings they were built for."""
   init: Callable            # rng -> state
-  train: Callable           # (state, batch, rng) -> (state, metrics); donates state
+  train: Callable           # (state, batch, rng[, context]) -> (state, metrics); donates state
   eval: Callable            # (state, batch) -> sums
   predict: Callable         # (state, images) -> (probs, aux)
+  forward: Callable         # (state, images) -> (logits, aux)
   state_shapes: Any         # ShapeDtypeStructs of the state
   state_sharding: Any       # NamedShardings of the state
   data_sharding: NamedSharding
 
 
 def jit_steps(model, tx: optax.GradientTransformation, mesh: Mesh,
-              image_shape: tuple[int, ...], *, label_smoothing: float = 0.0,
-              grad_accum_steps: int = 1) -> JittedSteps:
+              image_shape: tuple[int, ...], *, task=None,
+              label_smoothing: float = 0.0,
+              grad_accum_steps: int = 1, with_context: bool = False) -> JittedSteps:
   """Jits init, train, eval and predict with explicit shardings on ``mesh``.
 
   The state's shapes come from ``jax.eval_shape``; the state is created
@@ -139,23 +159,31 @@ def jit_steps(model, tx: optax.GradientTransformation, mesh: Mesh,
     tx: the optimiser.
     mesh: a ``(data, fsdp)`` mesh from ``sharding.make_mesh``.
     image_shape: one input's shape for initialisation, e.g. (1, 64, 64, 3).
-    label_smoothing: for the training loss.
+    task: a ``brnpa_jax.tasks.base.Task`` giving the loss and eval metrics;
+      None: classification.
+    label_smoothing: for the default classification loss.
     grad_accum_steps: micro-batches per optimiser step.
+    with_context: the train step takes a fourth argument, the task's
+      ``train_context()`` (replicated).
   """
   init = lambda rng: create_state(model, tx, rng, image_shape)
   state_shapes = jax.eval_shape(init, jax.random.key(0))
   state_sharding = shd.state_shardings(mesh, state_shapes)
   repl, data = shd.replicated(mesh), shd.data_sharding(mesh)
   train = make_train_step(
-      model, tx, label_smoothing=label_smoothing, grad_accum_steps=grad_accum_steps,
+      model, tx, loss_fn=task.loss_and_metrics if task else None,
+      label_smoothing=label_smoothing, grad_accum_steps=grad_accum_steps,
       micro_batch_sharding=NamedSharding(mesh, P(None, shd.BATCH_AXES)))
+  train_in = (state_sharding, data, repl) + ((repl,) if with_context else ())
   return JittedSteps(
       init=jax.jit(init, out_shardings=state_sharding),
-      train=jax.jit(train, in_shardings=(state_sharding, data, repl),
+      train=jax.jit(train, in_shardings=train_in,
                     out_shardings=(state_sharding, repl), donate_argnums=0),
-      eval=jax.jit(make_eval_step(model), in_shardings=(state_sharding, data),
-                   out_shardings=repl),
+      eval=jax.jit(make_eval_step(model, task.eval_metrics if task else None),
+                   in_shardings=(state_sharding, data), out_shardings=repl),
       predict=jax.jit(make_predict_fn(model), in_shardings=(state_sharding, data),
+                      out_shardings=repl),
+      forward=jax.jit(make_forward_fn(model), in_shardings=(state_sharding, data),
                       out_shardings=repl),
       state_shapes=state_shapes, state_sharding=state_sharding,
       data_sharding=data)

@@ -24,11 +24,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from brnpa_jax.data import input_pipeline
-from brnpa_jax.data.transforms import denormalize
-from brnpa_jax.explain.overlay import save_overlay_grid
-from brnpa_jax.models import build_model
-from brnpa_jax.tasks import classification
+from brnpa_jax.tasks import get_task
 from brnpa_jax.train import sharding as shd
 from brnpa_jax.train import steps as steps_lib
 from brnpa_jax.train.checkpointing import Checkpointer, abstract_like
@@ -76,11 +72,16 @@ class _StopRequest:
 
 
 class Trainer:
-  """Holds what one run needs: model, mesh, jitted steps, checkpoints."""
+  """Holds what one run needs: task, model, mesh, jitted steps, checkpoints.
+
+  Tasks (``brnpa_jax.tasks``) reach the run through ``forward``, ``predict``,
+  ``eval_step``, ``to_global``, ``local_eval_batch``, ``model`` and ``mesh``.
+  """
 
   def __init__(self, config, workdir: str):
     self.config = config
     self.workdir = workdir
+    self.task = get_task(config)
     self.mesh = shd.make_mesh(config.mesh.num_devices, config.mesh.fsdp)
     self.global_batch = config.batch_size
     self.grad_accum_steps = config.get("grad_accum_steps", 1)
@@ -88,20 +89,19 @@ class Trainer:
                                             micro_batches=self.grad_accum_steps)
     self.local_eval_batch = shd.check_batch_size(config.eval_batch_size, self.mesh,
                                                  "eval_batch_size")
-    data = config.data
     if jax.process_count() > 1:
       # One process builds a generated dataset; the others then find it.
       if jax.process_index() == 0:
-        input_pipeline.get_builder(data)
+        self.task.prepare_data()
       multihost_utils.sync_global_devices("dataset prepared")
-    self.num_classes = input_pipeline.num_classes(data)
-    self.num_train = input_pipeline.num_examples(data, data.train_split)
+    self.num_classes = self.task.num_classes()
+    self.num_train = self.task.num_train_examples()
     self.steps_per_epoch = self.num_train // self.global_batch
     if self.steps_per_epoch == 0:
       raise ValueError(f"batch_size={self.global_batch} is larger than the "
                        f"{self.num_train} training examples.")
     self.total_steps = self.steps_per_epoch * config.num_epochs
-    self.model = build_model(config.model, self.num_classes, config.dtype)
+    self.model = self.task.build_model(self.num_classes)
     self.tx, self.schedule = make_optimizer(config.optim, self.steps_per_epoch,
                                             config.num_epochs)
     self._build_steps()
@@ -109,16 +109,27 @@ class Trainer:
 
   def _build_steps(self):
     cfg = self.config
-    size = cfg.data.image_size
     self.init_rng, self.train_rng = jax.random.split(jax.random.key(cfg.seed))
+    context = self.task.train_context()
+    self._context = () if context is None else (jax.device_put(
+        context, shd.replicated(self.mesh)),)
     steps = steps_lib.jit_steps(
-        self.model, self.tx, self.mesh, (1, size, size, 3),
-        label_smoothing=cfg.get("label_smoothing", 0.0),
-        grad_accum_steps=self.grad_accum_steps)
+        self.model, self.tx, self.mesh, (1, *self._image_hw(), 3),
+        task=self.task, grad_accum_steps=self.grad_accum_steps,
+        with_context=context is not None)
     self._init, self.train_step = steps.init, steps.train
     self.eval_step, self.predict = steps.eval, steps.predict
+    self.forward = steps.forward
     self.state_shapes, self.state_sharding = steps.state_shapes, steps.state_sharding
     self.data_sharding = steps.data_sharding
+
+  def _image_hw(self) -> tuple[int, int]:
+    size = self.config.data.image_size
+    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+
+  def to_global(self, batch):
+    """Global arrays, sharded on the data axes, from this process's batch."""
+    return shd.to_global(batch, self.data_sharding)
 
   # -- state -------------------------------------------------------------
   def restore_or_init(self):
@@ -126,8 +137,8 @@ class Trainer:
     abstract = abstract_like(self.state_shapes, self.state_sharding)
     state, meta = self.ckpt.restore_latest(abstract)
     if state is None:
-      return self._init(self.init_rng), {"best_val_accuracy": -1.0,
-                                         "best_step": 0, "epoch": 0}
+      return self._init(self.init_rng), {"best_val": -math.inf, "best_step": 0,
+                                         "best_epoch": 0, "epoch": 0}
     _say("Resumed from step %d in %s.", int(state.step), self.workdir)
     return state, meta
 
@@ -136,35 +147,7 @@ class Trainer:
 
   # -- evaluation ----------------------------------------------------------
   def evaluate(self, state, split: str) -> dict[str, float]:
-    ds = input_pipeline.make_eval_dataset(
-        self.config.data, split, batch_size=self.local_eval_batch,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    totals = None
-    for batch in tfds.as_numpy(ds):
-      batch = {k: v for k, v in batch.items() if k in ("image", "label", "mask")}
-      sums = self.eval_step(state, shd.to_global(batch, self.data_sharding))
-      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    return classification.finalize_eval(jax.device_get(totals))
-
-  def write_overlays(self, state, split: str, count: int) -> str | None:
-    """PNG grid of the ranked maps over the first ``count`` images of a split."""
-    if count <= 0:
-      return None
-    ds = input_pipeline.make_eval_dataset(
-        self.config.data, split, batch_size=self.local_eval_batch,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    batch = next(iter(tfds.as_numpy(ds)))
-    probs, aux = self.predict(state, shd.to_global(
-        {"image": batch["image"]}, self.data_sharding)["image"])
-    probs, aux = jax.device_get((probs, aux))
-    n = min(count, len(batch["label"]))
-    titles = [f"label {l} / pred {p} ({q:.0%})" for l, p, q in
-              zip(batch["label"][:n], probs[:n].argmax(-1), probs[:n].max(-1))]
-    path = os.path.join(self.workdir, "overlays", f"{split}_ranked_maps.png")
-    if jax.process_index() == 0:
-      save_overlay_grid(path, denormalize(batch["image"][:n]), aux["maps"][:n],
-                        aux["norms"][:n], titles)
-    return path
+    return self.task.evaluate(self, state, split)
 
   # -- training -------------------------------------------------------------
   def train(self) -> dict[str, Any]:
@@ -189,8 +172,10 @@ class Trainer:
       step = start_step
       for epoch in range(start_step // self.steps_per_epoch, cfg.num_epochs):
         skip = step - epoch * self.steps_per_epoch
-        ds = input_pipeline.make_train_dataset(
-            cfg.data, batch_size=self.local_batch, seed=cfg.seed, epoch=epoch,
+        if self._should_stop_early(meta, epoch):
+          break
+        ds = self.task.train_dataset(
+            batch_size=self.local_batch, seed=cfg.seed, epoch=epoch,
             process_index=jax.process_index(), process_count=jax.process_count())
         bar = tqdm(total=self.steps_per_epoch, initial=skip, unit="step",
                    desc=f"epoch {epoch + 1}/{cfg.num_epochs}", leave=True,
@@ -199,7 +184,7 @@ class Trainer:
         pending, t_epoch = [], time.time()
         for batch in tfds.as_numpy(ds.take(self.steps_per_epoch).skip(skip)):
           state, metrics = self.train_step(
-              state, shd.to_global(batch, self.data_sharding), self.train_rng)
+              state, self.to_global(batch), self.train_rng, *self._context)
           step += 1
           pending.append(metrics)
           bar.update(1)
@@ -230,18 +215,32 @@ class Trainer:
     writer.close()
     return summary
 
+  def _should_stop_early(self, meta, epoch: int) -> bool:
+    """True once ``early_stopping_patience`` epochs passed without a new best."""
+    patience = self.config.get("early_stopping_patience", 0)
+    if patience and epoch > 0 and epoch - meta.get("best_epoch", 0) >= patience:
+      _say("Early stopping: no better validation %s for %d epochs (best %.4f "
+           "at epoch %d).", self.task.selection_metric, patience,
+           meta["best_val"], meta["best_epoch"])
+      return True
+    return False
+
   def _end_epoch(self, writer, state, meta, epoch: int):
     """Validation, best-model selection and the epoch's checkpoint."""
     step = int(jax.device_get(state.step))
-    val = self.evaluate(state, self.config.data.eval_splits[0])
-    is_best = val["accuracy"] > meta["best_val_accuracy"]
+    val = self.evaluate(state, self.task.eval_splits()[0])
+    name = self.task.selection_metric
+    if name not in val:
+      raise KeyError(f"The task's evaluation returned {sorted(val)}; it has no "
+                     f"selection metric {name!r}.")
+    is_best = val[name] > meta["best_val"]
     if is_best:
-      meta = {"best_val_accuracy": val["accuracy"], "best_step": step}
+      meta = dict(meta, best_val=val[name], best_step=step, best_epoch=epoch)
     meta = dict(meta, epoch=epoch)
     writer.write_scalars(step, {f"val_{k}": v for k, v in val.items()})
     writer.flush()
-    _say("epoch %d: val accuracy %.4f (best %.4f at step %d)", epoch,
-                 val["accuracy"], meta["best_val_accuracy"], meta["best_step"])
+    _say("epoch %d: val %s %.4f (best %.4f at step %d)", epoch, name,
+         val[name], meta["best_val"], meta["best_step"])
     self.ckpt.save(step, state, meta, best=is_best)
     return meta
 
@@ -254,7 +253,8 @@ class Trainer:
           f"(now {self.config.optim.lr}) or set optim.grad_clip_norm.")
     means["lr"] = float(self.schedule(step))
     writer.write_scalars(step, {f"train_{k}": v for k, v in means.items()})
-    bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.3f}")
+    bar.set_postfix({k: f"{means[k]:.3f}" for k in ("loss", "accuracy")
+                     if k in means})
 
   def _summarise(self, meta, wall_seconds, seen_images, train_seconds):
     """Test accuracy of the best state, overlays, and ``summary.json``."""
@@ -264,19 +264,18 @@ class Trainer:
     if best is None:
       raise RuntimeError(f"No best checkpoint in {self.workdir}/best: the run "
                          "ended before its first evaluation.")
-    results = {split: self.evaluate(best, split) for split in cfg.data.eval_splits}
-    overlay = self.write_overlays(best, cfg.data.eval_splits[-1],
-                                  cfg.get("num_overlays", 8))
+    splits = self.task.eval_splits()
+    results = {split: self.evaluate(best, split) for split in splits}
+    overlay = self.task.visualize(self, best, cfg.get("num_overlays", 8))
     m = cfg.model
     summary = {
+        "task": cfg.get("task", "classification"),
         "model": f"{m.backbone} {m.head} res={m.res}"
                  + (f" K={m.num_maps}" if m.head != "gap" else ""),
         "params": self.num_params(),
         "best_step": best_meta["best_step"],
-        "best_val_accuracy": best_meta["best_val_accuracy"],
-        **{f"{split}_accuracy": r["accuracy"] for split, r in results.items()},
-        **{f"{split}_{k}": v for split, r in results.items() for k, v in r.items()
-           if k.startswith("aux_")},
+        f"best_val_{self.task.selection_metric}": best_meta["best_val"],
+        **{f"{split}_{k}": v for split, r in results.items() for k, v in r.items()},
         "wall_seconds": wall_seconds,
         "train_images_per_second": seen_images / max(train_seconds, 1e-9),
         "overlays": overlay,
@@ -297,6 +296,11 @@ class Trainer:
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the configured model in ``workdir``; returns the summary."""
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    # Read back by tools that restore the run (distillation teachers, predict,
+    # export, evaluation) without being told its config.
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   trainer = Trainer(config, workdir)
   try:
     return trainer.train()

@@ -1,0 +1,138 @@
+"""Low-to-high resolution distillation (SPEC §4).
+
+The student (the configured model, typically ``res=high``) learns from the
+frozen teacher's logits (a finished run, typically ``res=low``) and from the
+labels:
+
+  loss = alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, y)
+
+with the KL summed over classes and averaged over the batch. The teacher is
+restored from ``config.distill.teacher_workdir`` (its ``config.json`` and best
+checkpoint) and runs in inference mode inside the jitted train step; its
+variables are an argument of the step, not constants baked into it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+
+from brnpa_jax.models import build_model
+from brnpa_jax.tasks import classification
+
+
+def distillation_loss(student_logits_BxN, teacher_logits_BxN, labels_B, *,
+                      temperature: float, alpha: float):
+  """Knowledge-distillation loss on logits; returns ``(loss, kl, ce)``.
+
+  Args:
+    student_logits_BxN: the student's logits.
+    teacher_logits_BxN: the teacher's logits (gradients are stopped).
+    labels_B: integer labels.
+    temperature: T > 0, softens both distributions.
+    alpha: weight of the KL term in [0, 1]; 0 is plain cross-entropy.
+
+  Returns:
+    The loss and its two parts, batch means: ``kl`` (of the softened
+    distributions, before the ``alpha * T^2`` factor) and ``ce``.
+  """
+  s = student_logits_BxN.astype(jnp.float32) / temperature
+  t = jax.lax.stop_gradient(teacher_logits_BxN.astype(jnp.float32)) / temperature
+  log_p_t, log_p_s = jax.nn.log_softmax(t), jax.nn.log_softmax(s)
+  kl = jnp.mean(jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1))
+  ce = jnp.mean(classification.cross_entropy(student_logits_BxN, labels_B))
+  loss = alpha * temperature ** 2 * kl + (1.0 - alpha) * ce
+  return loss, kl, ce
+
+
+def load_teacher(teacher_workdir: str, num_classes: int, dtype: str):
+  """``(model, variables, config)`` of a finished run's best checkpoint.
+
+  Raises:
+    FileNotFoundError: the workdir, its config or its best checkpoint is missing.
+    ValueError: the checkpoint does not fit the model its config describes.
+  """
+  if not teacher_workdir:
+    raise ValueError("config.distill.teacher_workdir is empty: set it to the "
+                     "workdir of the finished low-resolution run.")
+  workdir = os.path.abspath(teacher_workdir)
+  cfg_path = os.path.join(workdir, "config.json")
+  best_dir = os.path.join(workdir, "best")
+  if not os.path.exists(cfg_path):
+    raise FileNotFoundError(
+        f"No teacher config at {cfg_path}: config.distill.teacher_workdir must "
+        "be the workdir of a finished train.py run (train the low-resolution "
+        "model first).")
+  mgr = ocp.CheckpointManager(best_dir, item_names=("state", "meta"))
+  step = mgr.latest_step() if os.path.isdir(best_dir) else None
+  if step is None:
+    raise FileNotFoundError(
+        f"No best checkpoint in {best_dir}: the teacher run has not finished "
+        "an epoch. Train it (or let it resume) before distilling.")
+  with open(cfg_path) as f:
+    tcfg = ml_collections.ConfigDict(json.load(f))
+  model = build_model(tcfg.model, num_classes, dtype)
+  size = tcfg.data.image_size
+  size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+  expected = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, *size, 3)), train=False))
+  restored = mgr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))
+  mgr.close()
+  state = restored.state
+  variables = {"params": state["params"],
+               "batch_stats": state.get("batch_stats", {})}
+  want = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)),
+                      dict(expected))
+  got = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), variables)
+  if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+    wl = dict(jax.tree_util.tree_flatten_with_path(want)[0])
+    gl = dict(jax.tree_util.tree_flatten_with_path(got)[0])
+    diff = [jax.tree_util.keystr(k) for k in set(wl) ^ set(gl)]
+    diff += [f"{jax.tree_util.keystr(k)}: {gl[k]} != {wl[k]}"
+             for k in set(wl) & set(gl) if wl[k] != gl[k]]
+    raise ValueError(
+        f"The teacher checkpoint in {best_dir} does not fit a {num_classes}-class "
+        f"{tcfg.model.backbone} {tcfg.model.head} model (its config.json); "
+        f"differences: {sorted(diff)[:10]}")
+  return model, variables, tcfg
+
+
+class DistillationTask(classification.ClassificationTask):
+  """Classification whose loss distils a frozen teacher's logits.
+
+  Reads ``config.distill.teacher_workdir``, ``temperature`` and ``alpha``.
+  Evaluation and model selection are the student's plain accuracy.
+  """
+
+  def __init__(self, config):
+    super().__init__(config)
+    d = config.get("distill")
+    if d is None:
+      raise ValueError("task='distill' needs a config.distill section with "
+                       "teacher_workdir, temperature and alpha.")
+    if not d.temperature > 0 or not 0.0 <= d.alpha <= 1.0:
+      raise ValueError(f"distill.temperature must be > 0 and alpha in [0, 1]; "
+                       f"got T={d.temperature}, alpha={d.alpha}.")
+    self.temperature, self.alpha = float(d.temperature), float(d.alpha)
+    self.teacher, self.teacher_variables, self.teacher_config = load_teacher(
+        d.teacher_workdir, self.num_classes(), config.dtype)
+
+  def train_context(self):
+    return self.teacher_variables
+
+  def loss_and_metrics(self, logits, aux, batch, context):
+    del aux
+    teacher_logits, _ = self.teacher.apply(context, batch["image"], train=False)
+    loss, kl, ce = distillation_loss(logits, teacher_logits, batch["label"],
+                                     temperature=self.temperature, alpha=self.alpha)
+    correct = jnp.argmax(logits, -1) == batch["label"]
+    agree = jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)
+    return loss, {"loss": loss, "kl": kl, "ce": ce,
+                  "accuracy": jnp.mean(correct.astype(jnp.float32)),
+                  "teacher_agreement": jnp.mean(agree.astype(jnp.float32))}

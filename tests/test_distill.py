@@ -1,0 +1,97 @@
+"""Distillation: the loss against hand-computed values, teacher checks, a run."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from brnpa_jax.tasks.distill import distillation_loss, load_teacher
+from brnpa_jax.train.trainer import train_and_evaluate
+from helpers import tiny_config
+
+S = np.array([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]], np.float32)
+T = np.array([[1.0, 1.5, 0.0], [-2.0, 0.5, 2.5]], np.float32)
+Y = np.array([0, 2], np.int32)
+
+
+def _np_log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_loss_matches_hand_computation():
+  temp, alpha = 4.0, 0.7
+  lt, ls = _np_log_softmax(T / temp), _np_log_softmax(S / temp)
+  kl = np.mean(np.sum(np.exp(lt) * (lt - ls), -1))
+  ce = -np.mean(_np_log_softmax(S)[np.arange(2), Y])
+  want = alpha * temp**2 * kl + (1 - alpha) * ce
+  loss, got_kl, got_ce = distillation_loss(S, T, Y, temperature=temp, alpha=alpha)
+  np.testing.assert_allclose([loss, got_kl, got_ce], [want, kl, ce], rtol=1e-5)
+  # The first example by hand, with numbers: T=4, alpha=0.7.
+  p_t = np.exp(T[0] / 4) / np.exp(T[0] / 4).sum()
+  p_s = np.exp(S[0] / 4) / np.exp(S[0] / 4).sum()
+  kl0 = float(np.sum(p_t * np.log(p_t / p_s)))
+  loss0, _, _ = distillation_loss(S[:1], T[:1], Y[:1], temperature=4.0, alpha=0.7)
+  ce0 = -np.log(np.exp(S[0, 0]) / np.exp(S[0]).sum())
+  np.testing.assert_allclose(loss0, 0.7 * 16 * kl0 + 0.3 * ce0, rtol=1e-5)
+
+
+def test_alpha_zero_is_cross_entropy_and_alpha_one_equal_logits_is_zero():
+  loss, _, ce = distillation_loss(S, T, Y, temperature=6.0, alpha=0.0)
+  np.testing.assert_allclose(loss, ce, rtol=1e-6)
+  np.testing.assert_allclose(ce, -np.mean(_np_log_softmax(S)[np.arange(2), Y]),
+                             rtol=1e-5)
+  loss, kl, _ = distillation_loss(S, S, Y, temperature=6.0, alpha=1.0)
+  assert abs(float(loss)) < 1e-6 and abs(float(kl)) < 1e-7
+
+
+def test_teacher_gradient_is_stopped():
+  import jax
+  g = jax.grad(lambda t: distillation_loss(S, t, Y, temperature=2.0, alpha=0.5)[0])(
+      jnp.asarray(T))
+  assert float(jnp.abs(g).max()) == 0.0
+
+
+def test_missing_teacher_is_an_error(tmp_path):
+  with pytest.raises(ValueError, match="teacher_workdir is empty"):
+    load_teacher("", 10, "float32")
+  with pytest.raises(FileNotFoundError, match="No teacher config"):
+    load_teacher(str(tmp_path / "nowhere"), 10, "float32")
+  (tmp_path / "config.json").write_text("{}")
+  with pytest.raises(FileNotFoundError, match="No best checkpoint"):
+    load_teacher(str(tmp_path), 10, "float32")
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("tfds")
+  workdir = tmp_path_factory.mktemp("teacher")
+  cfg = tiny_config(data_dir, "runlocal,res=low,epochs=1", num_overlays=0)
+  train_and_evaluate(cfg, str(workdir))
+  return data_dir, workdir
+
+
+def test_high_res_student_distils_from_low_res_teacher(tmp_path, teacher_run):
+  data_dir, teacher_dir = teacher_run
+  saved = json.load(open(teacher_dir / "config.json"))
+  assert saved["model"]["res"] == "low"
+  cfg = tiny_config(data_dir, "runlocal,res=high,epochs=1", num_overlays=0,
+                    task="distill")
+  cfg.unlock()
+  cfg.distill = ml_collections.ConfigDict(dict(
+      teacher_workdir=str(teacher_dir), temperature=6.0, alpha=0.5))
+  cfg.lock()
+  summary = train_and_evaluate(cfg, str(tmp_path))
+  assert summary["task"] == "distill" and "res=high" in summary["model"]
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  train = [r for r in rows if "train_kl" in r]
+  assert train and all(np.isfinite(r["train_loss"]) and r["train_kl"] >= 0
+                       for r in train)
+  assert all(0 <= r["train_teacher_agreement"] <= 1 for r in train)
+
+  # A teacher whose checkpoint does not fit (another class count) is an error.
+  with pytest.raises(ValueError, match="does not fit"):
+    load_teacher(str(teacher_dir), 7, "float32")
