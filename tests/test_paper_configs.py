@@ -1,6 +1,7 @@
 """The paper's configs: the recipe's values, their switches, runlocal."""
 
 import importlib
+import json
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import pytest
 
 from brnpa_jax.models import build_model
 from configs import common
+from fake_tfds import mock_tfds
 
 NAMES = ("cub_brnpa_lowres", "cub_brnpa_highres_distill", "cub_bcnn", "cub_cnn",
          "cub_ablation")
@@ -118,3 +120,32 @@ def test_distill_section():
 def test_run_names():
   assert common.run_name("caltech_birds2011") == "cub"
   assert common.run_name("cars196") == "cars196"
+
+
+def test_lowres_then_distilled_highres_on_mocked_cub(tmp_path):
+  """The paper's two runs in order, tiny: the low-resolution BR-NPA, then the
+  high-resolution student distilled from its best checkpoint."""
+  from brnpa_jax.train.trainer import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  low_dir, high_dir = str(tmp_path / "low"), str(tmp_path / "high")
+
+  def tiny(name, arg):
+    c = get_config(name, arg)
+    # One device and no overlays: compiling for 8 fake devices and plotting
+    # would double the test's time; the trainer's own tests cover both.
+    c.mesh.num_devices, c.num_overlays = 1, 0
+    return c
+  with mock_tfds(16):
+    low = train_and_evaluate(tiny("cub_brnpa_lowres", "runlocal,epochs=1"), low_dir)
+    high = train_and_evaluate(tiny("cub_brnpa_highres_distill",
+                                   f"runlocal,epochs=1,teacher={low_dir}"), high_dir)
+  assert low["model"] == "resnet_tiny brnpa res=low K=3"
+  assert high["model"] == "resnet_tiny brnpa res=high K=3"
+  for summary in (low, high):
+    assert 0.0 <= summary["validation_accuracy"] <= 1.0
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+  assert high["task"] == "distill"
+  teacher = json.load(open(tmp_path / "low" / "config.json"))
+  assert (teacher["data"]["name"], teacher["model"]["res"]) == (
+      "caltech_birds2011", "low")
+  rows = [json.loads(l) for l in open(tmp_path / "high" / "metrics.jsonl")]
+  assert any("train_kl" in r for r in rows)  # the student did distil
