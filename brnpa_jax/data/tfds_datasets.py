@@ -15,9 +15,9 @@ for a final run without model selection. Any other split string (for example
 
 Annotations kept for evaluation, per dataset (TFDS feature -> our key):
 
-- ``caltech_birds2011``: ``segmentation_mask`` -> ``object_mask`` (a pixel is
-  on the bird when at least half of the annotators said so: value >= 128 of
-  255), ``bbox`` -> ``bbox``.
+- ``caltech_birds2011``: ``segmentation_mask`` -> ``object_mask`` (the masks
+  are soft, 0-255 by annotator agreement; a pixel is on the bird from 128),
+  ``bbox`` -> ``bbox``.
 - ``cars196``: ``bbox`` -> ``bbox``.
 - ``stanford_dogs``: ``objects/bbox`` (one box per dog) -> ``bbox``, the
   smallest box enclosing all of them.
