@@ -230,10 +230,16 @@ def test_folder_pipeline(tree):
   folder = image_folder.load(str(root), 25.0)
   labels = np.concatenate([b["label"] for b in evals])[ids >= 0]
   assert labels.tolist() == [folder.files("test")[i].label for i in ids[ids >= 0]]
-  halves = [folder.read("test", keep=("id",), process_index=i, process_count=4)[0]
-            for i in range(4)]
-  seen = sorted(int(ex["id"]) for h in halves for ex in h.as_numpy_iterator())
+  quarters = [folder.read("test", keep=("id",), process_index=i, process_count=4)[0]
+              for i in range(4)]
+  seen = sorted(int(ex["id"]) for q in quarters for ex in q.as_numpy_iterator())
   assert seen == list(range(6))
+  # 'slice': two processes hold the rows of the one-process global batches.
+  cfg.process_split = "slice"
+  rows = [next(input_pipeline.make_train_dataset(
+      cfg, batch_size=2, seed=0, epoch=0, process_index=i, process_count=2
+  ).as_numpy_iterator())["image"] for i in range(2)]
+  np.testing.assert_array_equal(np.concatenate(rows), train[0]["image"])
 
 
 def test_folder_at_448(tree):
