@@ -28,6 +28,7 @@ from brnpa_jax.data import input_pipeline
 from brnpa_jax.data.transforms import denormalize
 from brnpa_jax.explain.overlay import save_overlay_grid
 from brnpa_jax.models import build_model
+from brnpa_jax.models.weights import load_into_state
 from brnpa_jax.tasks import classification
 from brnpa_jax.train import sharding as shd
 from brnpa_jax.train import steps as steps_lib
@@ -126,8 +127,11 @@ class Trainer:
     abstract = abstract_like(self.state_shapes, self.state_sharding)
     state, meta = self.ckpt.restore_latest(abstract)
     if state is None:
-      return self._init(self.init_rng), {"best_val_accuracy": -1.0,
-                                         "best_step": 0, "epoch": 0}
+      state = self._init(self.init_rng)
+      if self.config.get("init_from"):  # a fresh run only: resuming never reloads
+        state = load_into_state(state, self.config.init_from, self.state_sharding)
+        _say("Backbone loaded from %s (classifier skipped).", self.config.init_from)
+      return state, {"best_val_accuracy": -1.0, "best_step": 0, "epoch": 0}
     _say("Resumed from step %d in %s.", int(state.step), self.workdir)
     return state, meta
 
