@@ -230,6 +230,7 @@ def load_pretrained(variables: Mapping[str, Any], source, *,
                                        sep="/")
   wanted = {k for k in flat_dst if k.split("/")[1:2] == list(BACKBONE)
             or (k.startswith(CLASSIFIER) and not skip_classifier)}
+  about_src = describe(flat_src)
   if skip_classifier:
     flat_src = {k: v for k, v in flat_src.items() if not k.startswith(CLASSIFIER)}
   missing = wanted - set(flat_src)
@@ -243,7 +244,7 @@ def load_pretrained(variables: Mapping[str, Any], source, *,
              + _listing("missing", missing)
              + _listing("unexpected", unexpected)
              + _listing("mis-shaped", misshaped, shapes)
-             + [f"  checkpoint: {describe(flat_src)}; model: {describe(flat_dst)}."])
+             + [f"  checkpoint: {about_src}; model: {describe(flat_dst)}."])
     if any(k.startswith(CLASSIFIER) for k in missing | misshaped):
       lines.append("  To fine-tune on other classes, skip the classifier "
                    "(skip_classifier=True; config.init_from always does).")
