@@ -188,8 +188,8 @@ def write_best(study, workdir: str) -> dict[str, Any] | None:
     json.dump(record, f, indent=2)
   print(f"{len(complete)} completed trials (best first):")
   for t in complete:
-    fields = ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float)
-                       else f"{k.rsplit('.', 1)[-1]}={v}" for k, v in t.params.items())
+    fields = ", ".join(f"{k}={v:.3g}" if isinstance(v, float)
+                       else f"{k}={v}" for k, v in t.params.items())
     print(f"  trial {t.number:3d}  val_accuracy {t.value:.4f}  {fields}")
   print(f"Best: trial {best.number}; retrain with: {record['overrides']}")
   return record

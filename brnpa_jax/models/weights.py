@@ -35,7 +35,6 @@ _BLOCK = re.compile(r"^layer(\d+)\.(\d+)\.")
 _BN_NAMES = {"weight": ("params", "scale"), "bias": ("params", "bias"),
              "running_mean": ("batch_stats", "mean"),
              "running_var": ("batch_stats", "var")}
-_LISTED = 20  # keys listed per kind of problem in an error
 
 
 def _torch_module(name: str) -> str:
@@ -171,12 +170,10 @@ def _listing(kind: str, keys, detail=lambda k: "") -> list[str]:
     return []
   keys = sorted(keys)
   lines = [f"  {kind} ({len(keys)}):"]
-  for k in keys[:_LISTED]:
+  for k in keys:
     ours = "/backbone/" in k or k.startswith(CLASSIFIER)
     torch_name = f" [{flat_name_to_torch(k)}]" if ours else ""
     lines.append(f"    {k}{torch_name}{detail(k)}")
-  if len(keys) > _LISTED:
-    lines.append(f"    ... and {len(keys) - _LISTED} more")
   return lines
 
 
