@@ -8,7 +8,8 @@ Each trial draws the optimiser (sgd, adam, amsgrad), the learning rate (log
 (log [1e-6, 1e-3]); for a distillation config (``config.task == 'distill'``)
 also the temperature ({1, 6, 11, 16, 21}) and alpha ([0.1, 1]). It trains in
 ``WORKDIR/trial_NNN`` with ``train_and_evaluate`` and scores the best
-validation accuracy. The study lives in ``WORKDIR/study.journal`` (Optuna's
+validation value of the task's selection metric (accuracy for
+classification). The study lives in ``WORKDIR/study.journal`` (Optuna's
 journal storage): rerunning the command skips finished trials and continues a
 trial a crash interrupted from its own checkpoints, until ``--trials`` trials
 have completed. ``WORKDIR/best.json`` holds the best trial and the
@@ -162,7 +163,12 @@ def run_sweep(config, workdir: str, trials: int, *,
     if "stopped_at_step" in summary:
       raise KeyboardInterrupt(f"Trial {trial.number} stopped at step "
                               f"{summary['stopped_at_step']}; rerun to continue.")
-    return summary["best_val_accuracy"]
+    # The trainer maximises the task's selection metric on the validation
+    # split and reports it as best_val_<metric> (accuracy for classification).
+    best = [k for k in summary if k.startswith("best_val_")]
+    if len(best) != 1:
+      raise ValueError(f"No single best_val_* entry in the summary: {sorted(summary)}.")
+    return summary[best[0]]
 
   done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
   if trials > done:
