@@ -66,7 +66,7 @@ def save_method_grid(path: str, images: np.ndarray,
         axes[i, j].set_title(name, fontsize=7)
   for ax in axes.ravel():
     ax.axis("off")
-  fig.tight_layout(pad=0.3)
+  fig.tight_layout(pad=0.3, h_pad=0.8)
   return _save(fig, path, dpi)
 
 
