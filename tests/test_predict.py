@@ -10,6 +10,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from brnpa_jax import export, predict
@@ -179,6 +180,23 @@ def test_exported_artifact_gives_identical_outputs(saved_run, image_folder,
         assert z[f"{k}_{b}"].shape[0] == b
         np.testing.assert_allclose(z[f"{k}_{b}"], p3.outputs[k][:b], atol=1e-5,
                                    rtol=1e-5)
+
+
+def test_dataset_split_with_labels(saved_run, tmp_path, capsys):
+  workdir, _, _ = saved_run
+  with tfds.testing.mock_data(num_examples=7):
+    preds = predict.run_predict(images="test", out=str(tmp_path), workdir=workdir,
+                                batch=3, topk=2)
+  assert len(preds.files) == 7 and preds.labels.shape == (7,)
+  assert all(f.startswith("test:") for f in preds.files)
+  with open(tmp_path / "predictions.csv") as f:
+    rows = list(csv.reader(f))
+  assert rows[0][:3] == ["file", "label", "class_1"] and len(rows) == 8
+  assert [int(r[1]) for r in rows[1:]] == preds.labels.tolist()
+  accuracy = np.mean(preds.outputs["probs"].argmax(1) == preds.labels)
+  assert f"top-1 accuracy {accuracy:.4f}" in capsys.readouterr().out
+  with np.load(tmp_path / "maps.npz") as z:
+    np.testing.assert_array_equal(z["labels"], preds.labels)
 
 
 def test_bad_inputs(saved_run, tmp_path):
