@@ -162,3 +162,5 @@ def test_bad_input_errors(gap):
     ex.explain("gradcam", model, variables, images[..., 0])
   with pytest.raises(ValueError, match="labels"):
     ex.explain("gradcam", model, variables, images, jnp.array([1, 2, 3]))
+  with pytest.raises(ValueError, match="out of range for 5 classes"):
+    ex.explain("gradcam", model, variables, images, jnp.array([1, 5]))

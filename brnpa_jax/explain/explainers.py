@@ -433,7 +433,8 @@ def explain(method: str, model, variables, images_BxHxWx3, labels_B=None, *,
     model: a ``Classifier`` (unbound).
     variables: its ``{'params', 'batch_stats'}``.
     images_BxHxWx3: the model's (normalised) inputs.
-    labels_B: classes to explain; None explains the predicted class.
+    labels_B: classes to explain; None (or a negative label) explains the
+      class predicted on the unperturbed image.
     rng: key for the random methods (RISE masks, SmoothGrad noise); default
       ``jax.random.key(0)``.
     **options: the method's options (``options_of(method)``), e.g. ``chunk``.
@@ -457,6 +458,10 @@ def explain(method: str, model, variables, images_BxHxWx3, labels_B=None, *,
     labels = jnp.asarray(labels_B, jnp.int32)
     if labels.shape != (b,):
       raise ValueError(f"labels must be ({b},) for {b} images, got {labels.shape}.")
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is not None and int(labels.max()) >= num_classes:
+      raise ValueError(f"label {int(labels.max())} is out of range for "
+                       f"{num_classes} classes.")
   if rng is None:
     rng = jax.random.key(0)
   dynamic = {k: v for k, v in options.items()
