@@ -73,6 +73,17 @@ def torch_brnpa(feats_BxCxHxW, num_maps: int):
   return torch.stack(vectors, 1), torch.stack(maps, 1)
 
 
+def _torch_device() -> str:
+  return "cuda" if torch is not None and torch.cuda.is_available() else "cpu"
+
+
+def _torch_sync(out):
+  """Waits for the GPU (a no-op on CPU) so that timings cover the work."""
+  if torch is not None and torch.cuda.is_available():
+    torch.cuda.synchronize()
+  return out
+
+
 def _median_ms(fn, iters: int) -> float:
   fn()  # warm-up (and compilation, for jitted functions)
   times = []
@@ -143,17 +154,19 @@ def _jax_fns(cot):
 
 
 def _torch_fns(feats_nhwc, cot):
+  dev = _torch_device()
   x = torch.from_numpy(np.ascontiguousarray(np.transpose(feats_nhwc, (0, 3, 1, 2))))
+  x = x.to(dev)
   xg = x.clone().requires_grad_(True)
-  cot_t = torch.from_numpy(cot)
+  cot_t = torch.from_numpy(cot).to(dev)
 
   def fwd():
     with torch.no_grad():
-      return torch_brnpa(x, K)
+      return _torch_sync(torch_brnpa(x, K))
 
   def fwd_bwd():
     vectors, _ = torch_brnpa(xg, K)
-    return torch.autograd.grad((vectors * cot_t).sum(), xg)[0]
+    return _torch_sync(torch.autograd.grad((vectors * cot_t).sum(), xg)[0])
 
   return fwd, fwd_bwd
 
@@ -167,8 +180,8 @@ def _check(jax_fns, torch_fns, feats):
   """Both implementations give the same vectors and gradients."""
   vec_j = np.asarray(jax_fns[0](feats)[0])
   grad_j = np.asarray(jax_fns[1](feats))
-  vec_t = torch_fns[0]()[0].numpy()
-  grad_t = np.transpose(torch_fns[1]().numpy(), (0, 2, 3, 1))
+  vec_t = torch_fns[0]()[0].cpu().numpy()
+  grad_t = np.transpose(torch_fns[1]().cpu().numpy(), (0, 2, 3, 1))
   errs = _rel_err(vec_j, vec_t), _rel_err(grad_j, grad_t)
   if max(errs) > 1e-4:
     raise AssertionError(f"JAX and PyTorch disagree: relative error {errs}")
@@ -294,7 +307,8 @@ def main():
         f"jax {jax.__version__} (XLA's CPU thread pool uses all {threads})")
   if have_torch:
     torch.set_num_threads(threads)
-    print(f"torch {torch.__version__}: torch.set_num_threads({threads}), eager, "
+    print(f"torch {torch.__version__} on {_torch_device()}: "
+          f"torch.set_num_threads({threads}), eager, "
           "reference-style operator (benchmarks/operator.py:torch_brnpa)")
   elif torch is None:
     print("PyTorch is not importable: PyTorch column skipped "

@@ -60,6 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       weight_decay=1e-4, schedule="cosine", warmup_epochs=0.5,
       step_every_epochs=2, step_gamma=0.9, grad_clip_norm=0.0))
   c.label_smoothing = 0.0
+  # Pretrained backbone (.npz from brnpa_jax.tools.convert_weights, .safetensors
+  # or .pth), loaded at the start of a fresh run, classifier skipped; '' = none.
+  c.init_from = ""
 
   c.batch_size = 64  # global, over all devices and micro-batches
   c.grad_accum_steps = 1  # micro-batches per optimizer step

@@ -1,4 +1,5 @@
-"""Distillation: the loss against hand-computed values, teacher checks, a run."""
+"""Distillation: the loss against hand-computed values, teacher checks, a run;
+early stopping (it shares the tiny teacher's data)."""
 
 import json
 import os
@@ -95,3 +96,14 @@ def test_high_res_student_distils_from_low_res_teacher(tmp_path, teacher_run):
   # A teacher whose checkpoint does not fit (another class count) is an error.
   with pytest.raises(ValueError, match="does not fit"):
     load_teacher(str(teacher_dir), 7, "float32")
+
+
+def test_early_stopping_after_patience_epochs(tmp_path, teacher_run):
+  """With no learning the first epoch stays best; patience 1 stops after 2."""
+  data_dir, _ = teacher_run
+  cfg = tiny_config(data_dir, "runlocal,res=low,epochs=4", num_overlays=0,
+                    early_stopping_patience=1, **{"optim.lr": 0.0})
+  summary = train_and_evaluate(cfg, str(tmp_path))
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert len([r for r in rows if "val_accuracy" in r]) == 2
+  assert summary["best_step"] == 8  # 256 examples / batch 32: end of epoch 1

@@ -1,15 +1,24 @@
 """tf.data input pipelines: the data API the trainer calls.
 
-``data_cfg`` (see ``default_data_config``) names a dataset in ``DATASETS``;
-``get_builder`` returns its prepared TFDS builder (the procedural ``parts``
-dataset builds itself into ``data_dir`` on first use). Training streams are
-one epoch each, shuffled and augmented deterministically from (seed, epoch);
-evaluation streams keep the split's order and pad the last batch, with a
-``mask`` that marks real examples, so every process runs the same number of
-equally shaped steps.
+``data_cfg`` (see ``default_data_config`` and ``fine_grained_data_config``)
+names a dataset in ``DATASETS``: the procedural ``parts`` dataset (builds
+itself into ``data_dir`` on first use), the fine-grained TFDS datasets of
+``tfds_datasets.FINE_GRAINED`` (prepared once with ``tfds build``), or
+``folder``, an image folder at ``data_dir`` (``image_folder``). A dataset that
+is not there raises ``DatasetNotPreparedError`` saying how to get it.
 
-Images are decoded after shuffling, so a shuffle buffer holds encoded bytes,
-not pixels (a 10k buffer of decoded 512 px images would take gigabytes).
+Split names are ours: ``train``, ``validation``, ``test`` (and ``trainval``);
+each dataset maps them to its own splits (a TFDS dataset without a
+validation split holds out part of its train split, see ``tfds_datasets``).
+
+Training streams are one epoch each, shuffled and augmented
+deterministically from (seed, epoch); evaluation streams keep the split's
+order and pad the last batch, with a ``mask`` that marks real examples, so
+every process runs the same number of equally shaped steps.
+
+Images are decoded after shuffling, so a shuffle buffer holds encoded bytes
+(or file names), not pixels (a 10k buffer of decoded 512 px images would take
+gigabytes).
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Callable, Mapping
+from typing import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -26,9 +35,12 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+from brnpa_jax.data import image_folder  # pylint: disable=g-import-not-at-top
 from brnpa_jax.data import parts  # pylint: disable=g-import-not-at-top
 from brnpa_jax.data import parts_tfds  # pylint: disable=g-import-not-at-top
+from brnpa_jax.data import tfds_datasets  # pylint: disable=g-import-not-at-top
 from brnpa_jax.data import transforms  # pylint: disable=g-import-not-at-top
+from brnpa_jax.data.tfds_datasets import DatasetNotPreparedError  # pylint: disable=g-import-not-at-top,unused-import
 
 # tf.data runs on the host; if TensorFlow saw the accelerator it would reserve
 # its memory and starve JAX.
@@ -41,6 +53,7 @@ tf.get_logger().setLevel("ERROR")
 tfds.disable_progress_bar()
 
 MASK_KEYS = ("object_mask", "part_mask")
+BOX_KEYS = ("bbox",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,16 +61,15 @@ class DatasetSpec:
   """How to get a dataset and read its examples.
 
   Attributes:
-    make_builder: ``data_cfg -> DatasetBuilder`` (not yet prepared).
-    keys: our name -> the dataset's feature name, for ``image``, ``label``
-      and, where the dataset has them, ``object_mask``, ``part_mask``, ``id``.
-      Masks must be (H, W, 1) integer images, nonzero on the region.
+    make_source: ``data_cfg -> source``, the dataset ready to read: a
+      ``tfds_datasets.TfdsSource`` or an ``image_folder.ImageFolder`` (both
+      have ``num_classes()``, ``count(split)`` and ``read(split, ...)``).
+      Raises ``DatasetNotPreparedError`` when the data is not there.
     num_classes: ``data_cfg -> int`` where the class count is known without
-      the builder; None reads it from the label feature.
+      the data; None asks the source.
   """
 
-  make_builder: Callable[[ml_collections.ConfigDict], tfds.core.DatasetBuilder]
-  keys: Mapping[str, str]
+  make_source: Callable[[ml_collections.ConfigDict], object]
   num_classes: Callable[[ml_collections.ConfigDict], int] | None = None
 
 
@@ -76,17 +88,43 @@ def parts_config(data_cfg) -> parts.PartsConfig:
   return parts.PartsConfig(**kwargs)
 
 
-def _parts_builder(data_cfg):
+def _parts_source(data_cfg):
   sizes = {s: data_cfg.parts[f"{s}_size"] for s in parts_tfds.DEFAULT_SPLIT_SIZES}
-  return parts_tfds.make_builder(parts_config(data_cfg), sizes, _data_dir(data_cfg))
+  builder = parts_tfds.make_builder(parts_config(data_cfg), sizes,
+                                    _data_dir(data_cfg))
+  builder.download_and_prepare()  # a no-op once the files are there
+  return tfds_datasets.TfdsSource(
+      builder, {"image": "image", "label": "label", "object_mask": "object_mask",
+                "part_mask": "part_mask", "id": "id"},
+      splits={"trainval": "train+validation"})
+
+
+def _tfds_source(name: str):
+  dataset = tfds_datasets.FINE_GRAINED[name]
+
+  def make(data_cfg):
+    data_dir = _data_dir(data_cfg)
+    builder = tfds.builder(name, data_dir=data_dir)
+    tfds_datasets.check_prepared(builder, dataset.how_to_get(data_dir))
+    return tfds_datasets.TfdsSource(builder, dataset.keys, dataset.splits,
+                                    dataset.finish)
+  return make
+
+
+def _folder_source(data_cfg):
+  f = data_cfg.get("folder") or ml_collections.ConfigDict()
+  return image_folder.load(
+      _data_dir(data_cfg),
+      validation_percent=f.get("validation_percent", image_folder.VALIDATION_PERCENT),
+      seed=f.get("seed", 0), verify=f.get("verify", True),
+      on_corrupt=f.get("on_corrupt", "error"))
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "parts": DatasetSpec(
-        _parts_builder,
-        {"image": "image", "label": "label", "object_mask": "object_mask",
-         "part_mask": "part_mask", "id": "id"},
-        num_classes=lambda data_cfg: data_cfg.parts.num_classes),
+    "parts": DatasetSpec(_parts_source,
+                         num_classes=lambda data_cfg: data_cfg.parts.num_classes),
+    **{name: DatasetSpec(_tfds_source(name)) for name in tfds_datasets.FINE_GRAINED},
+    "folder": DatasetSpec(_folder_source),
 }
 
 
@@ -121,6 +159,45 @@ def default_data_config() -> ml_collections.ConfigDict:
   return cfg
 
 
+def fine_grained_data_config(name: str = "caltech_birds2011", data_dir: str = "",
+                             image_size: int = 448) -> ml_collections.ConfigDict:
+  """The ``data`` section for a fine-grained dataset, with the CUB recipe.
+
+  Args:
+    name: a ``tfds_datasets.FINE_GRAINED`` name, or ``folder``.
+    data_dir: the TFDS data directory (empty: ``~/tensorflow_datasets``), or
+      for ``folder`` the folder that holds ``train/``.
+    image_size: 448 (the paper) or 224.
+
+  Returns:
+    A ConfigDict with the augmentation of SPEC section 4 (resize to
+    ``size / 0.875``, random crop, flip, brightness 0.126, saturation 0.5)
+    and, for image folders, the ``folder`` options (see
+    ``image_folder.ImageFolder``).
+  """
+  if name not in DATASETS or name == "parts":
+    raise ValueError(f"Unknown fine-grained dataset {name!r}; valid: "
+                     f"{sorted(set(DATASETS) - {'parts'})}.")
+  if name == "folder" and not data_dir:
+    raise ValueError("dataset=folder needs data_dir=<the folder holding train/>.")
+  cfg = ml_collections.ConfigDict()
+  cfg.name = name
+  cfg.data_dir = data_dir or "~/tensorflow_datasets"
+  cfg.image_size = image_size
+  cfg.resize_ratio = 0.875
+  cfg.flip = True
+  cfg.brightness = 0.126
+  cfg.saturation = 0.5
+  cfg.train_split = "train"
+  cfg.eval_splits = ("validation", "test")
+  cfg.shuffle_buffer = 10_000
+  cfg.process_split = "shard"
+  cfg.folder = ml_collections.ConfigDict(dict(
+      validation_percent=float(image_folder.VALIDATION_PERCENT), seed=0,
+      verify=True, on_corrupt="error"))
+  return cfg
+
+
 def _data_dir(data_cfg) -> str:
   return os.path.expanduser(data_cfg.get("data_dir") or "~/tensorflow_datasets")
 
@@ -132,18 +209,25 @@ def _spec(data_cfg) -> DatasetSpec:
   return DATASETS[data_cfg.name]
 
 
-def get_builder(data_cfg) -> tfds.core.DatasetBuilder:
-  """Returns the dataset's builder, prepared (built on first use for parts).
+def get_source(data_cfg):
+  """The dataset ready to read (``TfdsSource`` or ``ImageFolder``).
 
-  Args:
-    data_cfg: the ``data`` ConfigDict.
+  Builds the procedural ``parts`` dataset on first use; scans an image folder
+  (once per process).
 
   Raises:
     ValueError: for a dataset name not in ``DATASETS``.
+    DatasetNotPreparedError: the data is missing; the message says how to
+      get it.
   """
-  builder = _spec(data_cfg).make_builder(data_cfg)
-  builder.download_and_prepare()  # a no-op once the files are there
-  return builder
+  return _spec(data_cfg).make_source(data_cfg)
+
+
+def get_builder(data_cfg):
+  """Prepares the dataset and returns its TFDS builder (``ImageFolder`` for
+  image folders); the trainer calls it on process 0 before the others."""
+  source = get_source(data_cfg)
+  return getattr(source, "builder", source)
 
 
 def num_classes(data_cfg) -> int:
@@ -151,50 +235,13 @@ def num_classes(data_cfg) -> int:
   spec = _spec(data_cfg)
   if spec.num_classes is not None:
     return spec.num_classes(data_cfg)
-  return get_builder(data_cfg).info.features[spec.keys["label"]].num_classes
-
-
-def _count(builder, split) -> int:
-  """Examples in ``split``: from the metadata, else by counting."""
-  try:
-    n = builder.info.splits[split].num_examples
-  except (KeyError, ValueError):  # unknown to the metadata (mocked datasets)
-    n = 0
-  if not n:
-    ds = builder.as_dataset(split=split)
-    n = int(ds.cardinality())
-    if n < 0:
-      n = int(ds.reduce(0, lambda c, _: c + 1))
-  return n
+  return get_source(data_cfg).num_classes()
 
 
 def num_examples(data_cfg, split: str) -> int:
-  """Number of examples in ``split``, any TFDS split string (``train[:10%]``)."""
-  return _count(get_builder(data_cfg), split)
-
-
-def _read(builder, spec, split, *, keep, shuffle_seed=None):
-  """Reads ``keep`` keys, renamed to ours, images still encoded."""
-  features = builder.info.features
-  wanted = {k: spec.keys[k] for k in keep if k in spec.keys}
-  skip = {f: tfds.decode.SkipDecoding() for f in wanted.values()
-          if isinstance(features[f], tfds.features.Image)}
-  read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
-  ds = builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None,
-                          decoders=skip, read_config=read_config)
-  return ds.map(lambda ex: {k: ex[f] for k, f in wanted.items()}), wanted
-
-
-def _decoder(builder, wanted):
-  features = builder.info.features
-
-  def decode(ex):
-    out = dict(ex)
-    for k, f in wanted.items():
-      if isinstance(features[f], tfds.features.Image):
-        out[k] = features[f].decode_example(ex[k])
-    return out
-  return decode
+  """Number of examples in ``split``: our split name, or for TFDS datasets
+  any TFDS split string (``train[:10%]``)."""
+  return get_source(data_cfg).count(split)
 
 
 def _epoch_seeds(seed: int, epoch: int) -> list[int]:
@@ -227,21 +274,18 @@ def make_train_dataset(data_cfg, *, batch_size: int, seed: int, epoch: int,
   batch, so the global batches, and hence the run, are the same for any
   number of processes (each process reads, but does not decode, all of it).
   """
-  spec = _spec(data_cfg)
-  builder = get_builder(data_cfg)
+  source = get_source(data_cfg)
   mode = data_cfg.get("process_split", "shard")
   if mode not in ("shard", "slice"):
     raise ValueError(f"data.process_split={mode!r}: use 'shard' or 'slice'.")
   slicing = mode == "slice" and process_count > 1
-  split = data_cfg.train_split if slicing else tfds.split_for_jax_process(
-      data_cfg.train_split, process_index=process_index,
-      process_count=process_count, drop_remainder=True)
   file_seed, shuffle_seed, aug_seed = _epoch_seeds(seed, epoch)
-  ds, wanted = _read(builder, spec, split, keep=("image", "label"),
-                     shuffle_seed=file_seed)
+  ds, decode = source.read(
+      data_cfg.train_split, keep=("image", "label"), shuffle_seed=file_seed,
+      process_index=process_index, process_count=process_count,
+      drop_remainder=True, whole=slicing)
   ds = ds.shuffle(data_cfg.shuffle_buffer, seed=shuffle_seed,
                   reshuffle_each_iteration=False)
-  decode = _decoder(builder, wanted)
   size = data_cfg.image_size
 
   def preprocess(index, ex):
@@ -269,7 +313,8 @@ def make_eval_dataset(data_cfg, split: str, *, batch_size: int,
 
   Args:
     data_cfg: the ``data`` ConfigDict.
-    split: a TFDS split string.
+    split: our split name (``validation``, ``test``, ...) or, for TFDS
+      datasets, a TFDS split string.
     batch_size: per-process batch size.
     process_index: this process.
     process_count: number of processes.
@@ -278,18 +323,16 @@ def make_eval_dataset(data_cfg, split: str, *, batch_size: int,
     A dataset of dicts: ``image`` float32 (B, S, S, 3), ``label`` int32 (B,),
     ``mask`` float32 (B,) (1 real, 0 padding), ``id`` int32 (B,) (-1 for
     padding) and, when the dataset has them, ``object_mask`` and
-    ``part_mask`` float32 (B, S, S) in {0, 1}. Every process yields
+    ``part_mask`` float32 (B, S, S) in {0, 1} and ``bbox`` float32 (B, 4),
+    ``[ymin, xmin, ymax, xmax]`` normalised to the S x S crop (zeros for
+    padding). Every process yields
     ``ceil(ceil(n / process_count) / batch_size)`` batches.
   """
-  spec = _spec(data_cfg)
-  builder = get_builder(data_cfg)
-  total = _count(builder, split)
-  sub = tfds.split_for_jax_process(split, process_index=process_index,
-                                   process_count=process_count)
-  ds, wanted = _read(builder, spec, sub,
-                     keep=("image", "label", "id") + MASK_KEYS)
-  mask_keys = [k for k in MASK_KEYS if k in wanted]
-  decode = _decoder(builder, wanted)
+  source = get_source(data_cfg)
+  total = source.count(split)
+  ds, decode = source.read(split, keep=("image", "label", "id") + MASK_KEYS
+                           + BOX_KEYS, process_index=process_index,
+                           process_count=process_count)
   size = data_cfg.image_size
   # even_splits gives the first (total % count) processes one extra example.
   offset = (process_index * (total // process_count)
@@ -297,13 +340,17 @@ def make_eval_dataset(data_cfg, split: str, *, batch_size: int,
 
   def preprocess(index, ex):
     ex = decode(ex)
+    mask_keys = [k for k in MASK_KEYS if k in ex]
+    boxes = {k: transforms.eval_box(ex[k], tf.shape(ex["image"])[:2], size=size,
+                                    resize_ratio=data_cfg.resize_ratio)
+             for k in BOX_KEYS if k in ex}
     image, masks = transforms.eval_transform(
         ex["image"], {k: ex[k] for k in mask_keys}, size=size,
         resize_ratio=data_cfg.resize_ratio)
     ex_id = ex["id"] if "id" in ex else index + offset
     return {"image": image, "label": tf.cast(ex["label"], tf.int32),
             "mask": tf.constant(1.0), "id": tf.cast(ex_id, tf.int32),
-            **transforms.binarize(masks)}
+            **transforms.binarize(masks), **boxes}
 
   ds = ds.enumerate().map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
   local = int(ds.cardinality())

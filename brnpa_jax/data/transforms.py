@@ -28,6 +28,16 @@ def resize_size(size: int, resize_ratio: float) -> int:
   return int(size / resize_ratio + 1e-6)  # 448 / 0.875 is exactly 512
 
 
+def resized_shape(hw, short_side: int):
+  """[2] int32 (H, W) after resizing the short side to ``short_side``."""
+  h, w = tf.cast(hw[0], tf.float32), tf.cast(hw[1], tf.float32)
+  short = tf.minimum(h, w)
+  # torchvision's int(short_side * long / short): multiplying first keeps a
+  # square image square (h * (s / h) can round to s - 1).
+  return tf.stack([tf.cast(short_side * h / short, tf.int32),
+                   tf.cast(short_side * w / short, tf.int32)])
+
+
 def resize_short_side(image, masks: dict, short_side: int):
   """Resizes so the short side is ``short_side``, keeping the aspect ratio.
 
@@ -39,14 +49,7 @@ def resize_short_side(image, masks: dict, short_side: int):
   Returns:
     (image, masks) resized.
   """
-  shape = tf.shape(image)
-  h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
-  short = tf.minimum(h, w)
-  # torchvision's int(short_side * long / short): multiplying first keeps a
-  # square image square (h * (s / h) can round to s - 1).
-  new_h = tf.cast(short_side * h / short, tf.int32)
-  new_w = tf.cast(short_side * w / short, tf.int32)
-  new_hw = tf.stack([new_h, new_w])
+  new_hw = resized_shape(tf.shape(image)[:2], short_side)
   image = tf.image.resize(image, new_hw, method="bilinear", antialias=True)
   masks = {k: tf.image.resize(m, new_hw, method="nearest") for k, m in masks.items()}
   return image, masks
@@ -70,11 +73,15 @@ def random_crop(image, masks: dict, size: int, seed):
   return crop(image, masks, top, left, size)
 
 
+def center_offsets(hw, size: int):
+  """(top, left) int32 of the central ``size`` window (torchvision's rounding)."""
+  return (tf.cast(tf.round((hw[0] - size) / 2), tf.int32),
+          tf.cast(tf.round((hw[1] - size) / 2), tf.int32))
+
+
 def center_crop(image, masks: dict, size: int):
   """Crops the central ``size`` window (torchvision's rounding)."""
-  shape = tf.shape(image)
-  top = tf.cast(tf.round((shape[0] - size) / 2), tf.int32)
-  left = tf.cast(tf.round((shape[1] - size) / 2), tf.int32)
+  top, left = center_offsets(tf.shape(image), size)
   return crop(image, masks, top, left, size)
 
 
@@ -186,3 +193,27 @@ def binarize(masks: dict, keys: Sequence[str] | None = None) -> dict:
   """(S, S, 1) integer masks -> float32 (S, S) in {0, 1} (nonzero is 1)."""
   keys = masks.keys() if keys is None else keys
   return {k: tf.cast(masks[k][..., 0] > 0, tf.float32) for k in keys}
+
+
+def eval_box(box, image_hw, *, size: int, resize_ratio: float = 0.875):
+  """Maps a box through ``eval_transform``'s resize and centre crop.
+
+  Args:
+    box: float (4,) ``[ymin, xmin, ymax, xmax]`` normalised to the original
+      image (the TFDS ``BBoxFeature`` convention).
+    image_hw: [2] integer (H, W) of the original image.
+    size: output side.
+    resize_ratio: as in ``eval_transform``.
+
+  Returns:
+    float32 (4,) ``[ymin, xmin, ymax, xmax]`` normalised to the ``size`` x
+    ``size`` crop, clipped to [0, 1] (a box outside the crop collapses onto
+    its border: zero area).
+  """
+  hw = resized_shape(image_hw, resize_size(size, resize_ratio))
+  top, left = center_offsets(hw, size)
+  hw_f = tf.cast(hw, tf.float32)
+  scale = tf.stack([hw_f[0], hw_f[1], hw_f[0], hw_f[1]])
+  offset = tf.cast(tf.stack([top, left, top, left]), tf.float32)
+  out = (tf.cast(box, tf.float32) * scale - offset) / size
+  return tf.clip_by_value(out, 0.0, 1.0)

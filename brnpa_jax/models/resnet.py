@@ -4,7 +4,9 @@ Parameter names follow torchvision so that importing its weights is a key
 mapping: ``conv1``, ``bn1``, ``layer{1..4}_{i}`` blocks holding ``conv1..3``,
 ``bn1..3`` and ``downsample_conv`` / ``downsample_bn``. Per-stage strides are
 configurable: ``(1, 2, 2, 2)`` gives output stride 32 (the low-resolution
-teacher), ``(1, 2, 1, 1)`` output stride 8 (the high-resolution student).
+teacher), ``(1, 2, 1, 1)`` output stride 8 (the high-resolution student),
+``(1, 1, 1, 1)`` output stride 4 (re-id: the first block of stages 2-4 at
+stride 1).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import jax.numpy as jnp
 
 LOW_RES_STRIDES = (1, 2, 2, 2)
 HIGH_RES_STRIDES = (1, 2, 1, 1)
-STRIDES = {"low": LOW_RES_STRIDES, "high": HIGH_RES_STRIDES}
+REID_HIGH_RES_STRIDES = (1, 1, 1, 1)
+STRIDES = {"low": LOW_RES_STRIDES, "high": HIGH_RES_STRIDES,
+           "reid_high": REID_HIGH_RES_STRIDES}
 
 # torchvision's BatchNorm: momentum 0.1 on the new value, eps 1e-5.
 _BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)

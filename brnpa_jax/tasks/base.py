@@ -13,10 +13,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow_datasets as tfds
 
-from brnpa_jax.data import input_pipeline
 from brnpa_jax.models import build_model
+
+
+def _pipeline():
+  # Imported on use: TensorFlow is a dependency of the data path only, so the
+  # pure parts (losses, steps, benchmarks) import without it.
+  from brnpa_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  return input_pipeline
 
 
 class Task:
@@ -36,26 +41,26 @@ class Task:
   def prepare_data(self) -> None:
     """Makes the data ready (a generated dataset builds itself). Multi-process
     runs call it on process 0 first, then on the others."""
-    input_pipeline.get_builder(self.config.data)
+    _pipeline().get_builder(self.config.data)
 
   def num_classes(self) -> int:
-    return input_pipeline.num_classes(self.config.data)
+    return _pipeline().num_classes(self.config.data)
 
   def num_train_examples(self) -> int:
     data = self.config.data
-    return input_pipeline.num_examples(data, data.train_split)
+    return _pipeline().num_examples(data, data.train_split)
 
   def train_dataset(self, *, batch_size: int, seed: int, epoch: int,
                     process_index: int, process_count: int):
     """One epoch of this process's batches, deterministic from (seed, epoch)."""
-    return input_pipeline.make_train_dataset(
+    return _pipeline().make_train_dataset(
         self.config.data, batch_size=batch_size, seed=seed, epoch=epoch,
         process_index=process_index, process_count=process_count)
 
   def eval_dataset(self, split: str, *, batch_size: int, process_index: int,
                    process_count: int):
     """The split in order, last batch padded, with a ``mask`` of real examples."""
-    return input_pipeline.make_eval_dataset(
+    return _pipeline().make_eval_dataset(
         self.config.data, split, batch_size=batch_size,
         process_index=process_index, process_count=process_count)
 
@@ -91,7 +96,7 @@ class Task:
                            process_index=jax.process_index(),
                            process_count=jax.process_count())
     totals = None
-    for batch in tfds.as_numpy(ds):
+    for batch in ds.as_numpy_iterator():
       batch = {k: v for k, v in batch.items() if k in self.eval_keys}
       sums = trainer.eval_step(state, trainer.to_global(batch))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)

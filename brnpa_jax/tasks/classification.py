@@ -13,10 +13,7 @@ import os
 import jax
 import jax.numpy as jnp
 import optax
-import tensorflow_datasets as tfds
 
-from brnpa_jax.data.transforms import denormalize
-from brnpa_jax.explain.overlay import save_overlay_grid
 from brnpa_jax.tasks.base import Task
 
 
@@ -87,13 +84,16 @@ class ClassificationTask(Task):
   def visualize(self, trainer, state, count: int) -> str | None:
     """PNG grid of the ranked maps over the first ``count`` images of the last
     evaluation split (the test split by default)."""
+    # pylint: disable=g-import-not-at-top
+    from brnpa_jax.data.transforms import denormalize
+    from brnpa_jax.explain.overlay import save_overlay_grid
     if count <= 0:
       return None
     split = self.eval_splits()[-1]
     ds = self.eval_dataset(split, batch_size=trainer.local_eval_batch,
                            process_index=jax.process_index(),
                            process_count=jax.process_count())
-    batch = next(iter(tfds.as_numpy(ds)))
+    batch = next(ds.as_numpy_iterator())
     probs, aux = trainer.predict(state, trainer.to_global(
         {"image": batch["image"]})["image"])
     probs, aux = jax.device_get((probs, aux))

@@ -17,13 +17,13 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from brnpa_jax.models.weights import load_into_state
 from brnpa_jax.tasks import get_task
 from brnpa_jax.train import sharding as shd
 from brnpa_jax.train import steps as steps_lib
@@ -137,8 +137,12 @@ class Trainer:
     abstract = abstract_like(self.state_shapes, self.state_sharding)
     state, meta = self.ckpt.restore_latest(abstract)
     if state is None:
-      return self._init(self.init_rng), {"best_val": -math.inf, "best_step": 0,
-                                         "best_epoch": 0, "epoch": 0}
+      state = self._init(self.init_rng)
+      if self.config.get("init_from"):  # a fresh run only: resuming never reloads
+        state = load_into_state(state, self.config.init_from, self.state_sharding)
+        _say("Backbone loaded from %s (classifier skipped).", self.config.init_from)
+      return state, {"best_val": -math.inf, "best_step": 0, "best_epoch": 0,
+                     "epoch": 0}
     _say("Resumed from step %d in %s.", int(state.step), self.workdir)
     return state, meta
 

@@ -1,0 +1,93 @@
+r"""What XLA:CPU settings do to the ResNet-50 + BR-NPA train step.
+
+  python -m benchmarks.cpu_flags                  # 224 px, low res, batch 4
+  python -m benchmarks.cpu_flags --size 448 --res high --batch 2
+
+Each setting (XLA flags, compute dtype) runs ``benchmarks.train_step``'s JAX
+measurement in a fresh process (XLA reads its flags once per process); eager
+PyTorch on the same model is measured in this process before and after the
+settings, and every ratio uses their mean, so drift of a shared machine shows
+as the spread of the two PyTorch figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+SETTINGS = [
+    ("baseline", "", "float32"),
+    ("oneDNN", "--xla_cpu_use_onednn=true", "float32"),
+    ("XNNPACK", "--xla_cpu_use_xnnpack=true", "float32"),
+    ("fast math", "--xla_cpu_enable_fast_math=true", "float32"),
+    ("512-bit vectors", "--xla_cpu_prefer_vector_width=512", "float32"),
+    ("bfloat16 compute", "", "bfloat16"),
+]
+
+_CHILD = """
+import json, sys
+from benchmarks.train_step import jax_figures
+size, res, batch, iters, dtype = sys.argv[1:6]
+tr, inf, comp, mib, fl = jax_figures("brnpa", int(size), res, int(batch),
+                                     int(iters), dtype)
+print("RESULT " + json.dumps(dict(train=tr, infer=inf, compile=comp, mib=mib,
+                                  flops=fl)))
+"""
+
+
+def run_setting(flags, dtype, args):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", ""), flags) if f)
+  out = subprocess.run(
+      [sys.executable, "-c", _CHILD, str(args.size), args.res, str(args.batch),
+       str(args.iters), dtype], env=env, capture_output=True, text=True,
+      check=False)
+  for line in out.stdout.splitlines():
+    if line.startswith("RESULT "):
+      return json.loads(line[len("RESULT "):])
+  return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:120]}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--size", type=int, default=224)
+  p.add_argument("--res", default="low")
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--iters", type=int, default=3)
+  args = p.parse_args()
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    from benchmarks.train_step import torch_figures  # pylint: disable=import-outside-toplevel
+    torch.set_num_threads(os.cpu_count())
+  except ImportError:
+    torch_figures = None
+    print("torch is not installed: no PyTorch reference (requirements-bench.txt)")
+  ref = []
+  if torch_figures:
+    ref.append(torch_figures("brnpa", args.size, args.res, args.batch, args.iters)[0])
+  rows = [(name, flags, dtype, run_setting(flags, dtype, args))
+          for name, flags, dtype in SETTINGS]
+  if torch_figures:
+    ref.append(torch_figures("brnpa", args.size, args.res, args.batch, args.iters)[0])
+  torch_ips = sum(ref) / len(ref) if ref else float("nan")
+  print(f"ResNet-50 + BR-NPA train step, {args.size}px {args.res} res, batch "
+        f"{args.batch}, {os.cpu_count()} CPU cores; eager PyTorch "
+        + (" / ".join(f"{r:.2f}" for r in ref) + " img/s (before / after)"
+           if ref else "not measured"))
+  print(f"{'setting':<18} {'dtype':<9} | {'img/s':>6} {'vs torch':>8} "
+        f"{'vs base':>7} | {'compile':>7} {'MiB':>6}")
+  base = rows[0][3].get("train")
+  for name, _, dtype, r in rows:
+    if "error" in r:
+      print(f"{name:<18} {dtype:<9} | failed: {r['error']}")
+      continue
+    print(f"{name:<18} {dtype:<9} | {r['train']:>6.2f} "
+          f"{r['train'] / torch_ips:>7.2f}x {r['train'] / base:>6.2f}x | "
+          f"{r['compile']:>6.1f}s {r['mib']:>6.0f}", flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,407 @@
+r"""Batch inference: top-k predictions, ranked maps and norms, optional overlays.
+
+  python -m brnpa_jax.predict --workdir runs/default --images photos/ --out preds/
+  python -m brnpa_jax.predict --workdir runs/default --images test --out preds/ --overlays
+  python -m brnpa_jax.predict --exported model.jaxexport --images photos/ --out preds/
+
+``--images`` is a folder (searched recursively for image files, decoded with
+Pillow, resized and centre-cropped exactly as the evaluation pipeline does) or
+a split of the run's dataset (e.g. ``test`` or ``validation[:200]``). The
+model restored is the run's best checkpoint, else its latest; its config is
+the workdir's ``config.json`` or ``--config``. With ``--exported`` the
+artifact of ``brnpa_jax.export`` runs instead of the model code.
+
+Batches have a fixed shape (``--batch``; the last one is padded), so the
+function is compiled once. Written to ``--out``:
+
+- ``predictions.csv``: file, label (splits only), then class and probability
+  of the top-k predictions;
+- ``maps.npz``: ``files``, ``probs`` (N, classes), ``maps`` (N, K, h, w) in
+  rank order, ``norms`` (N, h, w), ``topk_classes``, ``topk_probs`` and, for
+  splits, ``labels``;
+- with ``--overlays``: ``overlays/<file>.png``, the ranked maps over each
+  image with each rank's share of the norm.
+
+Throughput (images/s of the compiled model, and end to end with decoding and
+writing) is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from PIL import Image
+
+from brnpa_jax.export import ExportedModel, load_exported
+from brnpa_jax.models import build_model
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif",
+                    ".tiff", ".ppm")
+OUTPUT_KEYS = ("probs", "maps", "norms")
+
+
+# -- restoring a run -------------------------------------------------------------
+@dataclasses.dataclass
+class Run:
+  """A restored model: what inference needs from a training workdir."""
+  model: Any
+  variables: dict[str, Any]
+  config: ml_collections.ConfigDict
+  step: int
+  checkpoint: str  # 'best' or 'latest'
+  num_classes: int
+
+
+def config_from_arg(arg: str | None) -> ml_collections.ConfigDict | None:
+  """``'configs/default.py:runlocal'`` -> that file's ``get_config('runlocal')``."""
+  if not arg:
+    return None
+  path, _, switches = arg.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--config {path}: no such file.")
+  spec = importlib.util.spec_from_file_location("_predict_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(switches or None)
+
+
+def load_config(workdir: str, config=None) -> ml_collections.ConfigDict:
+  """The run's config: ``config`` if given, else ``workdir/config.json``."""
+  if config is not None:
+    return config
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"{path} not found: pass the training config, e.g. --config "
+        "'configs/default.py:head=gap' (the same as for train.py).")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _checkpoint_dirs(workdir: str, which: str) -> list[tuple[str, str]]:
+  dirs = {"best": os.path.join(workdir, "best"),
+          "latest": os.path.join(workdir, "checkpoints")}
+  if which == "auto":
+    return list(dirs.items())
+  if which not in dirs:
+    raise ValueError(f"checkpoint must be best, latest or auto, got {which!r}.")
+  return [(which, dirs[which])]
+
+
+def restore_variables(workdir: str, checkpoint: str = "auto"):
+  """``(variables, step, which)`` of the best (else latest) checkpoint.
+
+  Only ``params`` and ``batch_stats`` are read (not the optimiser state),
+  onto the first local device, whatever mesh the run was trained on.
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  for which, path in _checkpoint_dirs(os.path.abspath(workdir), checkpoint):
+    if not os.path.isdir(path):
+      continue
+    mgr = ocp.CheckpointManager(
+        path, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    step = mgr.latest_step()
+    if step is None:
+      continue
+    tree = mgr.item_metadata(step)["state"].tree
+    target = {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(
+        m.shape, m.dtype, sharding=device), tree[k])
+              for k in ("params", "batch_stats") if k in tree}
+    restored = mgr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))
+    mgr.close()
+    return dict(restored.state), int(step), which
+  raise FileNotFoundError(
+      f"no checkpoint ({checkpoint}) in {workdir}/best or {workdir}/checkpoints: "
+      "train first (python train.py --config ... --workdir WORKDIR).")
+
+
+def load_run(workdir: str, config=None, *, checkpoint: str = "auto") -> Run:
+  """Restores a training workdir's model for inference (see module docstring)."""
+  config = load_config(workdir, config)
+  variables, step, which = restore_variables(workdir, checkpoint)
+  variables.setdefault("batch_stats", {})
+  num_classes = int(variables["params"]["classifier"]["kernel"].shape[-1])
+  model = build_model(config.model, num_classes, config.get("dtype", "float32"))
+  return Run(model, variables, config, step, which, num_classes)
+
+
+def make_infer_fn(model) -> Callable:
+  """``infer(variables, images) -> {'probs', 'maps', 'norms'}`` (float32)."""
+
+  def infer(variables, images_BxSxSx3):
+    logits, aux = model.apply(variables, images_BxSxSx3, train=False)
+    return {"probs": jax.nn.softmax(logits, axis=-1),
+            "maps": aux["maps"].astype(jnp.float32),
+            "norms": aux["norms"].astype(jnp.float32)}
+
+  return infer
+
+
+# -- inputs ----------------------------------------------------------------------
+def list_images(folder: str) -> list[str]:
+  """Image files under ``folder`` (recursive), sorted, relative to it."""
+  found = []
+  for root, _, files in os.walk(folder):
+    found += [os.path.relpath(os.path.join(root, f), folder) for f in files
+              if f.lower().endswith(IMAGE_EXTENSIONS)]
+  if not found:
+    raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) "
+                            f"under {folder}.")
+  return sorted(found)
+
+
+def _eval_transform_fn(size: int, resize_ratio: float):
+  """The evaluation pipeline's transform as one compiled TF function."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from brnpa_jax.data import transforms  # pylint: disable=g-import-not-at-top
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
+  def transform(image):
+    return transforms.eval_transform(image, {}, size=size,
+                                     resize_ratio=resize_ratio)[0]
+
+  return lambda image: transform(image).numpy()
+
+
+def folder_batches(folder: str, size: int, resize_ratio: float, batch: int
+                   ) -> Iterator[tuple[list[str], np.ndarray, None]]:
+  """``(files, images (batch, S, S, 3), None)``; the last batch zero-padded."""
+  transform = _eval_transform_fn(size, resize_ratio)
+  files = list_images(folder)
+  for start in range(0, len(files), batch):
+    names = files[start:start + batch]
+    images = np.zeros((batch, size, size, 3), np.float32)
+    for i, name in enumerate(names):
+      with Image.open(os.path.join(folder, name)) as im:
+        images[i] = transform(np.asarray(im.convert("RGB")))
+    yield names, images, None
+
+
+def split_batches(data_cfg, split: str, batch: int
+                  ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+  """``(ids, images, labels)`` of a split of the run's dataset, padded."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  from brnpa_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+
+  ds = input_pipeline.make_eval_dataset(data_cfg, split, batch_size=batch)
+  for ex in tfds.as_numpy(ds):
+    real = ex["mask"] > 0
+    names = [f"{split.split('[')[0]}:{i}" for i in ex["id"][real]]
+    yield names, ex["image"], ex["label"][real]
+
+
+# -- inference -------------------------------------------------------------------
+@dataclasses.dataclass
+class Predictions:
+  """Outputs of ``predict`` over all inputs, padding removed."""
+  files: list[str]
+  labels: np.ndarray | None
+  outputs: dict[str, np.ndarray]      # probs, maps, norms
+  model_seconds: float                # compiled calls only
+  compile_seconds: float
+  total_seconds: float
+  images: list[np.ndarray] | None = None  # uint8, kept for overlays
+
+
+def predict(batches: Iterator, compile_fn: Callable, *,
+            keep_images: bool = False) -> Predictions:
+  """Runs the compiled inference on every batch (one shape, one compile).
+
+  Args:
+    batches: ``(names, images (batch, S, S, 3), labels | None)`` iterator.
+    compile_fn: ``images -> compiled (images -> {'probs', 'maps', 'norms'})``,
+      called on the first batch and timed apart from the run.
+    keep_images: keep the display images (for overlays).
+  """
+  from brnpa_jax.data.transforms import denormalize  # pylint: disable=g-import-not-at-top
+
+  t_start = time.perf_counter()
+  files, labels, chunks, shown = [], [], [], []
+  model_s = compile_s = 0.0
+  compiled = None
+  for names, images, batch_labels in batches:
+    if compiled is None:
+      t = time.perf_counter()
+      compiled = compile_fn(images)
+      compile_s = time.perf_counter() - t
+    t = time.perf_counter()
+    out = jax.block_until_ready(compiled(images))
+    model_s += time.perf_counter() - t
+    n = len(names)
+    chunks.append({k: np.asarray(out[k])[:n] for k in OUTPUT_KEYS})
+    files += names
+    if batch_labels is not None:
+      labels.append(batch_labels)
+    if keep_images:
+      shown += list(denormalize(images[:n]))
+  if not files:
+    raise ValueError("no inputs to predict on.")
+  outputs = {k: np.concatenate([c[k] for c in chunks]) for k in OUTPUT_KEYS}
+  return Predictions(files, np.concatenate(labels) if labels else None, outputs,
+                     model_s, compile_s, time.perf_counter() - t_start,
+                     shown if keep_images else None)
+
+
+def top_k(probs_NxC: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """``(classes (N, k), probs (N, k))``, highest first (ties: lower class)."""
+  k = min(k, probs_NxC.shape[1])
+  order = np.argsort(-probs_NxC, axis=1, kind="stable")[:, :k]
+  return order, np.take_along_axis(probs_NxC, order, axis=1)
+
+
+def write_outputs(out: str, preds: Predictions, topk: int) -> dict[str, str]:
+  """Writes ``predictions.csv``, ``maps.npz`` and overlays; returns paths."""
+  os.makedirs(out, exist_ok=True)
+  classes, probs = top_k(preds.outputs["probs"], topk)
+  csv_path = os.path.join(out, "predictions.csv")
+  with open(csv_path, "w", newline="") as f:
+    w = csv.writer(f)
+    has_labels = preds.labels is not None
+    w.writerow(["file"] + (["label"] if has_labels else []) + [
+        f"{kind}_{r + 1}" for r in range(classes.shape[1])
+        for kind in ("class", "prob")])
+    for i, name in enumerate(preds.files):
+      row = [name] + ([int(preds.labels[i])] if has_labels else [])
+      for c, p in zip(classes[i], probs[i]):
+        row += [int(c), f"{p:.6f}"]
+      w.writerow(row)
+  npz_path = os.path.join(out, "maps.npz")
+  extra = {} if preds.labels is None else {"labels": preds.labels}
+  np.savez_compressed(npz_path, files=np.array(preds.files), topk_classes=classes,
+                      topk_probs=probs, **preds.outputs, **extra)
+  paths = {"csv": csv_path, "npz": npz_path}
+  if preds.images is not None:
+    from brnpa_jax.explain.overlay import save_overlay_grid  # pylint: disable=g-import-not-at-top
+    for i, name in enumerate(preds.files):
+      stem = name.replace(":", "_").rsplit(".", 1)[0]
+      title = f"pred {classes[i, 0]} ({probs[i, 0]:.0%})"
+      save_overlay_grid(os.path.join(out, "overlays", stem + ".png"),
+                        preds.images[i][None], preds.outputs["maps"][i:i + 1],
+                        preds.outputs["norms"][i:i + 1], [title])
+    paths["overlays"] = os.path.join(out, "overlays")
+  return paths
+
+
+def compile_model(run: Run) -> Callable:
+  """``images -> compiled inference`` of a restored run (variables as inputs)."""
+  infer = jax.jit(make_infer_fn(run.model))
+
+  def compile_fn(images):
+    compiled = infer.lower(run.variables, images).compile()
+    return lambda x: compiled(run.variables, x)
+
+  return compile_fn
+
+
+def run_predict(*, images: str, out: str, workdir: str | None = None,
+                config=None, exported: str | None = None, checkpoint: str = "auto",
+                batch: int = 64, topk: int = 5, overlays: bool = False,
+                verbose: bool = True) -> Predictions:
+  """Restores a run (or loads an artifact), predicts, writes the outputs.
+
+  Args:
+    images: an image folder, or a split of the run's dataset.
+    out: output folder.
+    workdir: training workdir (needed unless ``exported``; with ``exported``
+      only for a dataset split, whose data config it holds).
+    config: the run's config when the workdir has no ``config.json``.
+    exported: path of a ``brnpa_jax.export`` artifact to run instead.
+    checkpoint: ``auto`` (best, else latest), ``best`` or ``latest``.
+    batch: fixed batch size (the last batch is padded).
+    topk: predictions per image in the CSV.
+    overlays: also write one PNG of the ranked maps per image.
+    verbose: print the throughput and what was written.
+
+  Returns:
+    The ``Predictions`` (outputs in input order, padding removed).
+  """
+  t_start = time.perf_counter()
+  if batch < 1 or topk < 1:
+    raise ValueError(f"batch and topk must be >= 1, got {batch} and {topk}.")
+  is_folder = os.path.isdir(images)
+  if exported:
+    artifact = load_exported(exported)
+    size, ratio = artifact.meta["image_size"], artifact.meta["resize_ratio"]
+    compile_fn = artifact.compile
+    data_cfg = None
+    if not is_folder:
+      if not (workdir or config):
+        raise ValueError(f"{images!r} is not a folder, so it is read as a dataset "
+                         "split, which needs --workdir or --config for the data.")
+      data_cfg = load_config(workdir, config).data
+  else:
+    if not workdir:
+      raise ValueError("pass --workdir (a training run) or --exported (an artifact).")
+    run = load_run(workdir, config, checkpoint=checkpoint)
+    data_cfg = run.config.data
+    size, ratio = data_cfg.image_size, data_cfg.resize_ratio
+    compile_fn = compile_model(run)
+  batches = (folder_batches(images, size, ratio, batch) if is_folder
+             else split_batches(data_cfg, images, batch))
+  preds = predict(batches, compile_fn, keep_images=overlays)
+  paths = write_outputs(out, preds, topk)
+  preds.total_seconds = time.perf_counter() - t_start
+  if verbose:
+    n = len(preds.files)
+    print(f"{n} images: model {n / max(preds.model_seconds, 1e-9):.1f} images/s "
+          f"(batch {batch}; compile {preds.compile_seconds:.1f} s), end to end "
+          f"{n / preds.total_seconds:.1f} images/s. Wrote "
+          + ", ".join(paths.values()) + ".")
+    if preds.labels is not None:
+      acc = float(np.mean(preds.outputs["probs"].argmax(1) == preds.labels))
+      print(f"top-1 accuracy {acc:.4f}")
+  return preds
+
+
+def run_arg_parser(doc: str) -> argparse.ArgumentParser:
+  """The arguments that name a run, shared with ``brnpa_jax.export``."""
+  parser = argparse.ArgumentParser(
+      description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", help="training workdir (checkpoints, config.json).")
+  parser.add_argument("--config", default=None,
+                      help="the run's config when its workdir has no config.json, "
+                      "e.g. 'configs/default.py:head=gap'.")
+  parser.add_argument("--checkpoint", default="auto", choices=("auto", "best", "latest"),
+                      help="auto: best, else latest.")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> Predictions:
+  """Command line; see the module docstring."""
+  parser = run_arg_parser(__doc__)
+  parser.add_argument("--images", required=True, help="image folder or dataset split.")
+  parser.add_argument("--out", required=True, help="output folder.")
+  parser.add_argument("--exported", default=None, help="run this artifact instead.")
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--topk", type=int, default=5)
+  parser.add_argument("--overlays", action="store_true")
+  args = parser.parse_args(argv)
+  if args.exported is None and args.workdir is None:
+    parser.error("pass --workdir or --exported.")
+  return run_predict(images=args.images, out=args.out, workdir=args.workdir,
+                     config=config_from_arg(args.config), exported=args.exported,
+                     checkpoint=args.checkpoint, batch=args.batch, topk=args.topk,
+                     overlays=args.overlays)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

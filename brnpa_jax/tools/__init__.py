@@ -1,0 +1,1 @@
+"""Command-line tools: weight conversion and golden-output generation."""

@@ -1,0 +1,91 @@
+r"""Converts a torchvision / timm ResNet checkpoint into a file our configs load.
+
+  python -m brnpa_jax.tools.convert_weights resnet50-11ad3fa6.pth resnet50.npz
+  python -m brnpa_jax.tools.convert_weights model.safetensors resnet50.npz
+
+IN is ``.pth`` / ``.pt`` / ``.bin`` (needs PyTorch), ``.safetensors`` or
+``.npz``, in torchvision's key layout (timm's ResNets share it). OUT is a
+``.npz`` of our variable tree (``params/backbone/conv1/kernel``, ...,
+``batch_stats/...``, ``params/classifier/...``), float32, kernels already in
+Flax's layout: numpy reads it with no PyTorch or safetensors installed, and
+its names are ours, so loading it is a lookup. The tool recognises the
+architecture (one of ``BACKBONES``) and checks the weights load strictly into
+it before writing; ``config.init_from = OUT`` then starts a run from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from brnpa_jax.models.classifier import Classifier
+from brnpa_jax.models.heads import GAPHead
+from brnpa_jax.models.resnet import BACKBONES
+from brnpa_jax.models import weights
+
+
+def _structure(arch: str):
+  kw = BACKBONES[arch].keywords
+  return kw["block"].expansion, tuple(kw["stage_sizes"]), kw.get("width", 64)
+
+
+def infer_arch(flat) -> str:
+  """The ``BACKBONES`` name whose layout a flat checkpoint has."""
+  found = weights.layout(flat)
+  for arch in BACKBONES:
+    if _structure(arch) == found:
+      return arch
+  raise ValueError(f"No backbone in {sorted(BACKBONES)} has the checkpoint's "
+                   f"layout ({weights.describe(flat)}). Only torchvision-layout "
+                   "ResNets (timm's plain resnetNN) convert; variants such as "
+                   "timm's resnet50d (deep stem) do not.")
+
+
+def check(flat) -> str:
+  """Strict-loads ``flat`` into the model it describes; returns a summary."""
+  arch = infer_arch(flat)
+  fc = flat.get(weights.CLASSIFIER + "kernel")
+  model = Classifier(backbone=BACKBONES[arch](), head=GAPHead(),
+                     num_classes=1 if fc is None else fc.shape[-1])
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                               jnp.zeros((1, 64, 64, 3))))
+  weights.load_pretrained(abstract, flat, skip_classifier=fc is None)
+  return f"{arch}: {weights.describe(flat)}"
+
+
+def convert(src: str, dst: str) -> str:
+  """Reads ``src``, checks it, writes ``dst`` (.npz); returns a summary."""
+  if not dst.endswith(".npz"):
+    raise ValueError(f"OUT must end in .npz (got {dst!r}).")
+  if os.path.abspath(src) == os.path.abspath(dst):
+    raise ValueError("IN and OUT are the same file.")
+  flat = weights.read_checkpoint(src)
+  summary = check(flat)
+  os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+  np.savez(dst, **flat)
+  return summary
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      description="Convert a torchvision/timm ResNet checkpoint into the .npz "
+                  "that config.init_from loads.")
+  parser.add_argument("src", metavar="IN", help=".pth/.pt/.bin, .safetensors or .npz")
+  parser.add_argument("dst", metavar="OUT", help="the .npz to write")
+  args = parser.parse_args(argv)
+  try:
+    summary = convert(args.src, args.dst)
+  except (ValueError, ImportError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(f"Wrote {args.dst} ({summary}).")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

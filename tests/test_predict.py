@@ -1,0 +1,211 @@
+"""Batch inference and export: a tiny saved run, an image folder, the artifact."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from brnpa_jax import export, predict
+from brnpa_jax.models import build_model
+from brnpa_jax.train.checkpointing import Checkpointer
+from brnpa_jax.train.optim import make_optimizer
+from brnpa_jax.train.state import create_state
+from configs import default
+
+SIZE = 32
+NUM_IMAGES = 7
+STEP = 12
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+  """A random tiny model saved the way the trainer saves, plus its config."""
+  config = default.get_config("runlocal")
+  with config.unlocked():
+    config.data.image_size = SIZE
+  model = build_model(config.model, config.data.parts.num_classes, config.dtype)
+  tx, _ = make_optimizer(config.optim, steps_per_epoch=4, num_epochs=1)
+  # rbg keys: the initialisers compile in a fifth of threefry's time.
+  state = jax.jit(lambda rng: create_state(model, tx, rng, (1, SIZE, SIZE, 3)))(
+      jax.random.key(0, impl="rbg"))
+  # Noise on every parameter: outputs that differ per image (runlocal starts
+  # the residual branches at zero).
+  rng = np.random.default_rng(1)
+  state = state.replace(step=state.step + STEP, params=jax.tree.map(
+      lambda x: x + 0.1 * rng.standard_normal(x.shape, np.float32), state.params))
+  workdir = str(tmp_path_factory.mktemp("run"))
+  ckpt = Checkpointer(workdir)
+  ckpt.save(STEP, state, {"best_val_accuracy": 0.5, "best_step": STEP, "epoch": 1},
+            best=True)
+  ckpt.wait_until_finished()
+  ckpt.close()
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config.to_dict(), f)
+  return workdir, config, state
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+  """Seven images of several sizes and formats, one in a subfolder."""
+  folder = tmp_path_factory.mktemp("images")
+  rng = np.random.default_rng(0)
+  os.makedirs(folder / "sub")
+  sizes = [(40, 50), (64, 64), (30, 80), (90, 36), (33, 33), (50, 40), (128, 96)]
+  for i, (h, w) in enumerate(sizes):
+    name = f"sub/img{i}.jpg" if i == 3 else f"img{i}.{'png' if i % 2 else 'jpg'}"
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / name)
+  (folder / "notes.txt").write_text("not an image")
+  return str(folder)
+
+
+@pytest.fixture(scope="module")
+def predictions(saved_run, image_folder, tmp_path_factory):
+  """The model run with batch 3 (last batch padded) through the CLI, and batch 8."""
+  workdir, _, _ = saved_run
+  out3 = str(tmp_path_factory.mktemp("out3"))
+  p3 = predict.main(["--workdir", workdir, "--images", image_folder, "--out",
+                     out3, "--batch", "3", "--topk", "4"])
+  out8 = str(tmp_path_factory.mktemp("out8"))
+  p8 = predict.run_predict(images=image_folder, out=out8, workdir=workdir,
+                           batch=8, overlays=True)
+  return p3, out3, p8, out8
+
+
+def test_restores_the_best_state(saved_run):
+  workdir, config, state = saved_run
+  run = predict.load_run(workdir)
+  assert (run.step, run.checkpoint, run.num_classes) == (STEP, "best", 10)
+  for a, b in zip(jax.tree.leaves(run.variables["params"]),
+                  jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(a, b)
+  # Without config.json the config must be given.
+  assert predict.load_run(workdir, config, checkpoint="latest").checkpoint == "latest"
+  with pytest.raises(FileNotFoundError, match="--config"):
+    predict.load_config(os.path.dirname(workdir))
+  with pytest.raises(FileNotFoundError, match="train first"):
+    predict.restore_variables(os.path.dirname(workdir))
+
+
+def test_folder_predictions_files_and_batch_invariance(predictions, image_folder):
+  p3, out3, p8, _ = predictions
+  expected = sorted(["img0.jpg", "img1.png", "img2.jpg", "sub/img3.jpg",
+                     "img4.jpg", "img5.png", "img6.jpg"])
+  assert p3.files == p8.files == expected
+  for k in predict.OUTPUT_KEYS:
+    np.testing.assert_allclose(p3.outputs[k], p8.outputs[k], atol=1e-5, rtol=1e-5)
+  probs = p3.outputs["probs"]
+  assert probs.shape == (NUM_IMAGES, 10)
+  np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+  assert p3.outputs["maps"].shape == (NUM_IMAGES, 3, 4, 4)
+  assert p3.outputs["norms"].shape == (NUM_IMAGES, 4, 4)
+  assert len({tuple(p.round(4)) for p in probs}) == NUM_IMAGES  # per-image outputs
+  with open(os.path.join(out3, "predictions.csv")) as f:
+    rows = list(csv.reader(f))
+  assert rows[0] == ["file", "class_1", "prob_1", "class_2", "prob_2", "class_3",
+                     "prob_3", "class_4", "prob_4"]
+  assert [r[0] for r in rows[1:]] == expected
+  for row, p in zip(rows[1:], probs):
+    top = np.argsort(-p, kind="stable")[:4]
+    assert [int(c) for c in row[1::2]] == list(top)
+    np.testing.assert_allclose([float(q) for q in row[2::2]], p[top], atol=1e-6)
+  with np.load(os.path.join(out3, "maps.npz")) as z:
+    assert list(z["files"]) == expected
+    np.testing.assert_array_equal(z["maps"], p3.outputs["maps"])
+    np.testing.assert_array_equal(z["norms"], p3.outputs["norms"])
+    assert z["topk_classes"].shape == (NUM_IMAGES, 4)
+  # The same preprocessing as the evaluation pipeline, then the model.
+  names, images, _ = next(predict.folder_batches(image_folder, SIZE, 0.875, 8))
+  from brnpa_jax.data.transforms import eval_transform
+  with Image.open(os.path.join(image_folder, names[2])) as im:
+    direct = eval_transform(np.asarray(im), {}, size=SIZE)[0].numpy()
+  np.testing.assert_allclose(images[2], direct, atol=1e-6)
+  assert np.all(images[NUM_IMAGES:] == 0)  # padding
+
+
+def test_overlays_are_pngs(predictions):
+  _, out3, p8, out8 = predictions
+  assert not os.path.exists(os.path.join(out3, "overlays"))
+  for name in p8.files:
+    path = os.path.join(out8, "overlays", name.rsplit(".", 1)[0] + ".png")
+    with Image.open(path) as im:
+      assert im.format == "PNG"
+      assert im.size == (round(1.9 * 5 * 110), round((1.9 + 0.3) * 110))
+
+
+def test_exported_artifact_gives_identical_outputs(saved_run, image_folder,
+                                                    predictions, tmp_path):
+  workdir, _, _ = saved_run
+  p3 = predictions[0]
+  path = export.main(["--workdir", workdir, "--out", str(tmp_path / "m.jaxexport")])
+  px = predict.run_predict(images=image_folder, out=str(tmp_path / "outx"),
+                           exported=path, batch=3)
+  assert px.files == p3.files
+  for k in predict.OUTPUT_KEYS:
+    np.testing.assert_array_equal(px.outputs[k], p3.outputs[k])
+  # Reloaded in a fresh interpreter that cannot import the model code or flax,
+  # on two batch sizes other than the one above.
+  inputs = tmp_path / "inputs.npz"
+  _, images, _ = next(predict.folder_batches(image_folder, SIZE, 0.875, NUM_IMAGES))
+  np.savez(inputs, images=images)
+  script = textwrap.dedent(f"""
+      import importlib.util, sys
+      import numpy as np
+      for name in ("flax", "brnpa_jax", "brnpa_jax.models", "optax"):
+        sys.modules[name] = None  # any import of them fails
+      spec = importlib.util.spec_from_file_location("export", {export.__file__!r})
+      mod = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(mod)
+      model = mod.load_exported({path!r})
+      images = np.load({str(inputs)!r})["images"]
+      out = {{}}
+      for b in (2, 5):
+        res = model(images[:b])
+        out.update({{f"{{k}}_{{b}}": np.asarray(v) for k, v in res.items()}})
+      np.savez({str(tmp_path / "reloaded.npz")!r}, **out)
+  """)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  subprocess.run([sys.executable, "-c", script], check=True, env=env,
+                 cwd=str(tmp_path), timeout=300)
+  with np.load(tmp_path / "reloaded.npz") as z:
+    for b in (2, 5):
+      for k in predict.OUTPUT_KEYS:
+        assert z[f"{k}_{b}"].shape[0] == b
+        np.testing.assert_allclose(z[f"{k}_{b}"], p3.outputs[k][:b], atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_dataset_split_with_labels(saved_run, tmp_path, capsys):
+  workdir, _, _ = saved_run
+  with tfds.testing.mock_data(num_examples=7):
+    preds = predict.run_predict(images="test", out=str(tmp_path), workdir=workdir,
+                                batch=3, topk=2)
+  assert len(preds.files) == 7 and preds.labels.shape == (7,)
+  assert all(f.startswith("test:") for f in preds.files)
+  with open(tmp_path / "predictions.csv") as f:
+    rows = list(csv.reader(f))
+  assert rows[0][:3] == ["file", "label", "class_1"] and len(rows) == 8
+  assert [int(r[1]) for r in rows[1:]] == preds.labels.tolist()
+  accuracy = np.mean(preds.outputs["probs"].argmax(1) == preds.labels)
+  assert f"top-1 accuracy {accuracy:.4f}" in capsys.readouterr().out
+  with np.load(tmp_path / "maps.npz") as z:
+    np.testing.assert_array_equal(z["labels"], preds.labels)
+
+
+def test_bad_inputs(saved_run, tmp_path):
+  workdir, _, _ = saved_run
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="no image files"):
+    predict.run_predict(images=str(tmp_path / "empty"), out=str(tmp_path / "o"),
+                        workdir=workdir, verbose=False)
+  with pytest.raises(ValueError, match="--workdir"):
+    predict.run_predict(images=str(tmp_path), out=str(tmp_path / "o"))
+  with pytest.raises(FileNotFoundError, match="brnpa_jax.export"):
+    export.load_exported(str(tmp_path / "missing.jaxexport"))
