@@ -18,7 +18,7 @@ SWITCHES = {
     "dtype": "float32", "runlocal": False,
 }
 CHOICES = {"backbone": tuple(BACKBONES), "head": tuple(HEADS),
-           "res": tuple(STRIDES), "phase": ("pretrain", "episodic"),
+           "res": ("low", "high"), "phase": ("pretrain", "episodic"),
            "metric": ("euclidean", "cosine"), "dtype": ("float32", "bfloat16")}
 
 

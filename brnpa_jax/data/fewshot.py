@@ -25,8 +25,9 @@ Datasets (``data.name``) and their class splits, defined here:
   (``train``/``val``/``test`` by default, ``data.folder.splits``), each with
   one folder per class: the mini-ImageNet (Ravi & Larochelle), tieredImageNet
   and CIFAR-FS layouts once their split files are applied. Classes are sorted
-  by folder name. Images are read with Pillow and converted to RGB; a file
-  that cannot be decoded is an error naming its path.
+  by folder name. Files are listed, checked and decoded as ``image_folder``
+  (the classification reader) does: RGB, an unreadable file is an error
+  naming its path.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ SPLITS = ("base", "val", "novel")
 OMNIGLOT_BACKGROUND = 964
 OMNIGLOT_CLASSES = 1623
 OMNIGLOT_VAL_END = 1293
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm")
 
 
 def cub_class_splits(num_classes: int = 200) -> dict[str, np.ndarray]:
@@ -122,7 +122,6 @@ def load_tfds_split(data_cfg, split: str) -> ImageSet:
     ValueError: unknown dataset or split, or no image of the split's classes.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   spec = TFDS_DATASETS[data_cfg.name]
   class_ids = spec.class_splits()[split]
   side = stored_size(data_cfg)
@@ -137,41 +136,40 @@ def load_tfds_split(data_cfg, split: str) -> ImageSet:
   ds = ds.map(lambda image, label: (_square_tf(image, side),
                                     tf.gather(table, label)),
               num_parallel_calls=tf.data.AUTOTUNE)
+  images, labels = _collect(ds)
+  if not len(labels):
+    raise ValueError(f"No {spec.name} image of the {split!r} classes in tfds "
+                     f"split {spec.tfds_splits[split]!r}.")
+  return ImageSet(images, labels, class_ids)
+
+
+def _collect(ds) -> tuple[np.ndarray, np.ndarray]:
+  """(images, labels) numpy arrays of a dataset of (image, label) pairs."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   images, labels = [], []
   for image_b, label_b in tfds.as_numpy(ds.batch(512)):
     images.append(image_b)
     labels.append(label_b)
   if not images:
-    raise ValueError(f"No {spec.name} image of the {split!r} classes in tfds "
-                     f"split {spec.tfds_splits[split]!r}.")
-  return ImageSet(np.concatenate(images), np.concatenate(labels), class_ids)
-
-
-def _read_image(path: str, side: int) -> np.ndarray:
-  """One file -> uint8 (side, side, 3), RGB, short side resized, centre crop."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  try:
-    with Image.open(path) as img:
-      img = img.convert("RGB")
-      w, h = img.size
-      scale = side / min(w, h)
-      img = img.resize((max(side, round(w * scale)), max(side, round(h * scale))),
-                       Image.BILINEAR)
-      left, top = (img.size[0] - side) // 2, (img.size[1] - side) // 2
-      return np.asarray(img.crop((left, top, left + side, top + side)), np.uint8)
-  except (OSError, ValueError, SyntaxError) as e:
-    raise ValueError(f"Cannot read image {path}: {e}. Remove or replace the "
-                     "file.") from e
+    return np.zeros((0, 0, 0, 3), np.uint8), np.zeros((0,), np.int32)
+  return np.concatenate(images), np.concatenate(labels)
 
 
 def load_folder_split(data_cfg, split: str) -> ImageSet:
   """Reads ``<root>/<split folder>/<class>/<image>`` into memory.
 
+  Listing, the image extensions, hidden-file rules, corrupt-file checks
+  (every file decoded once by Pillow, in threads) and decoding are those of
+  ``image_folder``, the classification reader.
+
   Raises:
     FileNotFoundError: missing root or split folder.
-    ValueError: a split folder without class folders or images, or a corrupt
-      image (named by path).
+    ValueError: a split folder without class folders or images;
+      ``image_folder.CorruptImageError`` naming every unreadable file.
   """
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from brnpa_jax.data import image_folder  # pylint: disable=g-import-not-at-top
   root = os.path.expanduser(data_cfg.folder.root)
   folder = dict(zip(SPLITS, data_cfg.folder.splits))[split]
   path = os.path.join(root, folder)
@@ -180,23 +178,37 @@ def load_folder_split(data_cfg, split: str) -> ImageSet:
         f"No {split} folder {path}: data.folder.root must hold the folders "
         f"{tuple(data_cfg.folder.splits)} (base, val, novel classes), each with "
         "one folder of images per class.")
-  classes = sorted(d for d in os.listdir(path)
-                   if os.path.isdir(os.path.join(path, d)))
+  classes = image_folder._list_class_folders(path)  # pylint: disable=protected-access
   if not classes:
     raise ValueError(f"{path} has no class folders.")
-  side = stored_size(data_cfg)
-  images, labels = [], []
+  files, labels = [], []
   for label, name in enumerate(classes):
-    class_dir = os.path.join(path, name)
-    files = sorted(f for f in os.listdir(class_dir)
-                   if f.lower().endswith(IMAGE_SUFFIXES))
-    if not files:
-      raise ValueError(f"Class folder {class_dir} has no images "
-                       f"({', '.join(IMAGE_SUFFIXES)}).")
-    images += [_read_image(os.path.join(class_dir, f), side) for f in files]
-    labels += [label] * len(files)
-  return ImageSet(np.stack(images), np.asarray(labels, np.int32),
-                  np.asarray(classes))
+    found = image_folder._list_images(os.path.join(path, name))  # pylint: disable=protected-access
+    if not found:
+      raise ValueError(f"Class folder {os.path.join(path, name)} has no images "
+                       f"({', '.join(image_folder.IMAGE_EXTENSIONS)}).")
+    files += found
+    labels += [label] * len(found)
+
+  def inspect(f):
+    try:
+      return image_folder.inspect_image(f, verify=True), None
+    except image_folder.CorruptImageError as e:
+      return None, str(e)
+  with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as ex:
+    kinds, errors = zip(*ex.map(inspect, files))
+  errors = [e for e in errors if e]
+  if errors:
+    raise image_folder.CorruptImageError(
+        f"{len(errors)} unreadable image(s); remove or replace them:\n  "
+        + "\n  ".join(errors))
+  side = stored_size(data_cfg)
+  ds = tf.data.Dataset.from_tensor_slices((files, list(kinds), labels))
+  ds = ds.map(lambda f, k, l: (_square_tf(image_folder.decode_file(f, k), side),
+                               tf.cast(l, tf.int32)),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  images, labels = _collect(ds)
+  return ImageSet(images, labels, np.asarray(classes))
 
 
 def _tfds_builder(data_cfg):
