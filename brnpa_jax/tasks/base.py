@@ -72,6 +72,12 @@ class Task:
   def build_model(self, num_classes: int):
     return build_model(self.config.model, num_classes, self.config.dtype)
 
+  def initial_state(self, trainer, state):
+    """The state a fresh run starts from (not called when resuming): e.g.
+    episodic fine-tuning starts from a pretraining run's weights."""
+    del trainer
+    return state
+
   # -- inside the jitted train step (pure) -------------------------------------
   def train_context(self) -> Any:
     """Extra arrays the train step receives (replicated), e.g. a teacher."""

@@ -137,7 +137,7 @@ class Trainer:
     abstract = abstract_like(self.state_shapes, self.state_sharding)
     state, meta = self.ckpt.restore_latest(abstract)
     if state is None:
-      state = self._init(self.init_rng)
+      state = self.task.initial_state(self, self._init(self.init_rng))
       if self.config.get("init_from"):  # a fresh run only: resuming never reloads
         state = load_into_state(state, self.config.init_from, self.state_sharding)
         _say("Backbone loaded from %s (classifier skipped).", self.config.init_from)
