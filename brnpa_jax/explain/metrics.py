@@ -133,7 +133,48 @@ def trapezoid_auc(curves_BxS) -> np.ndarray:
 
 
 # -- deletion / insertion ------------------------------------------------------
-def _chunk_probs(apply_fn, variables, starts, ends, ranks_BxHxW, classes_B,
+def release_order(saliency_Bxhxw, size: tuple[int, int], steps: int | None
+                  ) -> tuple[jax.Array, np.ndarray]:
+  """Release protocol: each pixel's processing rank (its cell's rank by
+  min-max normalised saliency, ties in index order) and the S thresholds
+  ``s * N // S``, s = 1..S (None: S = N, one step per cell).
+
+  Returns:
+    ranks (B, H, W) int32 and thresholds (S,).
+  """
+  sal = minmax(saliency_Bxhxw)
+  b, h, w = sal.shape
+  n = h * w
+  steps = n if steps is None else steps
+  if not 1 <= steps <= n:
+    raise ValueError(f"steps must be in [1, {n}] (cells of the {h}x{w} map);"
+                     f" got {steps}.")
+  cell_rank = descending_rank(sal.reshape(b, n)).reshape(b, h, w)
+  ranks = cell_rank[:, _cell_of_pixel(h, size[0])][:, :, _cell_of_pixel(w, size[1])]
+  return ranks, (np.arange(1, steps + 1) * n) // steps
+
+
+def standard_order(saliency_Bxhxw, size: tuple[int, int],
+                   pixels_per_step: int | None) -> tuple[jax.Array, np.ndarray]:
+  """Standard protocol: each pixel's rank by the bilinearly upsampled
+  saliency and the thresholds ``0, p, 2p, ..., H*W`` (p = pixels per step,
+  None: the image width).
+
+  Returns:
+    ranks (B, H, W) int32 and thresholds (S + 1,).
+  """
+  pixels = size[0] * size[1]
+  per_step = size[1] if pixels_per_step is None else pixels_per_step
+  if per_step < 1:
+    raise ValueError(f"pixels_per_step must be >= 1; got {per_step}.")
+  sal = upsample(saliency_Bxhxw, size)
+  b = sal.shape[0]
+  ranks = descending_rank(sal.reshape(b, pixels)).reshape(b, *size)
+  steps = -(-pixels // per_step)
+  return ranks, np.minimum(np.arange(steps + 1) * per_step, pixels)
+
+
+def perturbed_probs(apply_fn, variables, starts, ends, ranks_BxHxW, classes_B,
                  pair_image_C, pair_k_C):
   """Probabilities of the tracked class for C (image, threshold) pairs.
 
@@ -163,7 +204,7 @@ class PerturbationCurves:
       raise ValueError(f"chunk_size must be >= 1; got {chunk_size}.")
     self.apply_fn = apply_fn
     self.chunk_size = chunk_size
-    self._chunk = jax.jit(functools.partial(_chunk_probs, apply_fn))
+    self._chunk = jax.jit(functools.partial(perturbed_probs, apply_fn))
     self._predict = jax.jit(lambda v, x: jnp.argmax(apply_fn(v, x), -1))
 
   def predicted_classes(self, variables, images_BxHxWx3) -> jax.Array:
@@ -247,18 +288,7 @@ class PerturbationCurves:
       ``{mode}_curve`` (B, S) and ``{mode}_auc`` (B,) numpy arrays.
     """
     images = jnp.asarray(images_BxHxWx3, jnp.float32)
-    sal = minmax(saliency_Bxhxw)
-    b, h, w = sal.shape
-    n = h * w
-    steps = n if steps is None else steps
-    if not 1 <= steps <= n:
-      raise ValueError(f"steps must be in [1, {n}] (cells of the {h}x{w} map);"
-                       f" got {steps}.")
-    cell_rank = descending_rank(sal.reshape(b, n)).reshape(b, h, w)
-    rows = _cell_of_pixel(h, images.shape[1])
-    cols = _cell_of_pixel(w, images.shape[2])
-    ranks = cell_rank[:, rows][:, :, cols]
-    thresholds = (np.arange(1, steps + 1) * n) // steps
+    ranks, thresholds = release_order(saliency_Bxhxw, images.shape[1:3], steps)
     blurred = box_blur(images) if "insertion" in modes else None
     return self._run(variables, images, ranks, thresholds,
                      jnp.zeros_like(images), blurred, modes, classes_B)
@@ -287,15 +317,8 @@ class PerturbationCurves:
       ``{mode}_curve`` (B, S + 1) and ``{mode}_auc`` (B,) numpy arrays.
     """
     images = jnp.asarray(images_BxHxWx3, jnp.float32)
-    b, hh, ww = images.shape[:3]
-    pixels = hh * ww
-    per_step = ww if pixels_per_step is None else pixels_per_step
-    if per_step < 1:
-      raise ValueError(f"pixels_per_step must be >= 1; got {per_step}.")
-    sal = upsample(saliency_Bxhxw, (hh, ww))
-    ranks = descending_rank(sal.reshape(b, pixels)).reshape(b, hh, ww)
-    steps = -(-pixels // per_step)
-    thresholds = np.minimum(np.arange(steps + 1) * per_step, pixels)
+    ranks, thresholds = standard_order(saliency_Bxhxw, images.shape[1:3],
+                                       pixels_per_step)
     blurred = gaussian_blur(images) if "insertion" in modes else None
     return self._run(variables, images, ranks, thresholds,
                      jnp.zeros_like(images), blurred, modes, classes_B)
