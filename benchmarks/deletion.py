@@ -31,11 +31,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from brnpa_jax.explain import metrics
-from brnpa_jax.models import build_model
+from brnpa_jax.models import BACKBONES, STRIDES, Classifier
+from brnpa_jax.models.heads import BRNPAHead
 
 PRESETS = {
     "default": dict(backbone="resnet18", width=16, size=64, images=4, chunk=32,
@@ -48,11 +48,11 @@ DEVICE_RUN = dict(images=2, chunk=64, time_steps=0, loop_steps=256, rounds=1)
 
 
 def build(backbone: str, width: int, size: int):
-  cfg = ml_collections.ConfigDict(dict(
-      backbone=backbone, width=width, res="high", head="brnpa", num_maps=3,
-      refine=True, init="norm", aux_heads=False, dropout=0.0, use_bias=True,
-      zero_init_residual=False))
-  model = build_model(cfg, num_classes=200)
+  """A randomly initialised high-resolution BR-NPA classifier (no config or
+  data libraries needed)."""
+  model = Classifier(
+      backbone=BACKBONES[backbone](strides=STRIDES["high"], width=width),
+      head=BRNPAHead(num_maps=3), num_classes=200)
   variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 3))))(
       jax.random.key(0))
   apply_fn = lambda v, x: model.apply(v, x, train=False)[0]

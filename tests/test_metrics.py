@@ -178,3 +178,10 @@ def test_degenerate_saliency_stays_finite(case):
   assert jnp.isfinite(metrics.energy_pointing_game(flat, np.ones((2, 8, 8)))).all()
   with pytest.raises(ValueError, match="steps must be"):
     case["curves"].release(case["variables"], case["images"], flat, steps=17)
+
+
+def test_to_cells_block_means():
+  sal = np.arange(2 * 8 * 8, dtype=np.float32).reshape(2, 8, 8)
+  cells = np.asarray(metrics.to_cells(sal, (4, 4)))
+  np.testing.assert_allclose(cells[1, 2, 3], sal[1, 4:6, 6:8].mean())
+  assert metrics.to_cells(sal, (3, 3)).shape == (2, 3, 3)

@@ -77,6 +77,20 @@ def upsample(saliency_Bxhxw, size: tuple[int, int]) -> jax.Array:
   return jax.image.resize(s, (s.shape[0], *size), "bilinear")
 
 
+def to_cells(saliency_BxHxW, cells: tuple[int, int]) -> jax.Array:
+  """Input-resolution saliency averaged over the pixel block of each feature
+  cell (area resampling when the sizes do not divide), for the release
+  protocol's cell ranking of post-hoc maps."""
+  s = jnp.asarray(saliency_BxHxW, jnp.float32)
+  b, hh, ww = s.shape
+  h, w = cells
+  if (hh, ww) == (h, w):
+    return s
+  if hh % h == 0 and ww % w == 0:
+    return s.reshape(b, h, hh // h, w, ww // w).mean(axis=(2, 4))
+  return jax.image.resize(s, (b, h, w), "linear", antialias=True)
+
+
 def descending_rank(values_BxN) -> jax.Array:
   """0 for the largest value of each row; ties keep index order."""
   order = jnp.argsort(-values_BxN, axis=1, stable=True)
