@@ -39,14 +39,32 @@ class Classifier(nn.Module):
   freeze_bn: bool = False
   dtype: Any = jnp.float32
 
-  @nn.compact
   def __call__(self, images_BxHxWx3, train: bool = False):
     """Returns ``(logits (B, num_classes) float32, aux)``.
 
     aux holds ``features`` (B, h, w, C), ``maps`` (B, K, h, w), ``norms``
     (B, h, w), ``vectors`` (B, K, C) and, for BR-NPA, ``indices`` (B, K).
     """
-    feats = self.backbone(images_BxHxWx3, train=train and not self.freeze_bn)
+    return self.classify_features(self.features(images_BxHxWx3, train=train),
+                                  train=train)
+
+  def features(self, images_BxHxWx3, train: bool = False):
+    """The backbone alone: images (B, H, W, 3) -> features (B, h, w, C).
+
+    With ``classify_features`` it splits ``__call__`` at the last feature map
+    (what CAM explainers differentiate or perturb); use it through
+    ``model.apply(variables, images, method=Classifier.features)``.
+    """
+    return self.backbone(images_BxHxWx3, train=train and not self.freeze_bn)
+
+  @nn.compact
+  def classify_features(self, feats_BxHxWxC, train: bool = False):
+    """Head, dropout and the linear layer(s): features -> ``(logits, aux)``.
+
+    ``__call__(x)`` equals ``classify_features(features(x))``; aux is as in
+    ``__call__`` (its ``features`` are the given ones).
+    """
+    feats = feats_BxHxWxC
     pooled, aux = self.head(feats, train=train)
     aux = dict(aux, features=feats)
     pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)
