@@ -144,54 +144,58 @@ class Evaluator:
     sal = jax.block_until_ready(jnp.asarray(sal, jnp.float32))
     return sal, np.asarray(sparsity), time.perf_counter() - t0
 
-  def batch(self, batch, methods) -> dict[str, dict[str, np.ndarray]]:
-    """Per-image values of every metric for each method on one batch."""
+  def batch(self, batch, methods, n: int) -> dict[str, dict[str, np.ndarray]]:
+    """Per-image values of every metric for each method, for the first n
+    (real) examples of a batch."""
     images = jnp.asarray(batch["image"])
     logits, aux = self.forward(self.run.variables, images)
     predicted = jnp.argmax(logits, -1)
-    correct = np.asarray(predicted == batch["label"], np.float32)
+    correct = np.asarray(predicted == batch["label"], np.float32)[:n]
     cells = aux["norms"].shape[1:]
     masks = batch[self.mask_key]
     out = {}
     for method in methods:
       sal, sparsity, seconds = self.saliency(method, images, predicted, aux)
-      values = {"accuracy": correct, "sparsity": sparsity,
-                "explain_seconds": np.full(len(correct), seconds / len(correct)),
-                "pointing": np.asarray(metrics.pointing_game(sal, masks)),
-                "energy": np.asarray(metrics.energy_pointing_game(sal, masks))}
+      values = {"accuracy": correct, "sparsity": sparsity[:n],
+                "explain_seconds": np.full(n, seconds / len(images)),
+                "pointing": np.asarray(metrics.pointing_game(sal, masks))[:n],
+                "energy": np.asarray(metrics.energy_pointing_game(sal, masks))[:n]}
       if "release" in self.protocols:
         r = self.curves.release(self.run.variables, images,
-                                metrics.to_cells(sal, cells), classes_B=predicted)
+                                metrics.to_cells(sal, cells), classes_B=predicted,
+                                num_valid=n)
         values.update(dauc=r["deletion_auc"], iauc=r["insertion_auc"],
                       deletion_curve=r["deletion_curve"],
                       insertion_curve=r["insertion_curve"])
       if "standard" in self.protocols:
         r = self.curves.standard(self.run.variables, images, sal,
-                                 classes_B=predicted)
+                                 classes_B=predicted, num_valid=n)
         values.update(dauc_std=r["deletion_auc"], iauc_std=r["insertion_auc"],
                       deletion_curve_std=r["deletion_curve"],
                       insertion_curve_std=r["insertion_curve"])
-      values["saliency"] = np.asarray(sal)
+      values["saliency"] = np.asarray(sal)[:n]
       out[method] = values
     return out
 
 
 def iterate_split(config, split: str, batch_size: int, num_images: int | None,
                   mask_key: str):
-  """Real examples of a split in order, in batches, at most ``num_images``."""
+  """``(batch, n)`` of a split in order: fixed-shape batches whose first n
+  examples are real (at most ``num_images`` in all); the rest is padding,
+  kept so that no jitted function sees a new shape."""
   ds = input_pipeline.make_eval_dataset(config.data, split, batch_size=batch_size)
   seen = 0
   for batch in tfds.as_numpy(ds):
     if mask_key not in batch:
       raise KeyError(f"The {config.data.name!r} dataset has no {mask_key!r}; "
                      f"it has {sorted(batch)}. Choose another --mask_key.")
-    keep = batch["mask"] > 0
+    n = int(batch["mask"].sum())  # padding only ever follows real examples
     if num_images is not None:
-      keep &= np.cumsum(keep) <= num_images - seen
-    if not keep.any():
+      n = min(n, num_images - seen)
+    if n <= 0:
       break
-    seen += int(keep.sum())
-    yield {k: v[keep] for k, v in batch.items()}
+    seen += n
+    yield batch, n
 
 
 # -- statistics ------------------------------------------------------------------
@@ -319,10 +323,11 @@ def evaluate(workdirs, *, split="test", methods=None, configs=None,
   for workdir, config_arg, run_methods in zip(workdirs, configs, methods):
     run = load_run(workdir, config_arg)
     evaluator = Evaluator(run, protocols, chunk_size, mask_key, seed)
-    for batch in iterate_split(run.config, split, batch_size, num_images, mask_key):
+    for batch, n in iterate_split(run.config, split, batch_size, num_images,
+                                  mask_key):
       if examples is None:
-        examples = batch
-      for method, values in evaluator.batch(batch, run_methods).items():
+        examples = {k: v[:n] for k, v in batch.items()}
+      for method, values in evaluator.batch(batch, run_methods, n).items():
         row = per_image.setdefault(f"{run.name}/{method}", {})
         for k, v in values.items():
           row.setdefault(k, []).append(v)
@@ -369,16 +374,19 @@ def main(argv=None):
   p.add_argument("--reference", help="row of the paired tests (default: the "
                  "first, e.g. brnpa/own)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--no_figures", action="store_true",
+                 help="tables only (no method grid or curve plots)")
   args = p.parse_args(argv)
   result = evaluate(
       args.workdir, split=args.split, methods=args.methods, configs=args.config,
       num_images=args.num_images, protocol=args.protocol,
       batch_size=args.batch_size, chunk_size=args.chunk_size,
       mask_key=args.mask_key, reference=args.reference, out_dir=args.out,
-      seed=args.seed)
+      seed=args.seed, figures=not args.no_figures)
   with open(result["paths"]["md"]) as f:
     print("\n" + f.read())
   print("Wrote", ", ".join(str(v) for v in result["paths"].values()))
+  return result
 
 
 if __name__ == "__main__":

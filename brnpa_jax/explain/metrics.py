@@ -226,7 +226,7 @@ class PerturbationCurves:
     return self._predict(variables, jnp.asarray(images_BxHxWx3, jnp.float32))
 
   def curves(self, variables, starts, ends, ranks_BxHxW, thresholds_S,
-             classes_B) -> np.ndarray:
+             classes_B, num_valid: int | None = None) -> np.ndarray:
     """Tracked-class probability for every image and threshold.
 
     Args:
@@ -237,11 +237,14 @@ class PerturbationCurves:
       thresholds_S: point s shows the pixels of rank < thresholds_S[s] from
         ``ends``.
       classes_B: tracked class per image.
+      num_valid: only the first ``num_valid`` images are real (a padded last
+        batch keeps its shape, so nothing recompiles); None: all.
 
     Returns:
-      (B, S) float32 numpy array.
+      (num_valid, S) float32 numpy array.
     """
-    b, s = ranks_BxHxW.shape[0], len(thresholds_S)
+    b = ranks_BxHxW.shape[0] if num_valid is None else num_valid
+    s = len(thresholds_S)
     pair_image = np.repeat(np.arange(b, dtype=np.int32), s)
     pair_k = np.tile(np.asarray(thresholds_S, np.int32), b)
     total = b * s
@@ -258,7 +261,7 @@ class PerturbationCurves:
     return np.asarray(jnp.concatenate(out))[:total].reshape(b, s)
 
   def _run(self, variables, images, ranks, thresholds, substrate, blurred,
-           modes, classes):
+           modes, classes, num_valid):
     images = jnp.asarray(images, jnp.float32)
     if classes is None:
       classes = self.predicted_classes(variables, images)
@@ -266,10 +269,10 @@ class PerturbationCurves:
     for mode in modes:
       if mode == "deletion":
         curve = self.curves(variables, images, substrate, ranks, thresholds,
-                            classes)
+                            classes, num_valid)
       elif mode == "insertion":
         curve = self.curves(variables, blurred, images, ranks, thresholds,
-                            classes)
+                            classes, num_valid)
       else:
         raise ValueError(f"Unknown mode {mode!r}; use 'deletion' or 'insertion'.")
       out[f"{mode}_curve"] = curve
@@ -278,7 +281,8 @@ class PerturbationCurves:
 
   def release(self, variables, images_BxHxWx3, saliency_Bxhxw, *,
               steps: int | None = None, classes_B=None,
-              modes=("deletion", "insertion")) -> dict[str, np.ndarray]:
+              modes=("deletion", "insertion"), num_valid: int | None = None
+              ) -> dict[str, np.ndarray]:
     """The release protocol: cells of the feature map, block by block.
 
     Step s (1..S) processes the ``s * N // S`` most salient cells (N = h*w
@@ -297,6 +301,8 @@ class PerturbationCurves:
       steps: S; None for one step per cell (the paper also uses 196).
       classes_B: tracked classes; None for the predicted ones.
       modes: which of 'deletion', 'insertion' to compute.
+      num_valid: curves of the first ``num_valid`` images only (see
+        ``curves``); None: all.
 
     Returns:
       ``{mode}_curve`` (B, S) and ``{mode}_auc`` (B,) numpy arrays.
@@ -305,11 +311,13 @@ class PerturbationCurves:
     ranks, thresholds = release_order(saliency_Bxhxw, images.shape[1:3], steps)
     blurred = box_blur(images) if "insertion" in modes else None
     return self._run(variables, images, ranks, thresholds,
-                     jnp.zeros_like(images), blurred, modes, classes_B)
+                     jnp.zeros_like(images), blurred, modes, classes_B,
+                     num_valid)
 
   def standard(self, variables, images_BxHxWx3, saliency_Bxhxw, *,
                pixels_per_step: int | None = None, classes_B=None,
-               modes=("deletion", "insertion")) -> dict[str, np.ndarray]:
+               modes=("deletion", "insertion"), num_valid: int | None = None
+               ) -> dict[str, np.ndarray]:
     """The standard protocol (Petsiuk et al. 2018, RISE).
 
     Pixels at input resolution ranked by the bilinearly upsampled saliency;
@@ -326,6 +334,8 @@ class PerturbationCurves:
       pixels_per_step: pixels processed per step.
       classes_B: tracked classes; None for the predicted ones.
       modes: which of 'deletion', 'insertion' to compute.
+      num_valid: curves of the first ``num_valid`` images only (see
+        ``curves``); None: all.
 
     Returns:
       ``{mode}_curve`` (B, S + 1) and ``{mode}_auc`` (B,) numpy arrays.
@@ -335,7 +345,8 @@ class PerturbationCurves:
                                        pixels_per_step)
     blurred = gaussian_blur(images) if "insertion" in modes else None
     return self._run(variables, images, ranks, thresholds,
-                     jnp.zeros_like(images), blurred, modes, classes_B)
+                     jnp.zeros_like(images), blurred, modes, classes_B,
+                     num_valid)
 
 
 # -- localisation ----------------------------------------------------------------
