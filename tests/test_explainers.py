@@ -1,0 +1,162 @@
+"""Post-hoc explainers: analytic cases, completeness, shapes and ranges."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from brnpa_jax.explain import explainers as ex
+from brnpa_jax.models import Classifier, build_model
+
+B, H, W = 2, 32, 48  # non-square on purpose
+NUM_CLASSES = 5
+# Small option values so that every method compiles and runs in seconds.
+FAST = {"rise": dict(num_masks=48, chunk=16), "smoothgrad": dict(num_samples=6),
+        "integrated_gradients": dict(steps=8), "scorecam": dict(chunk=32),
+        "ablationcam": dict(chunk=24)}
+
+
+def _model(head):
+  cfg = ml_collections.ConfigDict(dict(
+      backbone="resnet_tiny", res="high", head=head, num_maps=3, refine=True,
+      init="norm", aux_heads=False, dropout=0.0, use_bias=True,
+      zero_init_residual=False))
+  model = build_model(cfg, NUM_CLASSES)
+  images = jax.random.normal(jax.random.key(1), (B, H, W, 3))
+  return model, jax.jit(model.init)(jax.random.key(0), images), images
+
+
+@pytest.fixture(scope="module")
+def gap():
+  return _model("gap")
+
+
+def _minmax(m):
+  m = np.asarray(m, np.float64)
+  lo = m.min(axis=(1, 2), keepdims=True)
+  span = m.max(axis=(1, 2), keepdims=True) - lo
+  assert np.all(span > 0), "a test case with a constant map tests nothing"
+  return (m - lo) / span
+
+
+def _linear_cam(model, variables, images, weights_BxC):
+  """ReLU(sum_c weights_c A_c), upsampled and normalised, computed directly."""
+  feats = model.apply(variables, images, method=Classifier.features)
+  cam = jax.nn.relu(jnp.einsum("bhwc,bc->bhw", feats, weights_BxC))
+  return _minmax(jax.image.resize(cam, (B, H, W), "bilinear"))
+
+
+def test_split_model_equals_call(gap):
+  model, variables, images = gap
+  logits, aux = model.apply(variables, images)
+  feats = model.apply(variables, images, method=Classifier.features)
+  logits2, aux2 = model.apply(variables, feats, method=Classifier.classify_features)
+  np.testing.assert_array_equal(logits, logits2)
+  np.testing.assert_array_equal(aux["norms"], aux2["norms"])
+
+
+def test_grad_cam_on_linear_head_is_the_analytic_cam(gap):
+  model, variables, images = gap
+  kernel_CxN = variables["params"]["classifier"]["kernel"]
+  feats = model.apply(variables, images, method=Classifier.features)
+  # Per image the class whose CAM has the most positive mass (not all zero).
+  mass = jax.nn.relu(jnp.einsum("bhwc,cn->bnhw", feats, kernel_CxN)).sum((2, 3))
+  labels = jnp.argmax(mass, -1)
+  expected = _linear_cam(model, variables, images, kernel_CxN[:, labels].T)
+  got = ex.explain("gradcam", model, variables, images, labels)
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+  # labels=None explains the predicted class.
+  pred = jnp.argmax(model.apply(variables, images)[0], -1)
+  np.testing.assert_allclose(
+      ex.explain("gradcam", model, variables, images),
+      _linear_cam(model, variables, images, kernel_CxN[:, pred].T), atol=1e-5)
+
+
+def test_ablation_cam_on_linear_head_weights_are_logit_drops(gap):
+  # Zeroing channel c of a GAP + linear head drops logit y by W[c, y] mean(A_c).
+  model, variables, images = gap
+  kernel_CxN = variables["params"]["classifier"]["kernel"]
+  feats = model.apply(variables, images, method=Classifier.features)
+  labels = jnp.argmax(jnp.einsum("bhwc,cn->bn", feats, kernel_CxN), -1)
+  drops = kernel_CxN[:, labels].T * feats.mean(axis=(1, 2))
+  got = ex.explain("ablationcam", model, variables, images, labels,
+                   **FAST["ablationcam"])
+  np.testing.assert_allclose(got, _linear_cam(model, variables, images, drops),
+                             atol=1e-4)
+
+
+def test_integrated_gradients_completeness(gap):
+  model, variables, images = gap
+  labels = jnp.array([2, 0])
+  baseline = jnp.zeros_like(images)
+  attr = ex.explain("integrated_gradients", model, variables, images, labels,
+                    baseline=np.zeros(images.shape, np.float32), steps=64,
+                    chunk=65, raw=True)
+  logits = lambda x: model.apply(variables, x)[0][jnp.arange(B), labels]
+  gap_f = np.asarray(logits(images) - logits(baseline))
+  total = np.asarray(attr).sum(axis=(1, 2))
+  assert np.all(np.abs(gap_f) > 1e-3)
+  np.testing.assert_allclose(total, gap_f, rtol=0.01)
+
+
+@pytest.mark.parametrize("method", sorted(ex.EXPLAINERS))
+def test_every_method_shape_range_and_constant_input(gap, method):
+  model, variables, images = gap
+  opts = FAST.get(method, {})
+  maps = np.asarray(ex.explain(method, model, variables, images, **opts))
+  assert maps.shape == (B, H, W) and maps.dtype == np.float32
+  assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+  assert np.allclose(maps.max(axis=(1, 2)), 1, atol=1e-6)  # informative maps
+  const = ex.explain(method, model, variables, jnp.zeros_like(images), **opts)
+  assert np.isfinite(np.asarray(const)).all()
+  assert float(const.min()) >= 0 and float(const.max()) <= 1
+
+
+def test_own_saliency_per_head():
+  aux = {"maps": jnp.stack([jnp.eye(4), jnp.ones((4, 4))])[None],
+         "norms": jnp.arange(16.0).reshape(1, 4, 4)}
+  np.testing.assert_allclose(ex.own_saliency(aux, "brnpa"),
+                             _minmax(np.eye(4)[None] * aux["norms"]), atol=1e-6)
+  np.testing.assert_allclose(ex.own_saliency(aux, "gap"),
+                             _minmax(aux["norms"]), atol=1e-6)
+  bcnn = (np.eye(4) + 1)[None] / 2 * aux["norms"]
+  np.testing.assert_allclose(ex.own_saliency(aux, "bcnn"), _minmax(bcnn),
+                             atol=1e-6)
+
+
+def test_normalize_constant_and_nan_maps_are_zero():
+  maps = jnp.stack([jnp.full((3, 3), 7.0), jnp.full((3, 3), jnp.nan)])
+  np.testing.assert_array_equal(ex.normalize_maps(maps), 0.0)
+
+
+def test_rise_masks_do_not_depend_on_chunking():
+  rng = jax.random.key(3)
+  masks = jax.jit(ex.rise_masks, static_argnums=2)
+  whole = masks(rng, jnp.arange(6), (20, 30))
+  part = masks(rng, jnp.arange(3, 6), (20, 30))
+  np.testing.assert_array_equal(whole[3:], part)
+  assert whole.shape == (6, 20, 30) and 0 <= float(whole.min()) <= float(
+      whole.max()) <= 1
+  assert 0.3 < float(whole.mean()) < 0.7  # p = 0.5 of cells kept
+
+
+def test_jit_once_per_shape(gap):
+  model, variables, images = gap
+  ex.explain("gradcam", model, variables, images)
+  fn = ex._jitted("gradcam", model, ())
+  before = fn._cache_size()
+  ex.explain("gradcam", model, variables, images + 1.0, jnp.array([1, 2]))
+  assert fn._cache_size() == before
+
+
+def test_bad_input_errors(gap):
+  model, variables, images = gap
+  with pytest.raises(ValueError, match="known"):
+    ex.explain("lime", model, variables, images)
+  with pytest.raises(ValueError, match="options"):
+    ex.explain("gradcam", model, variables, images, steps=3)
+  with pytest.raises(ValueError, match=r"\(B, H, W, 3\)"):
+    ex.explain("gradcam", model, variables, images[..., 0])
+  with pytest.raises(ValueError, match="labels"):
+    ex.explain("gradcam", model, variables, images, jnp.array([1, 2, 3]))
