@@ -65,8 +65,7 @@ def result(workdir, tmp_path_factory):
   out = tmp_path_factory.mktemp("out")
   evaluate.main(["--workdir", str(workdir), "--methods", "own,gradcam",
                  "--split", "test", "--num_images", "6", "--batch_size", "4",
-                 "--chunk_size", "16", "--protocol", "both", "--out", str(out),
-                 "--no_figures"])
+                 "--chunk_size", "16", "--protocol", "both", "--out", str(out)])
   return out
 
 

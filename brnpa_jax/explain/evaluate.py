@@ -283,18 +283,38 @@ def write_tables(summary, per_image, out_dir: str, reference: str,
 
 
 # -- figures ---------------------------------------------------------------------
+CURVE_PANELS = {"deletion_curve": "deletion (release)",
+                "insertion_curve": "insertion (release)",
+                "deletion_curve_std": "deletion (standard)",
+                "insertion_curve_std": "insertion (standard)"}
+
+
+def display_name(row: str) -> str:
+  """``gap/gradcam`` -> ``gap: Grad-CAM``."""
+  from brnpa_jax.explain.explainers import DISPLAY_NAMES
+  run, _, method = row.partition("/")
+  return f"{run}: {DISPLAY_NAMES.get(method, method)}"
+
+
 def write_figures(examples, per_image, out_dir: str, num: int = 4) -> list[str]:
   """The method grid of the first ``num`` images and the mean curves."""
   from brnpa_jax.data.transforms import denormalize
   from brnpa_jax.explain import plots
-  images = denormalize(examples["image"][:num])
-  rows = list(per_image)
-  maps = {row: per_image[row]["saliency"][:num] for row in rows}
-  paths = [plots.save_method_grid(os.path.join(out_dir, "methods_grid.png"),
-                                  images, maps)]
-  curves = {row: {k: v.mean(0) for k, v in vals.items() if k.endswith(("_curve", "_curve_std"))}
-            for row, vals in per_image.items()}
-  paths.append(plots.save_curves(os.path.join(out_dir, "curves.png"), curves))
+  num = min(num, len(examples["image"]))
+  maps = {display_name(row): v["saliency"][:num] for row, v in per_image.items()}
+  titles = [f"label {l}" for l in examples["label"][:num]]
+  paths = [plots.save_method_grid(
+      os.path.join(out_dir, "methods_grid.png"),
+      denormalize(examples["image"][:num]), maps, row_titles=titles)]
+  panels = {}
+  for key, title in CURVE_PANELS.items():
+    curves = {display_name(row): (np.linspace(0, 1, v[key].shape[1]),
+                                  v[key].mean(0))
+              for row, v in per_image.items() if key in v}
+    if curves:
+      panels[title] = curves
+  paths.append(plots.save_curve_panels(os.path.join(out_dir, "curves.png"),
+                                       panels))
   return paths
 
 
