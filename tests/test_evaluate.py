@@ -115,3 +115,14 @@ def test_statistics():
   assert evaluate.paired_p([1, 2, 3], [1, 2, 3]) == 1.0
   a = np.arange(20.0)
   assert evaluate.paired_p(a + 1.0, a) < 1e-3
+
+
+def test_explainer_options():
+  assert evaluate.parse_options(["rise.num_masks=1000", "rise.keep=0.5",
+                                 "integrated_gradients.baseline=black"]) == {
+      "rise": {"num_masks": 1000, "keep": 0.5},
+      "integrated_gradients": {"baseline": "black"}}
+  with pytest.raises(ValueError, match="METHOD.NAME=VALUE"):
+    evaluate.parse_options(["num_masks=3"])
+  with pytest.raises(ValueError, match="rise takes"):
+    evaluate.parse_options(["rise.masks=3"])

@@ -24,6 +24,7 @@ method grid ``methods_grid.png`` and the mean curves ``curves.png``.
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import dataclasses
 import importlib.util
@@ -122,8 +123,9 @@ class Evaluator:
   """
 
   def __init__(self, run: Run, protocols, chunk_size: int, mask_key: str,
-               seed: int = 0):
+               seed: int = 0, options: dict[str, dict[str, Any]] | None = None):
     self.run, self.protocols, self.mask_key = run, tuple(protocols), mask_key
+    self.options = options or {}
     model = run.model
     apply_fn = lambda v, x: model.apply(v, x, train=False)[0]
     self.forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
@@ -139,7 +141,7 @@ class Evaluator:
       from brnpa_jax.explain.explainers import explain
       self.rng, rng = jax.random.split(self.rng)
       sal = explain(method, self.run.model, self.run.variables, images,
-                    predicted, rng=rng)
+                    predicted, rng=rng, **self.options.get(method, {}))
       sparsity = metrics.sparsity(jnp.asarray(sal)[:, None])
     sal = jax.block_until_ready(jnp.asarray(sal, jnp.float32))
     return sal, np.asarray(sparsity), time.perf_counter() - t0
@@ -330,10 +332,31 @@ def _per_workdir(values, workdirs, flag, default):
   return values
 
 
+def parse_options(items) -> dict[str, dict[str, Any]]:
+  """``['rise.num_masks=1000']`` -> ``{'rise': {'num_masks': 1000}}``."""
+  from brnpa_jax.explain.explainers import options_of
+  out: dict[str, dict[str, Any]] = {}
+  for item in items or ():
+    key, sep, value = item.partition("=")
+    method, dot, name = key.partition(".")
+    if not (sep and dot):
+      raise ValueError(f"--option {item!r}: expected METHOD.NAME=VALUE, e.g. "
+                       "rise.num_masks=1000.")
+    if name not in options_of(method):
+      raise ValueError(f"--option {item!r}: {method} takes "
+                       f"{sorted(options_of(method))}.")
+    try:
+      parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      parsed = value  # a bare string such as baseline=black
+    out.setdefault(method, {})[name] = parsed
+  return out
+
+
 def evaluate(workdirs, *, split="test", methods=None, configs=None,
              num_images=None, protocol="release", batch_size=50,
              chunk_size=64, mask_key="part_mask", reference=None, out_dir,
-             seed=0, figures=True) -> dict[str, Any]:
+             seed=0, options=None, figures=True) -> dict[str, Any]:
   """Evaluates runs and writes the tables; returns the summary and paths."""
   methods = [m.split(",") for m in _per_workdir(methods, workdirs, "--methods", "own")]
   configs = _per_workdir(configs, workdirs, "--config", None)
@@ -342,7 +365,7 @@ def evaluate(workdirs, *, split="test", methods=None, configs=None,
   examples, t0 = None, time.time()
   for workdir, config_arg, run_methods in zip(workdirs, configs, methods):
     run = load_run(workdir, config_arg)
-    evaluator = Evaluator(run, protocols, chunk_size, mask_key, seed)
+    evaluator = Evaluator(run, protocols, chunk_size, mask_key, seed, options)
     for batch, n in iterate_split(run.config, split, batch_size, num_images,
                                   mask_key):
       if examples is None:
@@ -362,6 +385,7 @@ def evaluate(workdirs, *, split="test", methods=None, configs=None,
   info = {"workdirs": list(workdirs), "split": split, "protocols": protocols,
           "num_images": len(next(iter(per_image.values()))["accuracy"]),
           "mask_key": mask_key, "seconds": time.time() - t0,
+          "options": options or {},
           "ci": "95% t interval", "paired_test": "two-sided Wilcoxon signed-rank"}
   paths = write_tables(summary, per_image, out_dir, reference, info)
   if figures:
@@ -394,6 +418,9 @@ def main(argv=None):
   p.add_argument("--reference", help="row of the paired tests (default: the "
                  "first, e.g. brnpa/own)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--option", action="append",
+                 help="an explainer option, METHOD.NAME=VALUE (repeatable), "
+                      "e.g. rise.num_masks=1000")
   p.add_argument("--no_figures", action="store_true",
                  help="tables only (no method grid or curve plots)")
   args = p.parse_args(argv)
@@ -402,7 +429,8 @@ def main(argv=None):
       num_images=args.num_images, protocol=args.protocol,
       batch_size=args.batch_size, chunk_size=args.chunk_size,
       mask_key=args.mask_key, reference=args.reference, out_dir=args.out,
-      seed=args.seed, figures=not args.no_figures)
+      seed=args.seed, options=parse_options(args.option),
+      figures=not args.no_figures)
   with open(result["paths"]["md"]) as f:
     print("\n" + f.read())
   print("Wrote", ", ".join(str(v) for v in result["paths"].values()))
