@@ -1,8 +1,9 @@
 r"""Evaluates trained runs: accuracy and every map metric, own maps and post-hoc.
 
-  python -m brnpa_jax.explain.evaluate --workdir runs/brnpa --workdir runs/gap \
-      --workdir runs/bcnn --methods own --methods own,gradcam,gradcampp,scorecam,rise \
-      --methods own --split test --out runs/eval
+  python -m brnpa_jax.explain.evaluate --split test --out runs/eval \
+      --workdir runs/brnpa --methods own \
+      --workdir runs/gap --methods own,gradcam,gradcampp,scorecam,rise \
+      --workdir runs/bcnn --methods own
 
 For each ``--workdir`` the best checkpoint is restored (its config is the
 ``config.json`` the trainer writes there, or ``--config PATH[:ARGS]`` given
@@ -123,9 +124,11 @@ class Evaluator:
   """
 
   def __init__(self, run: Run, protocols, chunk_size: int, mask_key: str,
-               seed: int = 0, options: dict[str, dict[str, Any]] | None = None):
+               seed: int = 0, options: dict[str, dict[str, Any]] | None = None,
+               steps: int | None = None, pixels_per_step: int | None = None):
     self.run, self.protocols, self.mask_key = run, tuple(protocols), mask_key
     self.options = options or {}
+    self.steps, self.pixels_per_step = steps, pixels_per_step
     model = run.model
     apply_fn = lambda v, x: model.apply(v, x, train=False)[0]
     self.forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
@@ -164,13 +167,14 @@ class Evaluator:
                 "energy": np.asarray(metrics.energy_pointing_game(sal, masks))[:n]}
       if "release" in self.protocols:
         r = self.curves.release(self.run.variables, images,
-                                metrics.to_cells(sal, cells), classes_B=predicted,
-                                num_valid=n)
+                                metrics.to_cells(sal, cells), steps=self.steps,
+                                classes_B=predicted, num_valid=n)
         values.update(dauc=r["deletion_auc"], iauc=r["insertion_auc"],
                       deletion_curve=r["deletion_curve"],
                       insertion_curve=r["insertion_curve"])
       if "standard" in self.protocols:
         r = self.curves.standard(self.run.variables, images, sal,
+                                 pixels_per_step=self.pixels_per_step,
                                  classes_B=predicted, num_valid=n)
         values.update(dauc_std=r["deletion_auc"], iauc_std=r["insertion_auc"],
                       deletion_curve_std=r["deletion_curve"],
@@ -356,7 +360,8 @@ def parse_options(items) -> dict[str, dict[str, Any]]:
 def evaluate(workdirs, *, split="test", methods=None, configs=None,
              num_images=None, protocol="release", batch_size=50,
              chunk_size=64, mask_key="part_mask", reference=None, out_dir,
-             seed=0, options=None, figures=True) -> dict[str, Any]:
+             seed=0, options=None, steps=None, pixels_per_step=None,
+             figures=True) -> dict[str, Any]:
   """Evaluates runs and writes the tables; returns the summary and paths."""
   methods = [m.split(",") for m in _per_workdir(methods, workdirs, "--methods", "own")]
   configs = _per_workdir(configs, workdirs, "--config", None)
@@ -365,7 +370,8 @@ def evaluate(workdirs, *, split="test", methods=None, configs=None,
   examples, t0 = None, time.time()
   for workdir, config_arg, run_methods in zip(workdirs, configs, methods):
     run = load_run(workdir, config_arg)
-    evaluator = Evaluator(run, protocols, chunk_size, mask_key, seed, options)
+    evaluator = Evaluator(run, protocols, chunk_size, mask_key, seed, options,
+                          steps, pixels_per_step)
     for batch, n in iterate_split(run.config, split, batch_size, num_images,
                                   mask_key):
       if examples is None:
@@ -385,7 +391,8 @@ def evaluate(workdirs, *, split="test", methods=None, configs=None,
   info = {"workdirs": list(workdirs), "split": split, "protocols": protocols,
           "num_images": len(next(iter(per_image.values()))["accuracy"]),
           "mask_key": mask_key, "seconds": time.time() - t0,
-          "options": options or {},
+          "options": options or {}, "release_steps": steps or "one per cell",
+          "pixels_per_step": pixels_per_step or "image width",
           "ci": "95% t interval", "paired_test": "two-sided Wilcoxon signed-rank"}
   paths = write_tables(summary, per_image, out_dir, reference, info)
   if figures:
@@ -410,6 +417,12 @@ def main(argv=None):
   p.add_argument("--num_images", type=int, help="first N examples (default: all)")
   p.add_argument("--protocol", choices=("release", "standard", "both"),
                  default="release")
+  p.add_argument("--steps", type=int,
+                 help="release protocol steps (default: one per cell; the "
+                      "paper also uses 196)")
+  p.add_argument("--pixels_per_step", type=int,
+                 help="standard protocol (default: the image width, 224 on "
+                      "224x224)")
   p.add_argument("--batch_size", type=int, default=50)
   p.add_argument("--chunk_size", type=int, default=64,
                  help="perturbed images per forward in deletion/insertion")
@@ -429,7 +442,8 @@ def main(argv=None):
       num_images=args.num_images, protocol=args.protocol,
       batch_size=args.batch_size, chunk_size=args.chunk_size,
       mask_key=args.mask_key, reference=args.reference, out_dir=args.out,
-      seed=args.seed, options=parse_options(args.option),
+      seed=args.seed, options=parse_options(args.option), steps=args.steps,
+      pixels_per_step=args.pixels_per_step,
       figures=not args.no_figures)
   with open(result["paths"]["md"]) as f:
     print("\n" + f.read())
