@@ -38,7 +38,7 @@ from brnpa_jax.models import BACKBONES, STRIDES, Classifier
 from brnpa_jax.models.heads import BRNPAHead
 
 PRESETS = {
-    "default": dict(backbone="resnet18", width=16, size=64, images=4, chunk=32,
+    "default": dict(backbone="resnet18", width=16, size=64, images=4, chunk=16,
                     time_steps=0, rounds=3),
     "paper": dict(backbone="resnet50", width=64, size=448, images=1, chunk=16,
                   time_steps=16, rounds=1),
