@@ -125,10 +125,12 @@ class Evaluator:
 
   def __init__(self, run: Run, protocols, chunk_size: int, mask_key: str,
                seed: int = 0, options: dict[str, dict[str, Any]] | None = None,
-               steps: int | None = None, pixels_per_step: int | None = None):
+               steps: int | None = None, pixels_per_step: int | None = None,
+               tolerance: float = metrics.POINTING_TOLERANCE):
     self.run, self.protocols, self.mask_key = run, tuple(protocols), mask_key
     self.options = options or {}
     self.steps, self.pixels_per_step = steps, pixels_per_step
+    self.tolerance = tolerance
     model = run.model
     apply_fn = lambda v, x: model.apply(v, x, train=False)[0]
     self.forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
@@ -163,7 +165,8 @@ class Evaluator:
       sal, sparsity, seconds = self.saliency(method, images, predicted, aux)
       values = {"accuracy": correct, "sparsity": sparsity[:n],
                 "explain_seconds": np.full(n, seconds / len(images)),
-                "pointing": np.asarray(metrics.pointing_game(sal, masks))[:n],
+                "pointing": np.asarray(metrics.pointing_game(
+                    sal, masks, tolerance=self.tolerance))[:n],
                 "energy": np.asarray(metrics.energy_pointing_game(sal, masks))[:n]}
       if "release" in self.protocols:
         r = self.curves.release(self.run.variables, images,
@@ -361,7 +364,8 @@ def evaluate(workdirs, *, split="test", methods=None, configs=None,
              num_images=None, protocol="release", batch_size=50,
              chunk_size=64, mask_key="part_mask", reference=None, out_dir,
              seed=0, options=None, steps=None, pixels_per_step=None,
-             figures=True) -> dict[str, Any]:
+             tolerance=metrics.POINTING_TOLERANCE, figures=True
+             ) -> dict[str, Any]:
   """Evaluates runs and writes the tables; returns the summary and paths."""
   methods = [m.split(",") for m in _per_workdir(methods, workdirs, "--methods", "own")]
   configs = _per_workdir(configs, workdirs, "--config", None)
@@ -371,7 +375,7 @@ def evaluate(workdirs, *, split="test", methods=None, configs=None,
   for workdir, config_arg, run_methods in zip(workdirs, configs, methods):
     run = load_run(workdir, config_arg)
     evaluator = Evaluator(run, protocols, chunk_size, mask_key, seed, options,
-                          steps, pixels_per_step)
+                          steps, pixels_per_step, tolerance)
     for batch, n in iterate_split(run.config, split, batch_size, num_images,
                                   mask_key):
       if examples is None:
@@ -393,6 +397,7 @@ def evaluate(workdirs, *, split="test", methods=None, configs=None,
           "mask_key": mask_key, "seconds": time.time() - t0,
           "options": options or {}, "release_steps": steps or "one per cell",
           "pixels_per_step": pixels_per_step or "image width",
+          "pointing_tolerance_px": tolerance,
           "ci": "95% t interval", "paired_test": "two-sided Wilcoxon signed-rank"}
   paths = write_tables(summary, per_image, out_dir, reference, info)
   if figures:
@@ -426,6 +431,8 @@ def main(argv=None):
   p.add_argument("--batch_size", type=int, default=50)
   p.add_argument("--chunk_size", type=int, default=64,
                  help="perturbed images per forward in deletion/insertion")
+  p.add_argument("--tolerance", type=float, default=metrics.POINTING_TOLERANCE,
+                 help="pointing game tolerance in pixels (SPEC: 15)")
   p.add_argument("--mask_key", default="part_mask",
                  help="ground truth of the pointing games")
   p.add_argument("--reference", help="row of the paired tests (default: the "
@@ -443,7 +450,7 @@ def main(argv=None):
       batch_size=args.batch_size, chunk_size=args.chunk_size,
       mask_key=args.mask_key, reference=args.reference, out_dir=args.out,
       seed=args.seed, options=parse_options(args.option), steps=args.steps,
-      pixels_per_step=args.pixels_per_step,
+      pixels_per_step=args.pixels_per_step, tolerance=args.tolerance,
       figures=not args.no_figures)
   with open(result["paths"]["md"]) as f:
     print("\n" + f.read())
