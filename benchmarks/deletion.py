@@ -1,7 +1,7 @@
 r"""Deletion metric: batched jitted forwards vs one jitted forward per step.
 
-  python -m benchmarks.deletion                   # ~2 minutes on 2 CPU cores
-  python -m benchmarks.deletion --preset paper    # ResNet-50, 448 px, 56x56
+  python -m benchmarks.deletion                   # under a minute on 2 CPU cores
+  python -m benchmarks.deletion --preset paper    # ResNet-50, 448 px, 56x56 (CPU: minutes)
   python -m benchmarks.deletion --preset paper --device-run   # on a GPU
 
 Times, per image, the deletion metric of ``brnpa_jax.explain.metrics`` in
@@ -40,8 +40,8 @@ from brnpa_jax.models.heads import BRNPAHead
 PRESETS = {
     "default": dict(backbone="resnet18", width=16, size=64, images=4, chunk=16,
                     time_steps=0, rounds=3),
-    "paper": dict(backbone="resnet50", width=64, size=448, images=1, chunk=16,
-                  time_steps=16, rounds=1),
+    "paper": dict(backbone="resnet50", width=64, size=448, images=1, chunk=8,
+                  time_steps=8, rounds=1),
 }
 # On an accelerator the paper preset runs every batched step and 256 loop steps.
 DEVICE_RUN = dict(images=2, chunk=64, time_steps=0, loop_steps=256, rounds=1)
