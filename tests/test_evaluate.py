@@ -1,0 +1,128 @@
+"""End-to-end of the evaluation entry point on a tiny (untrained) checkpoint."""
+
+import csv
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from brnpa_jax.explain import evaluate
+from brnpa_jax.train.trainer import Trainer
+from configs import default
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_config(data_dir):
+  c = default.get_config("runlocal")
+  c.unlock()
+  c.data.data_dir = str(data_dir)
+  c.mesh.num_devices = 1
+  c.data.parts.train_size, c.data.parts.validation_size = 32, 8
+  c.data.parts.test_size = 8
+  c.lock()
+  return c
+
+
+def _random_state(shapes):
+  """He-scaled random kernels, unit BatchNorm: a working untrained model
+  without compiling the initialiser (most of this test's time otherwise)."""
+  rng = np.random.default_rng(0)
+
+  def fill(path, s):
+    name = jax.tree_util.keystr(path)
+    if "kernel" in name and "params" in name:
+      fan_in = int(np.prod(s.shape[:-1]))
+      return (rng.normal(size=s.shape) * np.sqrt(2 / fan_in)).astype(s.dtype)
+    if name.endswith(("scale']", "var']")) and "opt_state" not in name:
+      return np.ones(s.shape, s.dtype)
+    return np.zeros(s.shape, s.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A run whose best checkpoint is a random state, with config.json."""
+  root = tmp_path_factory.mktemp("eval")
+  config = _tiny_config(root / "tfds")
+  run = root / "brnpa"
+  trainer = Trainer(config, str(run))
+  state = _random_state(trainer.state_shapes)
+  trainer.ckpt.save(1, state, {"best_val_accuracy": 0.0, "best_step": 1,
+                               "epoch": 1}, best=True)
+  trainer.ckpt.wait_until_finished()
+  trainer.close()
+  with open(run / "config.json", "w") as f:
+    f.write(config.to_json())
+  return run
+
+
+@pytest.fixture(scope="module")
+def result(workdir, tmp_path_factory):
+  out = tmp_path_factory.mktemp("out")
+  evaluate.main(["--workdir", str(workdir), "--methods", "own,gradcam",
+                 "--split", "test", "--num_images", "6", "--batch_size", "4",
+                 "--chunk_size", "16", "--protocol", "both", "--out", str(out)])
+  return out
+
+
+def test_tables_hold_every_metric(result):
+  saved = json.load(open(result / "results.json"))
+  rows = {(r["row"], r["metric"]): r for r in saved["results"]}
+  assert saved["reference"] == "brnpa/own"
+  assert saved["info"]["num_images"] == 6  # 4 + 2: the padding is dropped
+  for method in ("own", "gradcam"):
+    for metric in ("accuracy", "sparsity", "dauc", "iauc", "dauc_std",
+                   "iauc_std", "pointing", "energy"):
+      r = rows[(f"brnpa/{method}", metric)]
+      assert r["n"] == 6 and 0.0 <= r["mean"] <= 1.0 and r["ci95"] >= 0.0
+  assert rows[("brnpa/own", "dauc")]["p_vs_reference"] is None
+  assert 0.0 <= rows[("brnpa/gradcam", "dauc")]["p_vs_reference"] <= 1.0
+  # Same images, same model: the accuracy is shared by both rows.
+  assert (rows[("brnpa/own", "accuracy")]["mean"]
+          == rows[("brnpa/gradcam", "accuracy")]["mean"])
+  with open(result / "results.csv") as f:
+    assert len(list(csv.DictReader(f))) == len(saved["results"])
+  table = open(result / "results.md").read()
+  assert "| brnpa/gradcam |" in table and "Wilcoxon" in table
+  per_image = np.load(result / "per_image.npz")
+  assert per_image["brnpa/own/deletion_curve"].shape == (6, 64)  # 8x8 cells
+  assert per_image["brnpa/own/deletion_curve_std"].shape == (6, 65)
+
+
+def test_figures_written(result):
+  for name in ("methods_grid.png", "curves.png"):
+    assert os.path.getsize(result / name) > 1000
+
+
+def test_config_fallback_and_errors(tmp_path):
+  cfg = evaluate.load_config(str(tmp_path),
+                             os.path.join(REPO, "configs/default.py") + ":head=gap")
+  assert cfg.model.head == "gap"
+  with pytest.raises(FileNotFoundError, match="--config"):
+    evaluate.load_config(str(tmp_path))
+  with pytest.raises(ValueError, match="once per workdir"):
+    evaluate._per_workdir(["a", "b"], ["w1", "w2", "w3"], "--methods", "own")
+
+
+def test_statistics():
+  mean, half = evaluate.mean_ci([1.0, 2.0, 3.0])
+  # t(0.975, 2) = 4.303; sd 1; half-width 4.303 / sqrt(3)
+  assert mean == 2.0 and abs(half - 4.302653 / np.sqrt(3)) < 1e-5
+  assert evaluate.paired_p([1, 2, 3], [1, 2, 3]) == 1.0
+  a = np.arange(20.0)
+  assert evaluate.paired_p(a + 1.0, a) < 1e-3
+
+
+def test_explainer_options():
+  assert evaluate.parse_options(["rise.num_masks=1000", "rise.keep=0.5",
+                                 "integrated_gradients.baseline=black"]) == {
+      "rise": {"num_masks": 1000, "keep": 0.5},
+      "integrated_gradients": {"baseline": "black"}}
+  with pytest.raises(ValueError, match="METHOD.NAME=VALUE"):
+    evaluate.parse_options(["num_masks=3"])
+  with pytest.raises(ValueError, match="rise takes"):
+    evaluate.parse_options(["rise.masks=3"])
