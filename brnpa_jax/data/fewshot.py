@@ -38,7 +38,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from brnpa_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_size
+from brnpa_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD, resize_size
 
 SPLITS = ("base", "val", "novel")
 OMNIGLOT_BACKGROUND = 964

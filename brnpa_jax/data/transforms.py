@@ -19,13 +19,9 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from brnpa_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD, resize_size
 
-
-def resize_size(size: int, resize_ratio: float) -> int:
-  """The short side before cropping (torchvision's ``int(size / ratio)``)."""
-  return int(size / resize_ratio + 1e-6)  # 448 / 0.875 is exactly 512
+# (re-exported: the transforms and their callers import them from here)
 
 
 def resized_shape(hw, short_side: int):
