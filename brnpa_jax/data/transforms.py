@@ -19,9 +19,8 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from brnpa_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD, resize_size
-
-# (re-exported: the transforms and their callers import them from here)
+from brnpa_jax.data.normalization import (  # re-exported
+    IMAGENET_MEAN, IMAGENET_STD, denormalize, resize_size)
 
 
 def resized_shape(hw, short_side: int):
@@ -121,20 +120,6 @@ def color_jitter(image, brightness: float, saturation: float, seed):
 def normalize(image):
   """[0, 1] RGB -> ImageNet-normalised float32."""
   return (image - IMAGENET_MEAN) / IMAGENET_STD
-
-
-def denormalize(image: np.ndarray) -> np.ndarray:
-  """Inverse of ``normalize`` for display: (..., 3) float -> uint8.
-
-  Args:
-    image: normalised image(s), channels last, any leading dimensions.
-
-  Returns:
-    uint8 array of the same shape.
-  """
-  std, mean = np.float32(IMAGENET_STD), np.float32(IMAGENET_MEAN)
-  x = np.asarray(image, np.float32) * std + mean
-  return np.round(np.clip(x, 0.0, 1.0) * 255).astype(np.uint8)
 
 
 def train_transform(image, masks: dict, seed, *, size: int,

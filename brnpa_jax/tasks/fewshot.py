@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 from brnpa_jax.data import fewshot as data_lib
-from brnpa_jax.data.transforms import denormalize
+from brnpa_jax.data.normalization import denormalize
 from brnpa_jax.explain.overlay import save_overlay_grid
 from brnpa_jax.tasks import classification
 
