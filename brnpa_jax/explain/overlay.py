@@ -149,7 +149,12 @@ def save_overlay_grid(path: str, images: np.ndarray, maps: np.ndarray,
   for ax in axes.ravel():
     ax.axis("off")
   fig.tight_layout()
+  return save_figure(fig, path)
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> str:
+  """Writes a matplotlib figure as PNG (making its folder) and closes it."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=dpi)
   plt.close(fig)
   return path

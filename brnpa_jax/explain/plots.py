@@ -7,7 +7,6 @@ and returns the path written.
 
 from __future__ import annotations
 
-import os
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -16,17 +15,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from brnpa_jax.explain.overlay import heat_overlay  # noqa: E402
+from brnpa_jax.explain.overlay import heat_overlay, save_figure  # noqa: E402
 
 PANEL_INCHES = 1.6
 DPI = 110
-
-
-def _save(fig, path: str, dpi: int) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=dpi)
-  plt.close(fig)
-  return path
 
 
 def save_method_grid(path: str, images: np.ndarray,
@@ -67,7 +59,7 @@ def save_method_grid(path: str, images: np.ndarray,
   for ax in axes.ravel():
     ax.axis("off")
   fig.tight_layout(pad=0.3, h_pad=0.8)
-  return _save(fig, path, dpi)
+  return save_figure(fig, path, dpi)
 
 
 def _trapezoid(x: np.ndarray, y: np.ndarray) -> float:
@@ -108,7 +100,7 @@ def save_curve_panels(path: str,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
   fig.tight_layout()
-  return _save(fig, path, dpi)
+  return save_figure(fig, path, dpi)
 
 
 def save_curves(path: str, curves: Mapping[str, tuple[np.ndarray, np.ndarray]],

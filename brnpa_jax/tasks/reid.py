@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from brnpa_jax.data import reid as reid_data
 from brnpa_jax.data.transforms import denormalize
-from brnpa_jax.explain.overlay import rank_overlay
+from brnpa_jax.explain.overlay import rank_overlay, save_figure
 from brnpa_jax.models.reid import build_reid_model, reid_loss, squared_distances
 from brnpa_jax.tasks.base import Task
 
@@ -290,7 +290,4 @@ def save_retrieval_figure(path: str, images, maps, norms, *, query_ids,
   for ax in axes.ravel():
     ax.axis("off")
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path)

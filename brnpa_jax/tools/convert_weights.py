@@ -30,7 +30,11 @@ from brnpa_jax.models import weights
 
 
 def _structure(arch: str):
-  kw = BACKBONES[arch].keywords
+  """(block expansion, stage sizes, width) of a torchvision-layout ResNet;
+  None for the backbones of other layouts (ResNet-12)."""
+  kw = getattr(BACKBONES[arch], "keywords", None)
+  if not kw or "block" not in kw:
+    return None
   return kw["block"].expansion, tuple(kw["stage_sizes"]), kw.get("width", 64)
 
 
