@@ -52,9 +52,14 @@ class Checkpointer:
            force: bool = False) -> None:
     """Saves asynchronously; ``best`` also replaces the best checkpoint."""
     managers = [self._latest] + ([self._best] if best else [])
-    for mgr in managers:
+    for i, mgr in enumerate(managers):
       if mgr.latest_step() == step:
         continue  # already saved at this step (e.g. preemption after an epoch)
+      if i > 0:
+        # Orbax names its multi-host commit barriers by step alone, so two
+        # managers committing the same step at once collide ("barrier already
+        # ongoing"): let the first finish before the second starts.
+        managers[i - 1].wait_until_finished()
       mgr.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
           force=force)
