@@ -43,8 +43,8 @@ def _import_optuna():
   try:
     import optuna  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError("The sweep needs Optuna, an optional extra: pip install "
-                      "-r requirements-extras.txt (optuna==5.0.0).") from e
+    raise ImportError("The sweep needs Optuna (in requirements.txt): pip "
+                      "install -r requirements.txt -c constraints.txt.") from e
   return optuna
 
 

@@ -15,7 +15,7 @@ try:
 except ImportError:
   optuna = None
 needs_optuna = pytest.mark.skipif(
-    optuna is None, reason="Optuna is an optional extra (requirements-extras.txt)")
+    optuna is None, reason="Optuna is not installed (requirements.txt)")
 
 
 def tiny_config(data_dir, arg="runlocal,epochs=1,head=gap,res=low"):
