@@ -135,5 +135,5 @@ def test_changed_choices_are_a_clear_error(tmp_path, monkeypatch):
 
 def test_missing_optuna_is_a_clear_error(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "optuna", None)
-  with pytest.raises(ImportError, match="requirements-extras.txt"):
+  with pytest.raises(ImportError, match="requirements.txt"):
     sweep.run_sweep(tiny_config(tmp_path), str(tmp_path / "s"), trials=1)
