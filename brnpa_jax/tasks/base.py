@@ -8,11 +8,8 @@ evaluation (host side). ``config.task`` names one in ``brnpa_jax.tasks.TASKS``.
 
 from __future__ import annotations
 
+import abc
 from typing import Any
-
-import jax
-import jax.numpy as jnp
-import numpy as np
 
 from brnpa_jax.models import build_model
 
@@ -24,10 +21,11 @@ def _pipeline():
   return input_pipeline
 
 
-class Task:
+class Task(abc.ABC):
   """Base task: reads ``config.data`` through ``input_pipeline``.
 
-  Subclasses override what differs. Attributes:
+  Subclasses define the loss and the evaluation, and override what else
+  differs. Attributes:
     selection_metric: the key of ``evaluate``'s result that selects the best
       model on the validation split (higher is better).
   """
@@ -83,58 +81,21 @@ class Task:
     """Extra arrays the train step receives (replicated), e.g. a teacher."""
     return None
 
+  @abc.abstractmethod
   def loss_and_metrics(self, logits, aux, batch, context):
     """``(loss, metrics)``; metrics are scalars and include ``loss``."""
-    raise NotImplementedError
-
-  def eval_metrics(self, logits, aux, batch):
-    """Per-batch sums for the default ``evaluate`` (``count`` included)."""
-    raise NotImplementedError
-
-  def finalize_eval(self, sums) -> dict[str, float]:
-    count = max(float(sums["count"]), 1.0)
-    return {k: float(v) / count for k, v in sums.items() if k != "count"}
 
   # -- evaluation (host side) --------------------------------------------------
+  @abc.abstractmethod
   def evaluate(self, trainer, state, split: str) -> dict[str, float]:
-    """Sums ``eval_metrics`` over a split's padded batches; means over real ones."""
-    ds = self.eval_dataset(split, batch_size=trainer.local_eval_batch,
-                           process_index=jax.process_index(),
-                           process_count=jax.process_count())
-    totals = None
-    for batch in ds.as_numpy_iterator():
-      batch = {k: v for k, v in batch.items() if k in self.eval_keys}
-      sums = trainer.eval_step(state, trainer.to_global(batch))
-      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    if totals is None:
-      raise ValueError(f"Split {split!r} has no examples.")
-    return self.finalize_eval(jax.device_get(totals))
+    """The split's metrics for ``state``, ``selection_metric`` among them.
 
-  eval_keys = ("image", "label", "mask")
+    Useful members of ``trainer``: ``eval_step`` (a task's ``eval_metrics``
+    summed per batch, when it defines one), ``forward``, ``to_global``,
+    ``local_eval_batch``.
+    """
 
   def visualize(self, trainer, state, count: int) -> str | None:
     """Writes a picture of the best state's maps; returns its path or None."""
     del trainer, state, count
     return None
-
-
-def forward_batches(trainer, state, images_NxHxWx3: np.ndarray,
-                    keys=("embedding",)) -> dict[str, np.ndarray]:
-  """Runs ``trainer.forward`` over host images in padded fixed-size batches.
-
-  Returns the requested ``aux`` entries (and ``logits``) for the N images,
-  concatenated on the host. Single-process helper for retrieval and episodes.
-  """
-  n, bs = len(images_NxHxWx3), trainer.local_eval_batch
-  out: dict[str, list] = {}
-  for start in range(0, n, bs):
-    chunk = images_NxHxWx3[start:start + bs]
-    real = len(chunk)
-    if real < bs:
-      pad = np.zeros((bs - real,) + chunk.shape[1:], chunk.dtype)
-      chunk = np.concatenate([chunk, pad])
-    logits, aux = trainer.forward(state, trainer.to_global({"image": chunk})["image"])
-    got = dict({k: aux[k] for k in keys}, logits=logits)
-    for k, v in jax.device_get(got).items():
-      out.setdefault(k, []).append(np.asarray(v)[:real])
-  return {k: np.concatenate(v) for k, v in out.items()}

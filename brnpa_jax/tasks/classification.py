@@ -81,6 +81,20 @@ class ClassificationTask(Task):
   def eval_metrics(self, logits, aux, batch):
     return eval_metrics(logits, aux, batch)
 
+  def evaluate(self, trainer, state, split: str) -> dict[str, float]:
+    """Sums ``eval_metrics`` over a split's padded batches; means over real ones."""
+    ds = self.eval_dataset(split, batch_size=trainer.local_eval_batch,
+                           process_index=jax.process_index(),
+                           process_count=jax.process_count())
+    totals = None
+    for batch in ds.as_numpy_iterator():
+      batch = {k: v for k, v in batch.items() if k in ("image", "label", "mask")}
+      sums = trainer.eval_step(state, trainer.to_global(batch))
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if totals is None:
+      raise ValueError(f"Split {split!r} has no examples.")
+    return finalize_eval(jax.device_get(totals))
+
   def visualize(self, trainer, state, count: int) -> str | None:
     """PNG grid of the ranked maps over the first ``count`` images of the last
     evaluation split (the test split by default)."""

@@ -179,7 +179,9 @@ def jit_steps(model, tx: optax.GradientTransformation, mesh: Mesh,
       init=jax.jit(init, out_shardings=state_sharding),
       train=jax.jit(train, in_shardings=train_in,
                     out_shardings=(state_sharding, repl), donate_argnums=0),
-      eval=jax.jit(make_eval_step(model, task.eval_metrics if task else None),
+      # Tasks that evaluate by per-batch sums define eval_metrics; the others
+      # (retrieval, episodes) never call this step.
+      eval=jax.jit(make_eval_step(model, getattr(task, "eval_metrics", None)),
                    in_shardings=(state_sharding, data), out_shardings=repl),
       predict=jax.jit(make_predict_fn(model), in_shardings=(state_sharding, data),
                       out_shardings=repl),
