@@ -3,7 +3,8 @@ r"""What XLA:CPU settings do to the ResNet-50 + BR-NPA train step.
   python -m benchmarks.cpu_flags                  # 224 px, low res, batch 4
   python -m benchmarks.cpu_flags --size 448 --res high --batch 2
 
-Each setting (XLA flags, compute dtype) runs ``benchmarks.train_step``'s JAX
+Each setting (XLA flags, compute dtype, or the zoo's 1x1 convolutions left
+as XLA:CPU convolutions instead of matmuls) runs ``benchmarks.train_step``'s JAX
 measurement in a fresh process (XLA reads its flags once per process); eager
 PyTorch on the same model is measured in this process before and after the
 settings, and every ratio uses their mean, so drift of a shared machine shows
@@ -18,8 +19,12 @@ import os
 import subprocess
 import sys
 
+# (name, XLA flags, compute dtype). "1x1 as convolutions" turns off the
+# zoo's 1x1-convolutions-as-matmuls (brnpa_jax/models/conv.py) in its process:
+# what the step costs with XLA:CPU's own convolution for every layer.
 SETTINGS = [
     ("baseline", "", "float32"),
+    ("1x1 as convolutions", "", "float32"),
     ("oneDNN", "--xla_cpu_use_onednn=true", "float32"),
     ("XNNPACK", "--xla_cpu_use_xnnpack=true", "float32"),
     ("fast math", "--xla_cpu_enable_fast_math=true", "float32"),
@@ -30,7 +35,10 @@ SETTINGS = [
 _CHILD = """
 import json, sys
 from benchmarks.train_step import jax_figures
-size, res, batch, iters, dtype = sys.argv[1:6]
+size, res, batch, iters, dtype, plain = sys.argv[1:7]
+if plain == "1":
+  from brnpa_jax.models import conv
+  conv._pointwise = lambda *args: False
 tr, inf, comp, mib, fl = jax_figures("brnpa", int(size), res, int(batch),
                                      int(iters), dtype)
 print("RESULT " + json.dumps(dict(train=tr, infer=inf, compile=comp, mib=mib,
@@ -38,12 +46,13 @@ print("RESULT " + json.dumps(dict(train=tr, infer=inf, compile=comp, mib=mib,
 """
 
 
-def run_setting(flags, dtype, args):
+def run_setting(name, flags, dtype, args):
   env = dict(os.environ)
   env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", ""), flags) if f)
+  plain = str(int(name == "1x1 as convolutions"))
   out = subprocess.run(
       [sys.executable, "-c", _CHILD, str(args.size), args.res, str(args.batch),
-       str(args.iters), dtype], env=env, capture_output=True, text=True,
+       str(args.iters), dtype, plain], env=env, capture_output=True, text=True,
       check=False)
   for line in out.stdout.splitlines():
     if line.startswith("RESULT "):
@@ -68,7 +77,7 @@ def main():
   ref = []
   if torch_figures:
     ref.append(torch_figures("brnpa", args.size, args.res, args.batch, args.iters)[0])
-  rows = [(name, flags, dtype, run_setting(flags, dtype, args))
+  rows = [(name, flags, dtype, run_setting(name, flags, dtype, args))
           for name, flags, dtype in SETTINGS]
   if torch_figures:
     ref.append(torch_figures("brnpa", args.size, args.res, args.batch, args.iters)[0])
@@ -77,14 +86,14 @@ def main():
         f"{args.batch}, {os.cpu_count()} CPU cores; eager PyTorch "
         + (" / ".join(f"{r:.2f}" for r in ref) + " img/s (before / after)"
            if ref else "not measured"))
-  print(f"{'setting':<18} {'dtype':<9} | {'img/s':>6} {'vs torch':>8} "
+  print(f"{'setting':<20} {'dtype':<9} | {'img/s':>6} {'vs torch':>8} "
         f"{'vs base':>7} | {'compile':>7} {'MiB':>6}")
   base = rows[0][3].get("train")
   for name, _, dtype, r in rows:
     if "error" in r:
-      print(f"{name:<18} {dtype:<9} | failed: {r['error']}")
+      print(f"{name:<20} {dtype:<9} | failed: {r['error']}")
       continue
-    print(f"{name:<18} {dtype:<9} | {r['train']:>6.2f} "
+    print(f"{name:<20} {dtype:<9} | {r['train']:>6.2f} "
           f"{r['train'] / torch_ips:>7.2f}x {r['train'] / base:>6.2f}x | "
           f"{r['compile']:>6.1f}s {r['mib']:>6.0f}", flush=True)
 

@@ -13,7 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from brnpa_jax.models.resnet import BasicBlock
+from brnpa_jax.models.resnet import BasicBlock, Conv
 
 
 class BilinearAttention(nn.Module):
@@ -32,8 +32,8 @@ class BilinearAttention(nn.Module):
     """Returns ``(vectors (B, K, C), maps (B, K, H, W) float32)``."""
     c = feats_BxHxWxC.shape[-1]
     y = BasicBlock(features=c, dtype=self.dtype, name="block")(feats_BxHxWxC, train)
-    maps_BxHxWxK = nn.relu(nn.Conv(self.num_maps + 1, (1, 1), dtype=self.dtype,
-                                   name="to_maps")(y))[..., :self.num_maps]
+    maps_BxHxWxK = nn.relu(Conv(self.num_maps + 1, (1, 1), dtype=self.dtype,
+                                name="to_maps")(y))[..., :self.num_maps]
     # Mean over space of (map_k * F): one einsum, no (B, K, H, W, C) tensor.
     n = feats_BxHxWxC.shape[1] * feats_BxHxWxC.shape[2]
     vectors = jnp.einsum("bhwk,bhwc->bkc", maps_BxHxWxK, feats_BxHxWxC,

@@ -17,6 +17,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from brnpa_jax.models.conv import conv_general_dilated
+
 LOW_RES_STRIDES = (1, 2, 2, 2)
 HIGH_RES_STRIDES = (1, 2, 1, 1)
 REID_HIGH_RES_STRIDES = (1, 1, 1, 1)
@@ -26,6 +28,8 @@ STRIDES = {"low": LOW_RES_STRIDES, "high": HIGH_RES_STRIDES,
 # torchvision's BatchNorm: momentum 0.1 on the new value, eps 1e-5.
 _BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# nn.Conv whose 1x1 kernels run as matmuls on the CPU (see models/conv.py).
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
 
 class _Block(nn.Module):
@@ -37,7 +41,7 @@ class _Block(nn.Module):
 
   def _layers(self, train: bool):
     """``(conv, norm, scale_init of the branch's last BN)`` factories."""
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+    conv = functools.partial(Conv, use_bias=False, dtype=self.dtype,
                              kernel_init=_conv_init)
     norm = functools.partial(_BatchNorm, use_running_average=not train,
                              dtype=self.dtype)
@@ -120,8 +124,8 @@ class ResNet(nn.Module):
       raise ValueError(f"strides {tuple(self.strides)} must have one entry per "
                        f"stage {tuple(self.stage_sizes)}.")
     x = x_BxHxWx3.astype(self.dtype)
-    x = nn.Conv(self.width, (7, 7), (2, 2), padding=3, use_bias=False,
-                dtype=self.dtype, kernel_init=_conv_init, name="conv1")(x)
+    x = Conv(self.width, (7, 7), (2, 2), padding=3, use_bias=False,
+             dtype=self.dtype, kernel_init=_conv_init, name="conv1")(x)
     x = _BatchNorm(use_running_average=not train, dtype=self.dtype, name="bn1")(x)
     x = nn.relu(x)
     x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))

@@ -1,0 +1,82 @@
+"""The zoo's convolution: 1x1 kernels run as matmuls on the CPU, same results."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from brnpa_jax.models.conv import conv_general_dilated
+from brnpa_jax.models.resnet import Conv
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _inputs(kernel=(1, 1), cin=6, cout=5, dtype=jnp.float32):
+  x = jax.random.normal(jax.random.key(0), (2, 7, 9, cin), dtype)
+  w = jax.random.normal(jax.random.key(1), kernel + (cin, cout), dtype)
+  return x, w
+
+
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2), (2, 1)])
+@pytest.mark.parametrize("padding", ["SAME", "VALID", ((0, 0), (0, 0))])
+def test_pointwise_equals_convolution_forward_and_gradients(strides, padding):
+  x, w = _inputs()
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+  ref = lambda x, w: lax.conv_general_dilated(x, w, strides, padding,
+                                              dimension_numbers=dn)
+  ours = lambda x, w: conv_general_dilated(x, w, strides, padding,
+                                           dimension_numbers=dn)
+  np.testing.assert_allclose(jax.jit(ours)(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  for got, want in zip(jax.grad(loss(ours), (0, 1))(x, w),
+                       jax.grad(loss(ref), (0, 1))(x, w)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_pointwise_lowers_to_a_matmul_on_cpu_and_others_stay_convolutions():
+  x, w1 = _inputs()
+  _, w3 = _inputs(kernel=(3, 3))
+  dn = lax.conv_dimension_numbers(x.shape, w1.shape, NHWC)
+  lowered = lambda w, pad: jax.jit(
+      lambda x, w: conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=dn)
+  ).lower(x, w).as_text()
+  assert jax.default_backend() == "cpu"
+  text = lowered(w1, "SAME")
+  assert "dot_general" in text and "convolution" not in text
+  # A 3x3 kernel, or a padded 1x1, is a real convolution.
+  assert "convolution" in lowered(w3, "SAME")
+  assert "convolution" in lowered(w1, ((1, 1), (1, 1)))
+
+
+def test_nchw_and_grouped_convolutions_are_left_to_lax():
+  x, w = _inputs(cin=6, cout=4)
+  x_nchw = jnp.transpose(x, (0, 3, 1, 2))
+  w_oihw = jnp.transpose(w, (3, 2, 0, 1))
+  nchw = ("NCHW", "OIHW", "NCHW")
+  np.testing.assert_allclose(
+      conv_general_dilated(x_nchw, w_oihw, (1, 1), "SAME", dimension_numbers=nchw),
+      lax.conv_general_dilated(x_nchw, w_oihw, (1, 1), "SAME",
+                               dimension_numbers=nchw), rtol=1e-6)
+  wg = w[:, :, :3]  # two groups of 3 input channels
+  dn = lax.conv_dimension_numbers(x.shape, wg.shape, NHWC)
+  np.testing.assert_allclose(
+      conv_general_dilated(x, wg, (1, 1), "SAME", dimension_numbers=dn,
+                           feature_group_count=2),
+      lax.conv_general_dilated(x, wg, (1, 1), "SAME", dimension_numbers=dn,
+                               feature_group_count=2), rtol=1e-6)
+
+
+def test_flax_module_has_nn_conv_parameters_and_outputs_in_bfloat16():
+  x, _ = _inputs(dtype=jnp.bfloat16)
+  plain = nn.Conv(5, (1, 1), (2, 2), dtype=jnp.bfloat16)
+  ours = Conv(5, (1, 1), (2, 2), dtype=jnp.bfloat16)
+  variables = plain.init(jax.random.key(2), x)
+  assert (jax.tree.map(jnp.shape, ours.init(jax.random.key(2), x))
+          == jax.tree.map(jnp.shape, variables))
+  got = ours.apply(variables, x)
+  want = plain.apply(variables, x)
+  assert got.dtype == want.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32),
+                             np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
