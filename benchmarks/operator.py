@@ -188,6 +188,18 @@ def _check(jax_fns, torch_fns, feats):
   return errs
 
 
+def _cpu_model() -> str:
+  """The CPU's model name (from /proc/cpuinfo on Linux), or ''."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return ""
+
+
 def _l3_bytes():
   try:
     with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
@@ -276,12 +288,22 @@ def _print_table(cases, bws, args):
     fresh = [a[0] - b[0] for a, b in zip(c["rows"]["fwd+bwd"], c["rows"]["fwd+bwd*"])]
     print(f"{'':>16} fresh gradient buffer: {statistics.median(fresh):+.1f} ms "
           "(fwd+bwd minus fwd+bwd*: the kernel faulting in and zeroing new pages)")
+    # The best any implementation could do with a fresh gradient buffer: the
+    # minimum traffic at this run's bandwidth plus the cost of new pages.
+    ceiling = [r[1] / (_bound_ms(traffic["fwd+bwd"]["min"], *r[2]) + max(f, 0.0))
+               for r, f in zip(c["rows"]["fwd+bwd"], fresh)]
+    if all(np.isfinite(ceiling)):
+      print(f"{'':>16} ceiling of torch/jax for fwd+bwd (minimum traffic at this "
+            f"bandwidth + the fresh buffer): {statistics.median(ceiling):.1f}x")
     if c["errs"]:
       print(f"{'':>16} check: JAX vs PyTorch relative error, "
             f"vectors {c['errs'][0]:.1e}, gradient {c['errs'][1]:.1e}")
     if l3 and x_bytes <= l3:
-      print(f"{'':>16} ({x_bytes / 2 ** 20:.0f} MiB of features fit in the "
-            f"{l3 / 2 ** 20:.0f} MiB L3: the DRAM bound does not apply)")
+      # A virtual machine reports its host's whole L3, shared with the other
+      # guests: how much of it holds our features is unknown.
+      print(f"{'':>16} ({x_bytes / 2 ** 20:.0f} MiB of features are below the "
+            f"{l3 / 2 ** 20:.0f} MiB L3 this machine reports: part of them may "
+            "stay cached, so the DRAM bound may not apply)")
   print("\nfwd+bwd: jax.grad, a fresh gradient buffer per call (as "
         "torch.autograd.grad).\nfwd+bwd*: the gradient written into a donated "
         "buffer of the same shape."
@@ -303,7 +325,9 @@ def main():
 
   threads = len(os.sched_getaffinity(0))
   have_torch = torch is not None and not args.no_torch
-  print(f"device: {jax.devices()[0].device_kind}, {threads} cores; "
+  cpu = _cpu_model()
+  print(f"device: {jax.devices()[0].device_kind}{f' ({cpu})' if cpu else ''}, "
+        f"{threads} cores; "
         f"jax {jax.__version__} (XLA's CPU thread pool uses all {threads})")
   if have_torch:
     torch.set_num_threads(threads)
