@@ -1,4 +1,4 @@
-"""The zoo's convolution: 1x1 kernels run as matmuls on the CPU, same results."""
+"""The zoo's convolution and max pooling: CPU forms with the same results."""
 
 import flax.linen as nn
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from brnpa_jax.models.conv import conv_general_dilated
+from brnpa_jax.models.conv import conv_general_dilated, max_pool
 from brnpa_jax.models.resnet import Conv
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -80,3 +80,44 @@ def test_flax_module_has_nn_conv_parameters_and_outputs_in_bfloat16():
   assert got.dtype == want.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got, np.float32),
                              np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("window,strides,padding,size", [
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), 9),   # the ResNet stem
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), 8),
+    ((2, 2), (2, 2), ((0, 0), (0, 0)), 7),   # ResNet-12, odd size: floor
+])
+def test_max_pool_equals_flax_values_and_gradients_without_ties(
+    window, strides, padding, size):
+  x = jax.random.normal(jax.random.key(3), (2, size, size + 1, 4))
+  ref = lambda x: nn.max_pool(x, window, strides, padding=padding)
+  ours = lambda x: max_pool(x, window, strides, padding)
+  np.testing.assert_array_equal(jax.jit(ours)(x), ref(x))
+  cot = jax.random.normal(jax.random.key(4), ref(x).shape)
+  grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * cot))(x)
+  np.testing.assert_allclose(grad(ours), grad(ref), rtol=1e-6, atol=1e-6)
+  text = jax.jit(ours).lower(x).as_text()
+  assert "reduce_window" not in text and "maximum" in text
+
+
+def test_max_pool_shares_the_gradient_of_tied_maxima_and_keeps_its_total():
+  x = jnp.zeros((1, 4, 4, 1)).at[0, 0, 0, 0].set(1.0)  # one max, then ties at 0
+  ours = jax.grad(lambda x: jnp.sum(max_pool(x, (2, 2), (2, 2))))(x)
+  ref = jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 2), (2, 2))))(x)
+  assert float(ours[0, 0, 0, 0]) == float(ref[0, 0, 0, 0]) == 1.0
+  # A window of four tied zeros: each gets a share (halved at each maximum
+  # of the chain), the window's total stays that of reduce_window's one winner.
+  tied = ours[0, 2:, 2:, 0]
+  assert bool(jnp.all(tied > 0)) and float(jnp.sum(tied)) == 1.0
+  assert float(jnp.sum(ref[0, 2:, 2:, 0])) == 1.0
+  assert float(jnp.sum(ours)) == float(jnp.sum(ref)) == 4.0
+
+
+def test_max_pool_bfloat16_values():
+  x = jax.random.normal(jax.random.key(5), (1, 9, 9, 3), jnp.bfloat16)
+  got = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(
+      np.asarray(got, np.float32),
+      np.asarray(nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1))),
+                 np.float32))

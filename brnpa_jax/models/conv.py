@@ -1,4 +1,4 @@
-"""Convolution for the model zoo: 1x1 kernels as matmuls on the CPU.
+"""Convolution and max pooling for the model zoo, in forms fast on the CPU.
 
 ``conv_general_dilated`` has the signature of ``jax.lax.conv_general_dilated``
 and is passed to ``flax.linen.Conv(conv_general_dilated=...)``, so parameters,
@@ -13,6 +13,9 @@ The matmul form is chosen with ``jax.lax.platform_dependent`` and applies to
 the CPU only: other backends keep the convolution, which their compilers map
 to the same GEMMs already (cuDNN, or a dot on TPU). Results agree with the
 convolution to float32 rounding (different summation order).
+
+``max_pool`` is ``flax.linen.max_pool`` whose CPU form is a maximum of
+strided slices, for a cheaper backward pass (see its docstring).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from __future__ import annotations
 import functools
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -87,3 +92,40 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array,
 
   return lax.platform_dependent(lhs, rhs, cpu=matmul, default=conv)
 
+
+
+def max_pool(x_BxHxWxC: jax.Array, window: Sequence[int], strides: Sequence[int],
+             padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0))) -> jax.Array:
+  """``flax.linen.max_pool`` (channels last, explicit padding with -inf).
+
+  On the CPU it is the elementwise maximum of the window's strided slices:
+  XLA:CPU differentiates ``reduce_window`` with a select-and-scatter that is
+  6x slower (3x3 / 2 pooling of 4x112x112x64: 45 ms vs 7.5 ms forward and
+  backward). The values are identical, and so are the gradients unless
+  several positions of a window hold its maximum: then they share its
+  gradient (``lax.max``'s convention) instead of one of them taking it all.
+  Ties are rare in float data; after a ReLU (the ResNet stem) they are zeros,
+  whose ReLU gradient is zero anyway, so the parameters' gradients do not
+  change. Other backends keep ``reduce_window``.
+  """
+  (wh, ww), (sh, sw) = tuple(window), tuple(strides)
+  padding = tuple(tuple(p) for p in padding)
+
+  def reduce_window(x):
+    return nn.max_pool(x, (wh, ww), (sh, sw), padding=padding)
+
+  def slices(x):
+    b, h, w, c = x.shape
+    x = jnp.pad(x, ((0, 0),) + padding + ((0, 0),), constant_values=-jnp.inf)
+    ho = (h + sum(padding[0]) - wh) // sh + 1
+    wo = (w + sum(padding[1]) - ww) // sw + 1
+    out = None
+    for i in range(wh):
+      for j in range(ww):
+        s = lax.slice(x, (0, i, j, 0),
+                      (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
+                      (1, sh, sw, 1))
+        out = s if out is None else jnp.maximum(out, s)
+    return out
+
+  return lax.platform_dependent(x_BxHxWxC, cpu=slices, default=reduce_window)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from brnpa_jax.models.conv import conv_general_dilated
+from brnpa_jax.models.conv import conv_general_dilated, max_pool
 
 LOW_RES_STRIDES = (1, 2, 2, 2)
 HIGH_RES_STRIDES = (1, 2, 1, 1)
@@ -128,7 +128,7 @@ class ResNet(nn.Module):
              dtype=self.dtype, kernel_init=_conv_init, name="conv1")(x)
     x = _BatchNorm(use_running_average=not train, dtype=self.dtype, name="bn1")(x)
     x = nn.relu(x)
-    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    x = max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     for stage, (num_blocks, stride) in enumerate(zip(self.stage_sizes,
                                                      self.strides)):
       for i in range(num_blocks):

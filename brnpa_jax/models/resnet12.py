@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from brnpa_jax.models.conv import max_pool
 from brnpa_jax.models.resnet import LOW_RES_STRIDES, _Block
 
 LEAKY_SLOPE = 0.1
@@ -53,7 +54,7 @@ class Block12(_Block):
         conv(self.features, (1, 1), name="downsample_conv")(x))
     y = act(shortcut + y)
     if self.stride > 1:
-      y = nn.max_pool(y, (self.stride, self.stride), (self.stride, self.stride))
+      y = max_pool(y, (self.stride, self.stride), (self.stride, self.stride))
     return y
 
 
