@@ -19,24 +19,25 @@ import os
 import subprocess
 import sys
 
-# (name, XLA flags, compute dtype). "1x1 as convolutions" turns off the
-# zoo's 1x1-convolutions-as-matmuls (brnpa_jax/models/conv.py) in its process:
-# what the step costs with XLA:CPU's own convolution for every layer.
+# (name, XLA flags, compute dtype, 1x1 convolutions as matmuls). Without the
+# last, the zoo's 1x1-convolutions-as-matmuls (brnpa_jax/models/conv.py) is
+# off in that process: what the step costs with XLA:CPU's own convolution for
+# every layer.
 SETTINGS = [
-    ("baseline", "", "float32"),
-    ("1x1 as convolutions", "", "float32"),
-    ("oneDNN", "--xla_cpu_use_onednn=true", "float32"),
-    ("XNNPACK", "--xla_cpu_use_xnnpack=true", "float32"),
-    ("fast math", "--xla_cpu_enable_fast_math=true", "float32"),
-    ("512-bit vectors", "--xla_cpu_prefer_vector_width=512", "float32"),
-    ("bfloat16 compute", "", "bfloat16"),
+    ("baseline", "", "float32", True),
+    ("1x1 as convolutions", "", "float32", False),
+    ("oneDNN", "--xla_cpu_use_onednn=true", "float32", True),
+    ("XNNPACK", "--xla_cpu_use_xnnpack=true", "float32", True),
+    ("fast math", "--xla_cpu_enable_fast_math=true", "float32", True),
+    ("512-bit vectors", "--xla_cpu_prefer_vector_width=512", "float32", True),
+    ("bfloat16 compute", "", "bfloat16", True),
 ]
 
 _CHILD = """
 import json, sys
 from benchmarks.train_step import jax_figures
-size, res, batch, iters, dtype, plain = sys.argv[1:7]
-if plain == "1":
+size, res, batch, iters, dtype, matmul_1x1 = sys.argv[1:7]
+if matmul_1x1 == "0":
   from brnpa_jax.models import conv
   conv._pointwise = lambda *args: False
 tr, inf, comp, mib, fl = jax_figures("brnpa", int(size), res, int(batch),
@@ -46,13 +47,12 @@ print("RESULT " + json.dumps(dict(train=tr, infer=inf, compile=comp, mib=mib,
 """
 
 
-def run_setting(name, flags, dtype, args):
+def run_setting(flags, dtype, matmul_1x1, args):
   env = dict(os.environ)
   env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", ""), flags) if f)
-  plain = str(int(name == "1x1 as convolutions"))
   out = subprocess.run(
       [sys.executable, "-c", _CHILD, str(args.size), args.res, str(args.batch),
-       str(args.iters), dtype, plain], env=env, capture_output=True, text=True,
+       str(args.iters), dtype, str(int(matmul_1x1))], env=env, capture_output=True, text=True,
       check=False)
   for line in out.stdout.splitlines():
     if line.startswith("RESULT "):
@@ -77,8 +77,8 @@ def main():
   ref = []
   if torch_figures:
     ref.append(torch_figures("brnpa", args.size, args.res, args.batch, args.iters)[0])
-  rows = [(name, flags, dtype, run_setting(name, flags, dtype, args))
-          for name, flags, dtype in SETTINGS]
+  rows = [(name, flags, dtype, run_setting(flags, dtype, matmul_1x1, args))
+          for name, flags, dtype, matmul_1x1 in SETTINGS]
   if torch_figures:
     ref.append(torch_figures("brnpa", args.size, args.res, args.batch, args.iters)[0])
   torch_ips = sum(ref) / len(ref) if ref else float("nan")

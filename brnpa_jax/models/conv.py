@@ -93,7 +93,6 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array,
   return lax.platform_dependent(lhs, rhs, cpu=matmul, default=conv)
 
 
-
 def max_pool(x_BxHxWxC: jax.Array, window: Sequence[int], strides: Sequence[int],
              padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0))) -> jax.Array:
   """``flax.linen.max_pool`` (channels last, explicit padding with -inf).
