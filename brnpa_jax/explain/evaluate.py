@@ -28,7 +28,6 @@ import argparse
 import ast
 import csv
 import dataclasses
-import importlib.util
 import json
 import os
 import time
@@ -36,10 +35,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from brnpa_jax import predict
 from brnpa_jax.data import input_pipeline
 from brnpa_jax.explain import metrics
 
@@ -63,44 +62,19 @@ class Run:
 
 def load_config(workdir: str, config_arg: str | None = None):
   """The run's config: ``--config PATH[:ARGS]`` if given, else config.json."""
-  if config_arg:
-    path, _, arg = config_arg.partition(":")
-    spec = importlib.util.spec_from_file_location("run_config", path)
-    if spec is None or not os.path.exists(path):
-      raise FileNotFoundError(f"--config {config_arg!r}: no file {path!r}.")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg or None)
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f"{path} not found: pass --config with the training config, e.g. "
-        f"--config 'configs/default.py:head=gap', once per --workdir.")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return predict.load_config(workdir, predict.config_from_arg(config_arg))
 
 
 def load_run(workdir: str, config_arg: str | None = None) -> Run:
-  """Restores the best checkpoint of ``workdir`` onto this process's devices."""
-  from brnpa_jax.train.checkpointing import abstract_like
-  from brnpa_jax.train.state import variables as state_variables
-  from brnpa_jax.train.trainer import Trainer
-
+  """Restores the best checkpoint's weights of ``workdir`` (no optimiser
+  state, no training task: ``brnpa_jax.predict.load_run``)."""
   config = load_config(workdir, config_arg)
   if not os.path.isdir(os.path.join(workdir, "best")):
     raise FileNotFoundError(f"{workdir}/best does not exist: train the run "
                             "first (python train.py --workdir ...).")
-  trainer = Trainer(config, workdir)
-  try:
-    state, _ = trainer.ckpt.restore_best(
-        abstract_like(trainer.state_shapes, trainer.state_sharding))
-  finally:
-    trainer.close()
-  if state is None:
-    raise FileNotFoundError(f"No best checkpoint in {workdir}/best.")
-  return Run(os.path.basename(os.path.normpath(workdir)), config,
-             trainer.model, jax.device_get(state_variables(state)),
-             config.model.head)
+  run = predict.load_run(workdir, config, checkpoint="best")
+  return Run(os.path.basename(os.path.normpath(workdir)), config, run.model,
+             run.variables, config.model.head)
 
 
 # -- per-image metrics -------------------------------------------------------------

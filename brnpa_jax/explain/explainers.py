@@ -57,6 +57,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from brnpa_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD
+from brnpa_jax.explain.metrics import upsample
 from brnpa_jax.models.classifier import Classifier
 from brnpa_jax.models.heads import HEADS
 
@@ -71,12 +73,6 @@ def normalize_maps(maps_BxHxW: jax.Array) -> jax.Array:
   lo, hi = m.min(axes, keepdims=True), m.max(axes, keepdims=True)
   span = hi - lo
   return jnp.where(span > 0, (m - lo) / jnp.where(span > 0, span, 1.0), 0.0)
-
-
-def upsample(maps_Bxhxw: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """Bilinear resize of (B, h, w) maps to (B, *size), half-pixel centres."""
-  return jax.image.resize(maps_Bxhxw.astype(_F32),
-                          (maps_Bxhxw.shape[0], *size), "bilinear")
 
 
 def _finish_cam(cam_Bxhxw, images):
@@ -307,8 +303,6 @@ def _baseline(baseline, images):
     if baseline == "zero":
       return jnp.zeros_like(images)
     if baseline == "black":
-      # Imported here: the transforms module loads TensorFlow.
-      from brnpa_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
       black = -np.float32(IMAGENET_MEAN) / np.float32(IMAGENET_STD)
       return jnp.broadcast_to(jnp.asarray(black), images.shape)
     raise ValueError(f"baseline must be 'black', 'zero' or an array, got {baseline!r}.")
@@ -408,7 +402,6 @@ DISPLAY_NAMES = {
     "scorecam": "Score-CAM", "ablationcam": "Ablation-CAM", "rise": "RISE",
     "smoothgrad": "SmoothGrad", "integrated_gradients": "Integrated Gradients",
 }
-_RANDOM = ("rise", "smoothgrad")
 
 
 def options_of(method: str) -> dict[str, Any]:
