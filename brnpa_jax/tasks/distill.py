@@ -20,10 +20,10 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
-import orbax.checkpoint as ocp
 
 from brnpa_jax.models import build_model
 from brnpa_jax.tasks import classification
+from brnpa_jax.train.checkpointing import restore_variables
 
 
 def distillation_loss(student_logits_BxN, teacher_logits_BxN, labels_B, *,
@@ -68,12 +68,13 @@ def load_teacher(teacher_workdir: str, num_classes: int, dtype: str):
         f"No teacher config at {cfg_path}: config.distill.teacher_workdir must "
         "be the workdir of a finished train.py run (train the low-resolution "
         "model first).")
-  mgr = ocp.CheckpointManager(best_dir, item_names=("state", "meta"))
-  step = mgr.latest_step() if os.path.isdir(best_dir) else None
-  if step is None:
+  try:
+    variables, _, _ = restore_variables(workdir, "best")
+  except FileNotFoundError:
     raise FileNotFoundError(
         f"No best checkpoint in {best_dir}: the teacher run has not finished "
-        "an epoch. Train it (or let it resume) before distilling.")
+        "an epoch. Train it (or let it resume) before distilling.") from None
+  variables.setdefault("batch_stats", {})
   with open(cfg_path) as f:
     tcfg = ml_collections.ConfigDict(json.load(f))
   model = build_model(tcfg.model, num_classes, dtype)
@@ -81,12 +82,6 @@ def load_teacher(teacher_workdir: str, num_classes: int, dtype: str):
   size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
   expected = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, *size, 3)), train=False))
-  restored = mgr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))
-  mgr.close()
-  state = restored.state
-  variables = {"params": state["params"],
-               "batch_stats": state.get("batch_stats", {})}
   want = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)),
                       dict(expected))
   got = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), variables)

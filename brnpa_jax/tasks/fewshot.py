@@ -36,6 +36,7 @@ from brnpa_jax.explain.overlay import save_overlay_grid
 from brnpa_jax.tasks import classification
 
 from brnpa_jax.tasks.base import Task
+from brnpa_jax.train.checkpointing import restore_variables
 
 PHASES = ("pretrain", "episodic")
 METRICS = ("euclidean", "cosine")
@@ -202,13 +203,12 @@ def split_embeddings(trainer, state, images_uint8, size: int) -> np.ndarray:
 
 
 def load_pretrained(workdir: str):
-  """``(params, batch_stats, meta)`` of the best checkpoint in ``workdir``.
+  """``(params, batch_stats, step)`` of the best checkpoint in ``workdir``.
 
   Raises:
     FileNotFoundError: no ``best`` checkpoint there (with the command to make
       one).
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   best_dir = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "best")
   hint = ("Run the pretrain phase first (phase=pretrain, with this workdir) "
           "or set config.fewshot.pretrain_workdir to a finished pretraining "
@@ -216,20 +216,11 @@ def load_pretrained(workdir: str):
   if not os.path.isdir(best_dir):
     raise FileNotFoundError(f"No pretraining checkpoint: {best_dir} does not "
                             f"exist. {hint}")
-  mgr = ocp.CheckpointManager(
-      best_dir, options=ocp.CheckpointManagerOptions(create=False),
-      item_names=("state", "meta"))
   try:
-    step = mgr.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"{best_dir} holds no checkpoint. {hint}")
-    restored = mgr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-  finally:
-    mgr.close()
-  state = restored.state
-  get = lambda k: state[k] if isinstance(state, dict) else getattr(state, k)
-  return get("params"), get("batch_stats"), dict(restored.meta)
+    variables, step, _ = restore_variables(os.path.dirname(best_dir), "best")
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{best_dir} holds no checkpoint. {hint}") from None
+  return variables["params"], variables.get("batch_stats", {}), step
 
 
 def _check_same_tree(name: str, loaded, target) -> None:

@@ -16,6 +16,48 @@ import jax
 import orbax.checkpoint as ocp
 
 
+def _checkpoint_dirs(workdir: str, which: str) -> list[tuple[str, str]]:
+  dirs = {"best": os.path.join(workdir, "best"),
+          "latest": os.path.join(workdir, "checkpoints")}
+  if which == "auto":
+    return list(dirs.items())
+  if which not in dirs:
+    raise ValueError(f"checkpoint must be best, latest or auto, got {which!r}.")
+  return [(which, dirs[which])]
+
+
+def restore_variables(workdir: str, checkpoint: str = "auto"):
+  """``(variables, step, which)`` of the best (else latest) checkpoint.
+
+  Only ``params`` and ``batch_stats`` are read (not the optimiser state),
+  onto the first local device, whatever mesh the run was trained on.
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  for which, path in _checkpoint_dirs(os.path.abspath(workdir), checkpoint):
+    if not os.path.isdir(path):
+      continue
+    mgr = ocp.CheckpointManager(
+        path, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    step = mgr.latest_step()
+    if step is None:
+      mgr.close()
+      continue
+    tree = mgr.item_metadata(step)["state"].tree
+    target = {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(
+        m.shape, m.dtype, sharding=device), tree[k])
+              for k in ("params", "batch_stats") if k in tree}
+    restored = mgr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))
+    mgr.close()
+    return dict(restored.state), int(step), which
+  raise FileNotFoundError(
+      f"no checkpoint ({checkpoint}) in {workdir}/best or {workdir}/checkpoints: "
+      "train first (python train.py --config ... --workdir WORKDIR).")
+
+
 def abstract_like(state_shapes, shardings):
   """ShapeDtypeStructs carrying shardings: the restore target of a state."""
   return jax.tree.map(
