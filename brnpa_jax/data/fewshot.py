@@ -38,7 +38,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from brnpa_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD, resize_size
+from brnpa_jax.data.normalization import normalize, resize_size
 
 SPLITS = ("base", "val", "novel")
 OMNIGLOT_BACKGROUND = 964
@@ -351,12 +351,6 @@ def center(images_BxSxSx3: np.ndarray, size: int) -> np.ndarray:
   return normalize(images_BxSxSx3[:, off:off + size, off:off + size])
 
 
-def normalize(images_uint8: np.ndarray) -> np.ndarray:
-  """uint8 RGB -> ImageNet-normalised float32 (as ``transforms.normalize``)."""
-  x = images_uint8.astype(np.float32) / 255.0
-  return (x - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
-
-
 def _rng(*key: int) -> np.random.Generator:
   return np.random.default_rng(list(key))
 
@@ -403,18 +397,3 @@ def episode_batches(data: ImageSet, sampler: EpisodeSampler, *,
     images = augment(data.images[index], _rng(seed, start), size=size, flip=flip)
     yield {"image": images, "label": np.tile(layout, n),
            "episode_class": data.labels[index]}
-
-
-def as_tf_dataset(make_iterator: Callable[[], Iterator[dict[str, np.ndarray]]],
-                  shapes: dict[str, tuple[tuple[int, ...], type]]):
-  """Wraps a numpy batch generator as a prefetching ``tf.data.Dataset``.
-
-  Args:
-    make_iterator: returns a fresh iterator of batches.
-    shapes: key -> ``(shape, numpy dtype)`` of each batch value.
-  """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  signature = {k: tf.TensorSpec(shape, tf.as_dtype(dtype))
-               for k, (shape, dtype) in shapes.items()}
-  ds = tf.data.Dataset.from_generator(make_iterator, output_signature=signature)
-  return ds.prefetch(2)

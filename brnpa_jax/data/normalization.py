@@ -15,6 +15,13 @@ def resize_size(size: int, resize_ratio: float) -> int:
   return int(size / resize_ratio + 1e-6)  # 448 / 0.875 is exactly 512
 
 
+def normalize(images_uint8: np.ndarray) -> np.ndarray:
+  """uint8 RGB -> ImageNet-normalised float32 (numpy twin of
+  ``transforms.normalize``)."""
+  x = images_uint8.astype(np.float32) / 255.0
+  return (x - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
+
+
 def denormalize(image: np.ndarray) -> np.ndarray:
   """Inverse of ``normalize`` for display: (..., 3) float -> uint8.
 

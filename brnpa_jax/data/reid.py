@@ -31,7 +31,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from brnpa_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from brnpa_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 FOLDERS = {"train": "bounding_box_train", "query": "query",
            "gallery": "bounding_box_test"}
@@ -267,12 +267,6 @@ def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
   if image.shape[:2] == (height, width):
     return image
   return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
-
-
-def normalize(image_u8: np.ndarray) -> np.ndarray:
-  """uint8 RGB -> ImageNet-normalised float32."""
-  x = image_u8.astype(np.float32) / 255.0
-  return (x - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
 
 
 def random_erasing(image: np.ndarray, rng: np.random.Generator, *,

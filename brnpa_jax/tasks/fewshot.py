@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from brnpa_jax.data import fewshot as data_lib
+from brnpa_jax.data.generators import as_tf_dataset
 from brnpa_jax.data.normalization import denormalize
 from brnpa_jax.explain.overlay import save_overlay_grid
 from brnpa_jax.tasks import classification
@@ -337,7 +338,7 @@ class FewShotTask(Task):
           data, batch_size=batch_size, seed=seed, epoch=epoch, size=size,
           flip=cfg.data.flip, process_index=process_index,
           process_count=process_count)
-      return data_lib.as_tf_dataset(make, {"image": image, "label": label})
+      return as_tf_dataset(make, {"image": image, "label": label})
     if batch_size % self.episode_rows:
       raise ValueError(f"The per-process batch {batch_size} is not whole "
                        f"episodes of {self.episode_rows} rows; use a batch_size "
@@ -350,7 +351,7 @@ class FewShotTask(Task):
         first_episode=epoch * steps * per_batch * process_count, seed=seed,
         size=size, flip=cfg.data.flip, process_index=process_index,
         process_count=process_count)
-    return data_lib.as_tf_dataset(make, {"image": image, "label": label,
+    return as_tf_dataset(make, {"image": image, "label": label,
                                          "episode_class": label})
 
   # -- loss ---------------------------------------------------------------------

@@ -25,9 +25,9 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow as tf
 
 from brnpa_jax.data import reid as reid_data
+from brnpa_jax.data.generators import as_tf_dataset
 from brnpa_jax.data.transforms import denormalize
 from brnpa_jax.explain.overlay import rank_overlay, save_figure
 from brnpa_jax.models.reid import build_reid_model, reid_loss, squared_distances
@@ -160,11 +160,9 @@ class ReIDTask(Task):
     gen = lambda: reid_data.train_batches(
         train.paths, self.data.labels, d, p=p, k=k, seed=seed, epoch=epoch,
         process_index=process_index, process_count=process_count)
-    signature = {
-        "image": tf.TensorSpec((batch_size, d.height, d.width, 3), tf.float32),
-        "label": tf.TensorSpec((batch_size,), tf.int32)}
-    return tf.data.Dataset.from_generator(
-        gen, output_signature=signature).prefetch(2)
+    return as_tf_dataset(gen, {
+        "image": ((batch_size, d.height, d.width, 3), np.float32),
+        "label": ((batch_size,), np.int32)})
 
   def eval_splits(self) -> list[str]:
     return list(self.data.evals)
