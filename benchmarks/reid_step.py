@@ -25,15 +25,16 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
-from brnpa_jax.models.heads import HEADS
-from brnpa_jax.models.reid import ReIDNet, reid_loss
+from benchmarks.train_step import step_flops
+from brnpa_jax.models.registry import DTYPES
+from brnpa_jax.models.reid import build_reid_model, reid_loss
 from brnpa_jax.models.resnet import BACKBONES, STRIDES
 
 REAL_BATCH = 64  # P=16 identities x K=4 images
 NUM_CLASSES = 751  # Market-1501 training identities
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def make_step(model, tx):
@@ -56,10 +57,10 @@ def make_step(model, tx):
 
 def measure(res: str, batch: int, steps: int, dtype: str, backbone: str) -> dict:
   """Compile and time one setting; returns its figures."""
-  dt = DTYPES[dtype]
-  model = ReIDNet(backbone=BACKBONES[backbone](strides=STRIDES[res], dtype=dt),
-                  head=HEADS["brnpa"](num_maps=3, dtype=dt),
-                  num_classes=NUM_CLASSES, dtype=dt)
+  model = build_reid_model(ml_collections.ConfigDict(dict(
+      backbone=backbone, width=0, res=res, head="brnpa", num_maps=3,
+      refine=True, init="norm", aux_heads=False, dropout=0.0, use_bias=False,
+      zero_init_residual=False, freeze_bn=False)), NUM_CLASSES, dtype)
   k = 4 if batch % 4 == 0 and batch >= 8 else 2
   images = jax.random.normal(jax.random.key(1), (batch, 256, 128, 3))
   labels = jnp.arange(batch) // k  # P = batch / K identities, K images each
@@ -69,10 +70,9 @@ def measure(res: str, batch: int, steps: int, dtype: str, backbone: str) -> dict
   opt_state = jax.jit(tx.init)(params)
   step = make_step(model, tx)
   t0 = time.perf_counter()
-  compiled = step.lower(params, batch_stats, opt_state, images, labels).compile()
+  lowered = step.lower(params, batch_stats, opt_state, images, labels)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   mem = compiled.memory_analysis()
   state = (params, batch_stats, opt_state)
   times, cpu_times = [], []
@@ -87,7 +87,7 @@ def measure(res: str, batch: int, steps: int, dtype: str, backbone: str) -> dict
   return {
       "res": res, "batch": batch, "compile_s": compile_s, "step_s": step_s,
       "cpu_s": statistics.median(cpu_times),
-      "img_per_s": batch / step_s, "gflop": float(cost.get("flops", 0)) / 1e9,
+      "img_per_s": batch / step_s, "gflop": step_flops(lowered) / 1e9,
       "gib": (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**30,
       "step_s_at_64": step_s * REAL_BATCH / batch,
       "loss": float(metrics["loss"]),

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from brnpa_jax.models import build_model
+from brnpa_jax.models import STRIDES, build_model
 from brnpa_jax.train import sharding as shd
 from brnpa_jax.train.steps import jit_steps
 
@@ -108,11 +108,11 @@ def torch_figures(head, size, res, batch, iters):
   """(train img/s, infer img/s) of the same model in eager PyTorch."""
   import torch  # pylint: disable=import-outside-toplevel
   from benchmarks import torch_models  # pylint: disable=import-outside-toplevel
-  from benchmarks.operator import torch_brnpa  # pylint: disable=import-outside-toplevel
+  from benchmarks.operator import _torch_device, _torch_sync, torch_brnpa  # pylint: disable=import-outside-toplevel
 
-  dev = "cuda" if torch.cuda.is_available() else "cpu"
-  sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-  strides = (1, 2, 2, 2) if res == "low" else (1, 2, 1, 1)
+  dev = _torch_device()
+  sync = lambda: _torch_sync(None)
+  strides = STRIDES[res]
   pool = ((lambda f: torch_brnpa(f, K)[0]) if head == "brnpa"
           else torch_models.gap_pool)
   model = torch_models.Classifier(torch_models.ResNet(strides=strides), pool,
