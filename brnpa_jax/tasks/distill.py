@@ -98,6 +98,23 @@ def load_teacher(teacher_workdir: str, num_classes: int, dtype: str):
   return model, variables, tcfg
 
 
+def teacher_loss_and_metrics(teacher, teacher_variables, logits_BxN, batch, *,
+                             temperature: float, alpha: float):
+  """The distillation loss of a student's logits against a frozen teacher
+  applied to the same batch.
+
+  Returns:
+    ``(loss, metrics, teacher_logits)``; metrics: ``loss``, ``kl``, ``ce`` and
+    the student's ``accuracy`` (batch means).
+  """
+  teacher_logits, _ = teacher.apply(teacher_variables, batch["image"], train=False)
+  loss, kl, ce = distillation_loss(logits_BxN, teacher_logits, batch["label"],
+                                   temperature=temperature, alpha=alpha)
+  correct = jnp.argmax(logits_BxN, -1) == batch["label"]
+  return loss, {"loss": loss, "kl": kl, "ce": ce,
+                "accuracy": jnp.mean(correct.astype(jnp.float32))}, teacher_logits
+
+
 class DistillationTask(classification.ClassificationTask):
   """Classification whose loss distils a frozen teacher's logits.
 
@@ -123,11 +140,9 @@ class DistillationTask(classification.ClassificationTask):
 
   def loss_and_metrics(self, logits, aux, batch, context):
     del aux
-    teacher_logits, _ = self.teacher.apply(context, batch["image"], train=False)
-    loss, kl, ce = distillation_loss(logits, teacher_logits, batch["label"],
-                                     temperature=self.temperature, alpha=self.alpha)
-    correct = jnp.argmax(logits, -1) == batch["label"]
+    loss, metrics, teacher_logits = teacher_loss_and_metrics(
+        self.teacher, context, logits, batch, temperature=self.temperature,
+        alpha=self.alpha)
     agree = jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)
-    return loss, {"loss": loss, "kl": kl, "ce": ce,
-                  "accuracy": jnp.mean(correct.astype(jnp.float32)),
-                  "teacher_agreement": jnp.mean(agree.astype(jnp.float32))}
+    metrics["teacher_agreement"] = jnp.mean(agree.astype(jnp.float32))
+    return loss, metrics

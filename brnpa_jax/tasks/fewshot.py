@@ -352,7 +352,7 @@ class FewShotTask(Task):
         size=size, flip=cfg.data.flip, process_index=process_index,
         process_count=process_count)
     return as_tf_dataset(make, {"image": image, "label": label,
-                                         "episode_class": label})
+                                "episode_class": label})
 
   # -- loss ---------------------------------------------------------------------
   def _distill(self):
@@ -379,13 +379,10 @@ class FewShotTask(Task):
     if fs.phase == "pretrain" and self._distill() is not None:
       from brnpa_jax.tasks import distill  # pylint: disable=g-import-not-at-top
       d = self.config.distill
-      teacher_logits, _ = self.teacher.apply(context, batch["image"], train=False)
-      loss, kl, ce = distill.distillation_loss(
-          logits, teacher_logits, batch["label"], temperature=d.temperature,
+      loss, metrics, _ = distill.teacher_loss_and_metrics(
+          self.teacher, context, logits, batch, temperature=d.temperature,
           alpha=d.alpha)
-      correct = jnp.argmax(logits, -1) == batch["label"]
-      return loss, {"loss": loss, "kl": kl, "ce": ce,
-                    "accuracy": jnp.mean(correct.astype(jnp.float32))}
+      return loss, metrics
     if fs.phase == "pretrain":
       return classification.loss_and_metrics(
           logits, aux, batch,
