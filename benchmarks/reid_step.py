@@ -31,7 +31,7 @@ import optax
 from benchmarks.train_step import step_flops
 from brnpa_jax.models.registry import DTYPES
 from brnpa_jax.models.reid import build_reid_model, reid_loss
-from brnpa_jax.models.resnet import BACKBONES, STRIDES
+from brnpa_jax.models.registry import BACKBONES, STRIDES
 
 REAL_BATCH = 64  # P=16 identities x K=4 images
 NUM_CLASSES = 751  # Market-1501 training identities

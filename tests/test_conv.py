@@ -8,7 +8,7 @@ import pytest
 from jax import lax
 
 from brnpa_jax.models.conv import conv_general_dilated, max_pool
-from brnpa_jax.models.resnet import Conv
+from brnpa_jax.models.blocks import Conv
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 

@@ -104,3 +104,22 @@ def test_bfloat16_compute_keeps_float32_params():
   assert aux["features"].dtype == jnp.bfloat16
   assert logits.dtype == jnp.float32 and aux["maps"].dtype == jnp.float32
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+
+
+@pytest.mark.parametrize("backbone,relu", [("resnet_tiny", False),
+                                           ("resnet12", True)])
+def test_brnpa_head_gets_nonnegative_features(backbone, relu):
+  """ResNet-12 ends in a leaky ReLU: the head rectifies its features, so the
+  operator works in its domain (maps >= 0 that sum to 1)."""
+  cfg = _model_cfg(backbone=backbone, width=8)
+  model = build_model(cfg, num_classes=3)
+  assert model.head.relu_input == relu
+  assert model.backbone.nonnegative_features == (not relu)
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  (_, aux), _ = jax.jit(
+      lambda x: model.init_with_output(jax.random.key(0), x))(x)
+  if relu:
+    assert float(jnp.min(aux["features"])) < 0  # leaky ReLU output
+  maps = np.asarray(aux["maps"])
+  assert maps.min() >= 0
+  np.testing.assert_allclose(maps.sum(axis=(2, 3)), 1.0, rtol=1e-5)

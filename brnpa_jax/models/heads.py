@@ -3,6 +3,14 @@
 Every head maps features (B, H, W, C) to ``(pooled (B, D), aux)`` where aux
 holds ``maps`` (B, K, H, W), ``norms`` (B, H, W) and ``vectors`` (B, K, C),
 so evaluation and visualisation read every model the same way.
+
+- ``gap``: global average pooling, the plain CNN.
+- ``bcnn``: the parametric attention baseline of the BR-NPA release
+  ("B-CNN"): a residual basic block (C -> C), a 1x1 convolution to K + 1
+  channels and a ReLU predict attention maps; the first K maps weight the
+  features, each weighted map averaged over space. WS-DAN is the same idea
+  with 32 maps and a normalised pooled matrix.
+- ``brnpa``: the non-parametric operator (``brnpa_jax.attention.brnpa``).
 """
 
 from __future__ import annotations
@@ -13,8 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from brnpa_jax.attention.bcnn import BilinearAttention
 from brnpa_jax.attention.brnpa import NORM_EPS, brnpa
+from brnpa_jax.models.blocks import BasicBlock, Conv
 
 
 def _norm_map(feats_BxHxWxC):
@@ -34,6 +42,32 @@ class GAPHead(nn.Module):
     maps = norms / jnp.sum(norms, axis=(1, 2), keepdims=True)
     aux = {"maps": maps[:, None], "norms": norms, "vectors": pooled[:, None]}
     return pooled.astype(feats_BxHxWxC.dtype), aux
+
+
+class BilinearAttention(nn.Module):
+  """Learned attention maps and the vectors they pool (the B-CNN head's core).
+
+  Attributes:
+    num_maps: K, the number of maps used for pooling (K + 1 are predicted, as
+      in the release; the last one is not used).
+    dtype: computation dtype.
+  """
+  num_maps: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, feats_BxHxWxC, train: bool):
+    """Returns ``(vectors (B, K, C), maps (B, K, H, W) float32)``."""
+    c = feats_BxHxWxC.shape[-1]
+    y = BasicBlock(features=c, dtype=self.dtype, name="block")(feats_BxHxWxC, train)
+    maps_BxHxWxK = nn.relu(Conv(self.num_maps + 1, (1, 1), dtype=self.dtype,
+                                name="to_maps")(y))[..., :self.num_maps]
+    # Mean over space of (map_k * F): one einsum, no (B, K, H, W, C) tensor.
+    n = feats_BxHxWxC.shape[1] * feats_BxHxWxC.shape[2]
+    vectors = jnp.einsum("bhwk,bhwc->bkc", maps_BxHxWxK, feats_BxHxWxC,
+                         preferred_element_type=jnp.float32) / n
+    maps = jnp.transpose(maps_BxHxWxK, (0, 3, 1, 2)).astype(jnp.float32)
+    return vectors.astype(feats_BxHxWxC.dtype), maps
 
 
 class BCNNHead(nn.Module):
@@ -57,14 +91,20 @@ class BRNPAHead(nn.Module):
     refine: False for the 'no refine' ablation.
     init: 'norm', or 'random' for the random-vectors ablation (it draws from
       the 'brnpa' rng stream, or a fixed key when none is given).
+    relu_input: apply a ReLU to the features first. The operator's domain is
+      non-negative features (what a CNN stage ending in a ReLU gives);
+      ``build_model`` sets this for backbones whose output can be negative.
   """
   num_maps: int = 3
   refine: bool = True
   init: str = "norm"
+  relu_input: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, feats_BxHxWxC, train: bool):
+    if self.relu_input:
+      feats_BxHxWxC = nn.relu(feats_BxHxWxC)
     rng = None
     if self.init == "random":
       rng = (self.make_rng("brnpa") if self.has_rng("brnpa")

@@ -1,12 +1,30 @@
-"""Builds a ``Classifier`` from the ``model`` section of a config."""
+"""The model zoo by name, and ``build_model`` from the ``model`` section of a config."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
+from brnpa_jax.models import resnet, resnet12
 from brnpa_jax.models.classifier import Classifier
 from brnpa_jax.models.heads import HEADS, BCNNHead, BRNPAHead
-from brnpa_jax.models.resnet import BACKBONES, STRIDES
+
+# Backbones: each maps images (B, H, W, 3) to a feature map (B, h, w, C) and
+# takes ``strides`` (one of STRIDES), ``width`` and ``dtype``.
+BACKBONES = {
+    "resnet18": resnet.ResNet18,
+    "resnet34": resnet.ResNet34,
+    "resnet50": resnet.ResNet50,
+    "resnet101": resnet.ResNet101,
+    "resnet152": resnet.ResNet152,
+    "resnet_tiny": resnet.ResNetTiny,
+    # Few-shot embedding networks.
+    "resnet12": resnet12.ResNet12,
+    "resnet12_narrow": resnet12.ResNet12Narrow,
+}
+
+# Resolution: per-stage strides of a ResNet (whose stem downsamples by 4).
+STRIDES = {"low": resnet.LOW_RES_STRIDES, "high": resnet.HIGH_RES_STRIDES,
+           "reid_high": resnet.REID_HIGH_RES_STRIDES}
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -43,7 +61,8 @@ def build_model(model_cfg, num_classes: int, dtype: str = "float32") -> Classifi
   backbone = BACKBONES[model_cfg.backbone](**kwargs)
   if model_cfg.head == "brnpa":
     head = BRNPAHead(num_maps=model_cfg.num_maps, refine=model_cfg.refine,
-                     init=model_cfg.init, dtype=dt)
+                     init=model_cfg.init,
+                     relu_input=not backbone.nonnegative_features, dtype=dt)
   elif model_cfg.head == "bcnn":
     head = BCNNHead(num_maps=model_cfg.num_maps, dtype=dt)
   else:

@@ -6,7 +6,7 @@ shortcut, then a 2x2 max-pool. Widths 64-160-320-640 (the common setting of
 MetaOptNet and later work) or 64-128-256-512 (``ResNet12Narrow``, the
 original TADAM layout). DropBlock, which some recipes add, is left out.
 
-Resolution follows ``resnet.STRIDES``, whose entries are the per-stage strides
+Resolution follows ``registry.STRIDES``, whose entries are the per-stage strides
 of a ResNet whose stem already downsamples by 4. ResNet-12 has no stem: its
 first stage's pool plays that role and always halves the map, and stage ``i``
 pools by ``strides[i]`` on top of it. So ``low`` ``(1, 2, 2, 2)`` pools by 2
@@ -25,15 +25,16 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from brnpa_jax.models.blocks import ResidualBlock
 from brnpa_jax.models.conv import max_pool
-from brnpa_jax.models.resnet import LOW_RES_STRIDES, _Block
+from brnpa_jax.models.resnet import LOW_RES_STRIDES
 
 LEAKY_SLOPE = 0.1
 WIDE_WIDTHS = (64, 160, 320, 640)
 NARROW_WIDTHS = (64, 128, 256, 512)
 
 
-class Block12(_Block):
+class Block12(ResidualBlock):
   """Three 3x3 conv + BN + leaky ReLU with a 1x1 projection shortcut.
 
   ``stride`` is the max-pool after the residual sum (1: no pool).
@@ -62,7 +63,7 @@ class ResNet12(nn.Module):
   """ResNet-12 feature extractor (no pooling, no classifier).
 
   Attributes:
-    strides: ``resnet.STRIDES`` entry; see the module docstring.
+    strides: ``registry.STRIDES`` entry; see the module docstring.
     width: channels of the first stage; the other stages scale with it
       (64 gives ``stage_widths`` exactly, 8 a tiny network for tests).
     stage_widths: channels of the four stages at ``width`` 64.
@@ -74,6 +75,10 @@ class ResNet12(nn.Module):
   stage_widths: Sequence[int] = WIDE_WIDTHS
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
+
+  # The last activation is a leaky ReLU: features can be negative, so the
+  # BR-NPA head puts a ReLU before the operator (``registry.build_model``).
+  nonnegative_features = False
 
   @property
   def widths(self) -> tuple[int, ...]:
@@ -114,5 +119,3 @@ class ResNet12(nn.Module):
 
 
 ResNet12Narrow = functools.partial(ResNet12, stage_widths=NARROW_WIDTHS)
-
-RESNET12_BACKBONES = {"resnet12": ResNet12, "resnet12_narrow": ResNet12Narrow}

@@ -25,7 +25,7 @@ import numpy as np
 
 from brnpa_jax.models.classifier import Classifier
 from brnpa_jax.models.heads import GAPHead
-from brnpa_jax.models.resnet import BACKBONES
+from brnpa_jax.models.registry import BACKBONES
 from brnpa_jax.models import weights
 
 

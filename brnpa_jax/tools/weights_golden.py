@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from brnpa_jax.models.resnet import BACKBONES
+from brnpa_jax.models.registry import BACKBONES
 
 GOLDEN_ARCHS = ("resnet18", "resnet50")
 GOLDEN_SEED = 0

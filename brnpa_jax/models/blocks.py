@@ -1,0 +1,78 @@
+"""Layers shared by the model zoo: convolution, BatchNorm and residual blocks.
+
+Parameter names follow torchvision (``conv1..3``, ``bn1..3``,
+``downsample_conv`` / ``downsample_bn``), so that importing its weights is a
+key mapping (``models/weights.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from brnpa_jax.models.conv import conv_general_dilated
+
+# torchvision's BatchNorm: momentum 0.1 on the new value, eps 1e-5.
+BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# nn.Conv whose 1x1 kernels run as matmuls on the CPU (see models/conv.py).
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+
+
+class ResidualBlock(nn.Module):
+  """What the residual blocks share: attributes, layer factories, shortcut."""
+  features: int
+  stride: int = 1
+  zero_init_residual: bool = False
+  dtype: Any = jnp.float32
+
+  def _layers(self, train: bool):
+    """``(conv, norm, scale_init of the branch's last BN)`` factories."""
+    conv = functools.partial(Conv, use_bias=False, dtype=self.dtype,
+                             kernel_init=conv_init)
+    norm = functools.partial(BatchNorm, use_running_average=not train,
+                             dtype=self.dtype)
+    last_scale = (nn.initializers.zeros if self.zero_init_residual
+                  else nn.initializers.ones)
+    return conv, norm, last_scale
+
+  def _shortcut(self, x, out: int, conv, norm):
+    """Identity, or a strided 1x1 conv + BN where the shape changes."""
+    if x.shape[-1] == out and self.stride == 1:
+      return x
+    x = conv(out, (1, 1), (self.stride, self.stride), name="downsample_conv")(x)
+    return norm(name="downsample_bn")(x)
+
+
+class BasicBlock(ResidualBlock):
+  """Two 3x3 convolutions (ResNet-18/34, and the B-CNN attention branch)."""
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv, norm, last_scale = self._layers(train)
+    s = (self.stride, self.stride)
+    y = conv(self.features, (3, 3), s, padding=1, name="conv1")(x)
+    y = nn.relu(norm(name="bn1")(y))
+    y = conv(self.features, (3, 3), padding=1, name="conv2")(y)
+    y = norm(name="bn2", scale_init=last_scale)(y)
+    return nn.relu(self._shortcut(x, self.features, conv, norm) + y)
+
+
+class Bottleneck(ResidualBlock):
+  """1x1 -> 3x3 (strided, v1.5) -> 1x1 with 4x expansion (ResNet-50+)."""
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv, norm, last_scale = self._layers(train)
+    out = self.features * self.expansion
+    y = nn.relu(norm(name="bn1")(conv(self.features, (1, 1), name="conv1")(x)))
+    y = conv(self.features, (3, 3), (self.stride, self.stride), padding=1,
+             name="conv2")(y)
+    y = nn.relu(norm(name="bn2")(y))
+    y = norm(name="bn3", scale_init=last_scale)(conv(out, (1, 1), name="conv3")(y))
+    return nn.relu(self._shortcut(x, out, conv, norm) + y)
