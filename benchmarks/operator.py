@@ -49,7 +49,7 @@ def torch_brnpa(feats_BxCxHxW, num_maps: int):
   Features stay NCHW; each round gathers the selected vector, forms the
   similarity map with a broadcast product summed over channels, and the
   refined vector with a map-weighted sum over space. Suppression multiplies
-  the score. Same maths as ``brnpa_jax.brnpa`` (SPEC section 1).
+  the score. Same maths as ``brnpa_jax.brnpa`` (docs/method.md#the-operator).
 
   Returns:
     (vectors (B, K, C), maps (B, K, H, W)).

@@ -1,160 +1,58 @@
-r"""Exports the inference function with ``jax.export``: a file that runs without
-the model code.
+r"""Exports a trained run's inference function to a file that runs without the
+model code.
 
   python -m brnpa_jax.export --workdir runs/default --out runs/default/model.jaxexport
 
-The function exported is ``predict.make_infer_fn``: normalised images
-(b, S, S, 3) -> ``{'probs' (b, classes), 'maps' (b, K, h, w), 'norms'
-(b, h, w)}`` with a symbolic batch dimension ``b``, so one artifact serves
-any batch size. The file is a NumPy ``.npz`` archive (zip, no pickle):
-
-- ``exported``: ``jax.export.Exported.serialize()`` bytes (StableHLO);
-- ``meta``: JSON text: input size and preprocessing, classes, K, the run and
-  checkpoint it came from, the platforms it was lowered for;
-- ``var_00000``, ...: the model variables, in the order of the exported
-  function's inputs (passed as arguments rather than baked in as constants,
-  so the compiled program is the one ``predict`` runs on the model and the
-  outputs are the same).
-
-``load_exported(path)`` needs only jax and numpy. Artifacts lowered for
-several platforms (``--platforms cpu,cuda``) run on each of them.
+The artifact (``brnpa_jax.artifact``) holds ``jax.export`` of
+``models.classifier.make_infer_fn`` with a symbolic batch, the model
+variables and metadata; ``brnpa_jax.artifact.load_exported`` reads it with
+jax and numpy alone, and ``python -m brnpa_jax.predict --exported FILE``
+runs it.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
-import jax
-import numpy as np
+from absl import flags
 
-FORMAT = "brnpa_jax.export/1"
-
-
-class ExportedModel:
-  """A deserialized artifact: ``model(images) -> {'probs', 'maps', 'norms'}``.
-
-  Attributes:
-    exported: the ``jax.export.Exported``.
-    meta: the artifact's metadata dict (see the module docstring).
-  """
-
-  def __init__(self, exported: jax.export.Exported, leaves: Sequence[np.ndarray],
-               meta: dict[str, Any]):
-    if len(leaves) + 1 != len(exported.in_avals):
-      raise ValueError(f"the artifact has {len(leaves)} variables but its "
-                       f"function takes {len(exported.in_avals) - 1}; the file "
-                       "is damaged: export it again.")
-    self.exported = exported
-    self.meta = meta
-    self._leaves = [jax.device_put(x) for x in leaves]
-    self._call = jax.jit(self._apply)
-
-  def _apply(self, leaves, images):
-    args, kwargs = jax.tree.unflatten(self.exported.in_tree, [*leaves, images])
-    return self.exported.call(*args, **kwargs)
-
-  @property
-  def image_shape(self) -> tuple[int, int, int]:
-    """(S, S, 3): the input of one image."""
-    return tuple(int(d) for d in self.exported.in_avals[-1].shape[1:])
-
-  def __call__(self, images_BxSxSx3) -> dict[str, jax.Array]:
-    images = jax.numpy.asarray(images_BxSxSx3, jax.numpy.float32)
-    if images.ndim != 4 or images.shape[1:] != self.image_shape:
-      raise ValueError(f"images must be (B, {', '.join(map(str, self.image_shape))}"
-                       f"), got {images.shape}.")
-    return self._call(self._leaves, images)
-
-  def compile(self, images_BxSxSx3):
-    """``images -> outputs`` compiled ahead of time for this batch shape."""
-    compiled = self._call.lower(self._leaves, jax.ShapeDtypeStruct(
-        images_BxSxSx3.shape, jax.numpy.float32)).compile()
-    return lambda images: compiled(self._leaves, images)
+from brnpa_jax import cli
+from brnpa_jax.artifact import export_inference, load_exported, save_exported
+from brnpa_jax.models.classifier import make_infer_fn
+from brnpa_jax.runs import load_run
 
 
-def export_inference(infer, variables, image_size: int,
-                     platforms: Sequence[str] | None = None) -> jax.export.Exported:
-  """``jax.export`` of ``infer(variables, images)`` with a symbolic batch.
-
-  Args:
-    infer: ``(variables, images) -> outputs``, e.g. ``predict.make_infer_fn``.
-    variables: the model variables (arrays or ShapeDtypeStructs).
-    image_size: S, the square input side.
-    platforms: e.g. ``('cpu', 'cuda')``; default the current backend.
-  """
-  (b,) = jax.export.symbolic_shape("b")
-  images = jax.ShapeDtypeStruct((b, image_size, image_size, 3), np.float32)
-  var_specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                           variables)
-  return jax.export.export(jax.jit(infer), platforms=platforms)(var_specs, images)
-
-
-def save_exported(path: str, exported: jax.export.Exported, variables,
-                  meta: dict[str, Any]) -> str:
-  """Writes the artifact (see the module docstring); returns ``path``."""
-  leaves = [np.asarray(x) for x in jax.tree.leaves(variables)]
-  arrays = {f"var_{i:05d}": x for i, x in enumerate(leaves)}
-  meta = dict(meta, format=FORMAT, platforms=list(exported.platforms))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "wb") as f:  # a file object: np.savez would append .npz
-    np.savez(f, exported=np.frombuffer(bytes(exported.serialize()), np.uint8),
-             meta=np.array(json.dumps(meta)), **arrays)
-  return path
-
-
-def load_exported(path: str) -> ExportedModel:
-  """Reads an artifact written by ``save_exported`` (jax and numpy only)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no exported model at {path}; make one with "
-                            "python -m brnpa_jax.export --workdir RUN --out FILE.")
-  with np.load(path, allow_pickle=False) as z:
-    if "exported" not in z or "meta" not in z:
-      raise ValueError(f"{path} is not a brnpa_jax export (no 'exported'/'meta').")
-    meta = json.loads(str(z["meta"]))
-    if meta.get("format") != FORMAT:
-      raise ValueError(f"{path} has format {meta.get('format')!r}; this code "
-                       f"reads {FORMAT!r}.")
-    exported = jax.export.deserialize(bytearray(z["exported"].tobytes()))
-    names = sorted(k for k in z.files if k.startswith("var_"))
-    leaves = [z[k] for k in names]
-  return ExportedModel(exported, leaves, meta)
-
-
-def export_run(workdir: str, out: str, *, config=None, checkpoint: str = "auto",
+def export_run(workdir: str, out: str, *, checkpoint: str = "auto",
                platforms: Sequence[str] | None = None) -> str:
-  """Restores a run (``predict.load_run``) and writes its artifact to ``out``."""
-  from brnpa_jax import predict  # the model code is needed to export only
-
-  run = predict.load_run(workdir, config, checkpoint=checkpoint)
+  """Restores a run (``runs.load_run``) and writes its artifact to ``out``."""
+  run = load_run(workdir, checkpoint=checkpoint)
   data = run.config.data
-  exported = export_inference(predict.make_infer_fn(run.model), run.variables,
+  exported = export_inference(make_infer_fn(run.model), run.variables,
                               data.image_size, platforms)
   meta = {"image_size": int(data.image_size),
           "resize_ratio": float(data.resize_ratio),
           "num_classes": run.num_classes,
           "model": dict(run.config.model.to_dict()),
-          "workdir": os.path.abspath(workdir), "step": run.step,
+          "workdir": run.workdir.path, "step": run.step,
           "checkpoint": run.checkpoint}
   return save_exported(out, exported, run.variables, meta)
 
 
-def main(argv: Sequence[str] | None = None) -> str:
-  """Command line: ``python -m brnpa_jax.export --workdir RUN --out FILE``."""
-  from brnpa_jax import predict
+def _define(fv: flags.FlagValues, argv) -> None:
+  del argv
+  cli.define_run_flags(fv)
+  flags.DEFINE_string("out", None, "Artifact path to write.", flag_values=fv)
+  flags.DEFINE_list("platforms", None, "e.g. cpu,cuda (default: this backend).",
+                    flag_values=fv)
+  flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
 
-  parser = predict.run_arg_parser(__doc__)
-  parser.add_argument("--out", required=True, help="artifact path to write.")
-  parser.add_argument("--platforms", default=None,
-                      help="comma-separated, e.g. cpu,cuda (default: this backend).")
-  args = parser.parse_args(argv)
+
+def _main(fv: flags.FlagValues) -> str:
   t = time.time()
-  path = export_run(args.workdir, args.out, config=predict.config_from_arg(args.config),
-                    checkpoint=args.checkpoint,
-                    platforms=args.platforms.split(",") if args.platforms else None)
+  path = export_run(fv.workdir, fv.out, checkpoint=fv.checkpoint,
+                    platforms=fv.platforms)
   model = load_exported(path)
   print(f"Wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB, platforms "
         f"{model.meta['platforms']}, input (b, {', '.join(map(str, model.image_shape))}) in "
@@ -162,5 +60,11 @@ def main(argv: Sequence[str] | None = None) -> str:
   return path
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command line: ``python -m brnpa_jax.export --workdir RUN --out FILE``."""
+  return cli.run(_define, _main, doc=__doc__, argv=argv,
+                 prog="python -m brnpa_jax.export")
+
+
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  raise SystemExit(main())

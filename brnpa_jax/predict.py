@@ -7,9 +7,9 @@ r"""Batch inference: top-k predictions, ranked maps and norms, optional overlays
 ``--images`` is a folder (searched recursively for image files, decoded with
 Pillow, resized and centre-cropped exactly as the evaluation pipeline does) or
 a split of the run's dataset (e.g. ``test`` or ``validation[:200]``). The
-model restored is the run's best checkpoint, else its latest; its config is
-the workdir's ``config.json`` or ``--config``. With ``--exported`` the
-artifact of ``brnpa_jax.export`` runs instead of the model code.
+model restored is the run's best checkpoint, else its latest, built from the
+workdir's ``config.json`` (``brnpa_jax.runs.load_run``). With ``--exported``
+the artifact of ``brnpa_jax.export`` runs instead of the model code.
 
 Batches have a fixed shape (``--batch``; the last one is padded), so the
 function is compiled once. Written to ``--out``:
@@ -28,89 +28,28 @@ writing) is printed.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
-import importlib.util
-import json
 import os
-import sys
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
+from absl import flags
 from PIL import Image
 
-from brnpa_jax.export import ExportedModel, load_exported
-from brnpa_jax.models import build_model
-from brnpa_jax.train.checkpointing import restore_variables  # re-exported
+from brnpa_jax import cli
+from brnpa_jax.data.normalization import denormalize
+from brnpa_jax.errors import ConfigError
+from brnpa_jax.explain.overlay import save_overlay_grid
+from brnpa_jax.artifact import load_exported
+from brnpa_jax.models.classifier import INFERENCE_OUTPUTS, make_infer_fn
+from brnpa_jax.runs import RestoredRun, Workdir, load_run
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif",
                     ".tiff", ".ppm")
-OUTPUT_KEYS = ("probs", "maps", "norms")
-
-
-# -- restoring a run -------------------------------------------------------------
-@dataclasses.dataclass
-class Run:
-  """A restored model: what inference needs from a training workdir."""
-  model: Any
-  variables: dict[str, Any]
-  config: ml_collections.ConfigDict
-  step: int
-  checkpoint: str  # 'best' or 'latest'
-  num_classes: int
-
-
-def config_from_arg(arg: str | None) -> ml_collections.ConfigDict | None:
-  """``'configs/default.py:runlocal'`` -> that file's ``get_config('runlocal')``."""
-  if not arg:
-    return None
-  path, _, switches = arg.partition(":")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"--config {path}: no such file.")
-  spec = importlib.util.spec_from_file_location("_predict_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(switches or None)
-
-
-def load_config(workdir: str, config=None) -> ml_collections.ConfigDict:
-  """The run's config: ``config`` if given, else ``workdir/config.json``."""
-  if config is not None:
-    return config
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f"{path} not found: pass the training config, e.g. --config "
-        "'configs/default.py:head=gap' (the same as for train.py).")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def load_run(workdir: str, config=None, *, checkpoint: str = "auto") -> Run:
-  """Restores a training workdir's model for inference (see module docstring)."""
-  config = load_config(workdir, config)
-  variables, step, which = restore_variables(workdir, checkpoint)
-  variables.setdefault("batch_stats", {})
-  num_classes = int(variables["params"]["classifier"]["kernel"].shape[-1])
-  model = build_model(config.model, num_classes, config.get("dtype", "float32"))
-  return Run(model, variables, config, step, which, num_classes)
-
-
-def make_infer_fn(model) -> Callable:
-  """``infer(variables, images) -> {'probs', 'maps', 'norms'}`` (float32)."""
-
-  def infer(variables, images_BxSxSx3):
-    logits, aux = model.apply(variables, images_BxSxSx3, train=False)
-    return {"probs": jax.nn.softmax(logits, axis=-1),
-            "maps": aux["maps"].astype(jnp.float32),
-            "norms": aux["norms"].astype(jnp.float32)}
-
-  return infer
+OUTPUT_KEYS = INFERENCE_OUTPUTS
 
 
 # -- inputs ----------------------------------------------------------------------
@@ -191,8 +130,6 @@ def predict(batches: Iterator, compile_fn: Callable, *,
       called on the first batch and timed apart from the run.
     keep_images: keep the display images (for overlays).
   """
-  from brnpa_jax.data.transforms import denormalize  # pylint: disable=g-import-not-at-top
-
   t_start = time.perf_counter()
   files, labels, chunks, shown = [], [], [], []
   model_s = compile_s = 0.0
@@ -249,7 +186,6 @@ def write_outputs(out: str, preds: Predictions, topk: int) -> dict[str, str]:
                       topk_probs=probs, **preds.outputs, **extra)
   paths = {"csv": csv_path, "npz": npz_path}
   if preds.images is not None:
-    from brnpa_jax.explain.overlay import save_overlay_grid  # pylint: disable=g-import-not-at-top
     for i, name in enumerate(preds.files):
       stem = name.replace(":", "_").rsplit(".", 1)[0]
       title = f"pred {classes[i, 0]} ({probs[i, 0]:.0%})"
@@ -260,7 +196,7 @@ def write_outputs(out: str, preds: Predictions, topk: int) -> dict[str, str]:
   return paths
 
 
-def compile_model(run: Run) -> Callable:
+def compile_model(run: RestoredRun) -> Callable:
   """``images -> compiled inference`` of a restored run (variables as inputs)."""
   infer = jax.jit(make_infer_fn(run.model))
 
@@ -272,7 +208,7 @@ def compile_model(run: Run) -> Callable:
 
 
 def run_predict(*, images: str, out: str, workdir: str | None = None,
-                config=None, exported: str | None = None, checkpoint: str = "auto",
+                exported: str | None = None, checkpoint: str = "auto",
                 batch: int = 64, topk: int = 5, overlays: bool = False,
                 verbose: bool = True) -> Predictions:
   """Restores a run (or loads an artifact), predicts, writes the outputs.
@@ -282,7 +218,6 @@ def run_predict(*, images: str, out: str, workdir: str | None = None,
     out: output folder.
     workdir: training workdir (needed unless ``exported``; with ``exported``
       only for a dataset split, whose data config it holds).
-    config: the run's config when the workdir has no ``config.json``.
     exported: path of a ``brnpa_jax.export`` artifact to run instead.
     checkpoint: ``auto`` (best, else latest), ``best`` or ``latest``.
     batch: fixed batch size (the last batch is padded).
@@ -295,7 +230,7 @@ def run_predict(*, images: str, out: str, workdir: str | None = None,
   """
   t_start = time.perf_counter()
   if batch < 1 or topk < 1:
-    raise ValueError(f"batch and topk must be >= 1, got {batch} and {topk}.")
+    raise ConfigError(f"--batch and --topk must be >= 1, got {batch} and {topk}.")
   is_folder = os.path.isdir(images)
   if exported:
     artifact = load_exported(exported)
@@ -303,14 +238,14 @@ def run_predict(*, images: str, out: str, workdir: str | None = None,
     compile_fn = artifact.compile
     data_cfg = None
     if not is_folder:
-      if not (workdir or config):
-        raise ValueError(f"{images!r} is not a folder, so it is read as a dataset "
-                         "split, which needs --workdir or --config for the data.")
-      data_cfg = load_config(workdir, config).data
+      if not workdir:
+        raise ConfigError(f"{images!r} is not a folder, so it is read as a dataset "
+                          "split, which needs --workdir for the data.")
+      data_cfg = Workdir(workdir).read_config().data
   else:
     if not workdir:
-      raise ValueError("pass --workdir (a training run) or --exported (an artifact).")
-    run = load_run(workdir, config, checkpoint=checkpoint)
+      raise ConfigError("pass --workdir (a training run) or --exported (an artifact).")
+    run = load_run(workdir, checkpoint=checkpoint)
     data_cfg = run.config.data
     size, ratio = data_cfg.image_size, data_cfg.resize_ratio
     compile_fn = compile_model(run)
@@ -331,36 +266,36 @@ def run_predict(*, images: str, out: str, workdir: str | None = None,
   return preds
 
 
-def run_arg_parser(doc: str) -> argparse.ArgumentParser:
-  """The arguments that name a run, shared with ``brnpa_jax.export``."""
-  parser = argparse.ArgumentParser(
-      description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", help="training workdir (checkpoints, config.json).")
-  parser.add_argument("--config", default=None,
-                      help="the run's config when its workdir has no config.json, "
-                      "e.g. 'configs/default.py:head=gap'.")
-  parser.add_argument("--checkpoint", default="auto", choices=("auto", "best", "latest"),
-                      help="auto: best, else latest.")
-  return parser
+def _define(fv: flags.FlagValues, argv) -> None:
+  del argv
+  cli.define_run_flags(fv)
+  flags.DEFINE_string("images", None, "An image folder, or a split of the run's "
+                      "dataset (e.g. test or validation[:200]).", flag_values=fv)
+  flags.DEFINE_string("out", None, "Output folder.", flag_values=fv)
+  flags.DEFINE_string("exported", None, "Run this brnpa_jax.export artifact "
+                      "instead of the model code.", flag_values=fv)
+  flags.DEFINE_integer("batch", 64, "Fixed batch size (the last batch is padded).",
+                       flag_values=fv)
+  flags.DEFINE_integer("topk", 5, "Predictions per image in the CSV.",
+                       flag_values=fv)
+  flags.DEFINE_bool("overlays", False, "Also write one PNG of the ranked maps "
+                    "per image.", flag_values=fv)
+  flags.mark_flags_as_required(["images", "out"], flag_values=fv)
 
 
-def main(argv: Sequence[str] | None = None) -> Predictions:
+def _main(fv: flags.FlagValues) -> None:
+  if fv.exported is None and fv.workdir is None:
+    raise ConfigError("pass --workdir (a training run) or --exported (an artifact).")
+  run_predict(images=fv.images, out=fv.out, workdir=fv.workdir,
+              exported=fv.exported, checkpoint=fv.checkpoint, batch=fv.batch,
+              topk=fv.topk, overlays=fv.overlays)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
   """Command line; see the module docstring."""
-  parser = run_arg_parser(__doc__)
-  parser.add_argument("--images", required=True, help="image folder or dataset split.")
-  parser.add_argument("--out", required=True, help="output folder.")
-  parser.add_argument("--exported", default=None, help="run this artifact instead.")
-  parser.add_argument("--batch", type=int, default=64)
-  parser.add_argument("--topk", type=int, default=5)
-  parser.add_argument("--overlays", action="store_true")
-  args = parser.parse_args(argv)
-  if args.exported is None and args.workdir is None:
-    parser.error("pass --workdir or --exported.")
-  return run_predict(images=args.images, out=args.out, workdir=args.workdir,
-                     config=config_from_arg(args.config), exported=args.exported,
-                     checkpoint=args.checkpoint, batch=args.batch, topk=args.topk,
-                     overlays=args.overlays)
+  return cli.run(_define, _main, doc=__doc__, argv=argv,
+                 prog="python -m brnpa_jax.predict")
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  raise SystemExit(main())

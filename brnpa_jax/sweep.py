@@ -1,4 +1,4 @@
-r"""Hyper-parameter search as the authors ran it (SPEC section 4), with Optuna.
+r"""Hyper-parameter search as the authors ran it (docs/method.md#hyper-parameter-search), with Optuna.
 
   python -m brnpa_jax.sweep --config configs/cub_brnpa_lowres.py \
       --workdir runs/sweep_cub_lowres --trials 25

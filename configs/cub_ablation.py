@@ -5,9 +5,9 @@ r"""The BR-NPA ablations on CUB-200-2011, one run per variant.
   no_refine       no refinement of the representative vectors
   both            random_vectors and no_refine together
   aux_heads       five extra stop-gradient heads on slices of the K=3
-                  vectors, each with its own accuracy (SPEC section 2)
+                  vectors, each with its own accuracy (docs/method.md#auxiliary-heads)
 
-Launch (from the repository root; weights: see ``configs/common.py``):
+Launch (from the repository root; weights: see ``brnpa_jax/recipes/paper.py``):
 
   for v in random_vectors no_refine both aux_heads; do
     python train.py \
@@ -17,12 +17,12 @@ Launch (from the repository root; weights: see ``configs/common.py``):
 
 Low resolution by default, as ``cub_brnpa_lowres`` (the reference it is
 compared with); ``res=high`` ablates the high-resolution model instead.
-Other switches: those of ``configs/common.py``.
+Other switches: those of ``brnpa_jax/recipes/paper.py``.
 """
 
 import ml_collections
 
-from configs import common
+from brnpa_jax.recipes import paper as common
 
 VARIANTS = {
     "random_vectors": dict(init="random"),

@@ -1,5 +1,5 @@
 r"""BR-NPA at high resolution (output stride 8) on CUB-200-2011, distilled
-from the finished low-resolution run (SPEC section 4).
+from the finished low-resolution run (docs/method.md#distillation).
 
 First train the teacher (``configs/cub_brnpa_lowres.py``), then:
 
@@ -14,13 +14,13 @@ have been trained on the same dataset. Loss:
 of the paper's search ranges as defaults: T=11 (of {1, 6, 11, 16, 21}) and
 alpha=0.55 (of [0.1, 1.0]); switches ``temperature`` and ``alpha``.
 
-Other switches: those of ``configs/common.py`` (``runlocal``: a smoke test;
+Other switches: those of ``brnpa_jax/recipes/paper.py`` (``runlocal``: a smoke test;
 the teacher must then be a runlocal run too).
 """
 
 import ml_collections
 
-from configs import common
+from brnpa_jax.recipes import paper as common
 
 TEMPERATURE = 11.0
 ALPHA = 0.55

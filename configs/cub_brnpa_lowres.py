@@ -1,7 +1,7 @@
 r"""BR-NPA at low resolution (output stride 32) on CUB-200-2011: the paper's
 first run, and the teacher of ``cub_brnpa_highres_distill``.
 
-Launch (from the repository root; weights: see ``configs/common.py``):
+Launch (from the repository root; weights: see ``brnpa_jax/recipes/paper.py``):
 
   python train.py \
       --config 'configs/cub_brnpa_lowres.py:init_from=weights/resnet50.npz' \
@@ -13,13 +13,13 @@ oxford_iiit_pet; workdir runs/<dataset>_brnpa_lowres), or an image folder:
 
   python train.py --config 'configs/cub_brnpa_lowres.py:runlocal' --workdir /tmp/smoke
 
-Switches: those of ``configs/common.py``. Writes checkpoints (the best one in
+Switches: those of ``brnpa_jax/recipes/paper.py``. Writes checkpoints (the best one in
 ``best/``), metrics, overlays and ``summary.json`` to the workdir.
 """
 
 import ml_collections
 
-from configs import common
+from brnpa_jax.recipes import paper as common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -23,7 +23,7 @@ is an error.
 import ml_collections
 
 from brnpa_jax.config_args import parse_arg
-from brnpa_jax.data.input_pipeline import default_data_config
+from brnpa_jax.data.catalog import default_data_config
 from brnpa_jax.models import BACKBONES, HEADS, STRIDES
 
 SWITCHES = {

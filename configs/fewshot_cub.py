@@ -21,7 +21,7 @@ classes at the end. Baselines and variants:
   python train.py --config 'configs/fewshot_cub.py:runlocal' --workdir /tmp/fs_smoke
 
 High-resolution pretraining distilled from the low-resolution one (T=16,
-alpha=0.4, SPEC section 5; ``--config.distill.temperature=8`` and
+alpha=0.4, docs/method.md#few-shot-classification; ``--config.distill.temperature=8`` and
 ``--config.distill.alpha=0.5`` for the other setting), then episodic as above:
 
   python train.py --config 'configs/fewshot_cub.py:res=low' --workdir runs/fs_cub_low
@@ -37,7 +37,7 @@ distil from), size (input side, 84), epochs, dtype, runlocal.
 
 import ml_collections
 
-from configs.fewshot_common import fewshot_config
+from brnpa_jax.recipes.fewshot import fewshot_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -20,7 +20,7 @@ equal channels, no flips or crops. Switches as in ``configs/fewshot_cub.py``.
 
 import ml_collections
 
-from configs.fewshot_common import fewshot_config
+from brnpa_jax.recipes.fewshot import fewshot_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -1,10 +1,54 @@
-"""Test set-up: 8 fake CPU devices (for sharding tests), quiet TensorFlow.
+"""Test set-up and the fixtures the whole session shares.
 
-Both must be set before JAX or TensorFlow start, hence here.
+8 fake CPU devices (for sharding tests) and quiet TensorFlow must be set
+before JAX or TensorFlow start, hence here. The expensive fixtures are built
+once per pytest run and shared by every module: one TFDS data directory
+(each parts-dataset config in it is generated once) and one finished tiny
+training run.
 """
 
+import dataclasses
 import os
+import pathlib
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import chex  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishedRun:
+  """A run trained to the end: read it, copy it, never write into it."""
+  workdir: pathlib.Path
+  summary: dict
+  config: object
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory) -> pathlib.Path:
+  """The session's TFDS data directory."""
+  return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, tfds_dir) -> FinishedRun:
+  """``configs/default.py:runlocal`` (resnet_tiny, 256 training images,
+  2 epochs of 8 steps) trained once; its train and eval steps trace once."""
+  # pylint: disable=g-import-not-at-top
+  from brnpa_jax.explain.figures import draw
+  from brnpa_jax.train import steps as steps_lib
+  from brnpa_jax.train.trainer import train_and_evaluate
+  from helpers import tiny_config
+
+  workdir = tmp_path_factory.mktemp("finished_run")
+  config = tiny_config(tfds_dir)
+  with pytest.MonkeyPatch.context() as mp:
+    for name in ("make_train_step", "make_eval_step"):
+      make = getattr(steps_lib, name)
+      mp.setattr(steps_lib, name, lambda *a, make=make, **kw:
+                 chex.assert_max_traces(make(*a, **kw), n=1))
+    summary = train_and_evaluate(config, str(workdir), draw=draw)
+  return FinishedRun(workdir, summary, config)

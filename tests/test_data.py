@@ -7,14 +7,14 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from brnpa_jax.data import input_pipeline, parts, parts_tfds, transforms
+from brnpa_jax.data import catalog, input_pipeline, parts, parts_tfds, transforms
 
 SPLITS = ("train", "validation", "test")
 SMALL = {"train_size": 96, "validation_size": 20, "test_size": 30}
 
 
 def small_config(data_dir, **parts_overrides):
-  cfg = input_pipeline.default_data_config()
+  cfg = catalog.default_data_config()
   cfg.data_dir = str(data_dir)
   cfg.parts.update({**SMALL, **parts_overrides})
   return cfg
@@ -183,7 +183,7 @@ def test_builder_under_mock_data(tmp_path):
 
 
 def test_unknown_dataset_name_is_a_clear_error():
-  cfg = input_pipeline.default_data_config()
+  cfg = catalog.default_data_config()
   cfg.name = "birds"
   with pytest.raises(ValueError, match=r"Unknown dataset 'birds'.*'parts'"):
     input_pipeline.get_builder(cfg)

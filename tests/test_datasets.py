@@ -8,7 +8,8 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from brnpa_jax.data import image_folder, input_pipeline, tfds_datasets, transforms
+from brnpa_jax.data import (catalog, image_folder, input_pipeline, tfds_datasets,
+                            transforms)
 from fake_tfds import H, W, mock_tfds
 
 
@@ -16,7 +17,7 @@ from fake_tfds import H, W, mock_tfds
 
 
 def data_config(name, size=32, **kw):
-  cfg = input_pipeline.fine_grained_data_config(name, image_size=size, **kw)
+  cfg = catalog.fine_grained_data_config(name, image_size=size, **kw)
   cfg.shuffle_buffer = 16
   return cfg
 
@@ -54,10 +55,10 @@ def test_cub_under_mock_data_has_masks_and_boxes():
 
 
 def test_cub_validation_is_carved_from_train():
-  splits = tfds_datasets.FINE_GRAINED["caltech_birds2011"].splits
+  splits = catalog.FINE_GRAINED["caltech_birds2011"].splits
   assert splits["train"] == "train[:90%]" and splits["validation"] == "train[90%:]"
   assert splits["test"] == "test" and splits["trainval"] == "train"
-  flowers = tfds_datasets.FINE_GRAINED["oxford_flowers102"].splits
+  flowers = catalog.FINE_GRAINED["oxford_flowers102"].splits
   assert flowers["validation"] == "validation"
 
 
@@ -88,7 +89,7 @@ def test_other_fine_grained_datasets_under_mock_data(name, classes, extra):
 
 def test_unprepared_tfds_dataset_says_how_to_get_it(tmp_path):
   cfg = data_config("stanford_dogs", data_dir=str(tmp_path))
-  with pytest.raises(tfds_datasets.DatasetNotPreparedError) as e:
+  with pytest.raises(catalog.DatasetNotPreparedError) as e:
     input_pipeline.num_classes(cfg)
   msg = str(e.value)
   assert f"tfds build stanford_dogs --data_dir={tmp_path}" in msg
@@ -98,13 +99,13 @@ def test_unprepared_tfds_dataset_says_how_to_get_it(tmp_path):
 
 def test_unknown_fine_grained_dataset():
   with pytest.raises(ValueError, match="valid:.*caltech_birds2011"):
-    input_pipeline.fine_grained_data_config("cub")
+    catalog.fine_grained_data_config("cub")
   with pytest.raises(ValueError, match="data_dir"):
-    input_pipeline.fine_grained_data_config("folder")
+    catalog.fine_grained_data_config("folder")
 
 
 def test_recipe_augmentation_settings():
-  cfg = input_pipeline.fine_grained_data_config()
+  cfg = catalog.fine_grained_data_config()
   assert (cfg.image_size, cfg.resize_ratio, cfg.flip) == (448, 0.875, True)
   assert (cfg.brightness, cfg.saturation) == (0.126, 0.5)
   assert transforms.resize_size(448, cfg.resize_ratio) == 512
@@ -272,11 +273,11 @@ def test_corrupt_files_can_be_skipped(corrupt_tree, caplog):
 
 
 def test_missing_folders_say_what_layout_is_expected(tmp_path, tree):
-  with pytest.raises(tfds_datasets.DatasetNotPreparedError,
+  with pytest.raises(catalog.DatasetNotPreparedError,
                      match=r"(?s)does not exist.*nowhere/train/<class>/<image>"):
     image_folder.ImageFolder(str(tmp_path / "nowhere"))
   (tmp_path / "images").mkdir()
-  with pytest.raises(tfds_datasets.DatasetNotPreparedError, match="No train/ folder"):
+  with pytest.raises(catalog.DatasetNotPreparedError, match="No train/ folder"):
     image_folder.ImageFolder(str(tmp_path))
   only_train = tmp_path / "only_train"
   _save(only_train / "train" / "a" / "x.png", _colour(0), "PNG")
@@ -285,7 +286,7 @@ def test_missing_folders_say_what_layout_is_expected(tmp_path, tree):
   with pytest.raises(ValueError, match="no split 'test'.*test/ folder"):
     ds.files("test")
   _save(only_train / "test" / "b" / "z.png", _colour(2), "PNG")
-  with pytest.raises(tfds_datasets.DatasetNotPreparedError, match=r"train/ lacks: \['b'\]"):
+  with pytest.raises(catalog.DatasetNotPreparedError, match=r"train/ lacks: \['b'\]"):
     image_folder.ImageFolder(str(only_train))
   with pytest.raises(ValueError, match="on_corrupt"):
     image_folder.ImageFolder(str(tree[0]), on_corrupt="ignore")
@@ -315,7 +316,7 @@ def test_the_authors_layout_and_the_cub_archive(tmp_path):
   assert (ds.count("train") + ds.count("validation"), ds.count("test")) == (3, 2)
   assert all("CUB-200-2011_test" in f.path for f in ds.files("test"))
   (data / "cars_train").mkdir()
-  with pytest.raises(tfds_datasets.DatasetNotPreparedError, match="Several train"):
+  with pytest.raises(catalog.DatasetNotPreparedError, match="Several train"):
     image_folder.ImageFolder(str(data))
   with pytest.raises(FileNotFoundError, match="images.txt is missing"):
     image_folder.arrange_cub(str(tmp_path / "data"), str(tmp_path / "out"))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from brnpa_jax.explain import evaluate
+from brnpa_jax.runs import RunError
 from brnpa_jax.train.trainer import Trainer
 from configs import default
 
@@ -63,9 +64,10 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def result(workdir, tmp_path_factory):
   out = tmp_path_factory.mktemp("out")
-  evaluate.main(["--workdir", str(workdir), "--methods", "own,gradcam",
+  assert evaluate.main(["--workdir", str(workdir), "--methods", "own,gradcam",
                  "--split", "test", "--num_images", "6", "--batch_size", "4",
-                 "--chunk_size", "16", "--protocol", "both", "--out", str(out)])
+                        "--chunk_size", "16", "--protocol", "both", "--out",
+                        str(out)]) == 0
   return out
 
 
@@ -98,12 +100,9 @@ def test_figures_written(result):
     assert os.path.getsize(result / name) > 1000
 
 
-def test_config_fallback_and_errors(tmp_path):
-  cfg = evaluate.load_config(str(tmp_path),
-                             os.path.join(REPO, "configs/default.py") + ":head=gap")
-  assert cfg.model.head == "gap"
-  with pytest.raises(FileNotFoundError, match="--config"):
-    evaluate.load_config(str(tmp_path))
+def test_workdir_and_flag_errors(tmp_path):
+  with pytest.raises(RunError, match="not a training workdir"):
+    evaluate.load_run(str(tmp_path))
   with pytest.raises(ValueError, match="once per workdir"):
     evaluate._per_workdir(["a", "b"], ["w1", "w2", "w3"], "--methods", "own")
 

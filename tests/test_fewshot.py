@@ -14,12 +14,12 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from brnpa_jax.data import fewshot as data_lib
+from brnpa_jax.explain.figures import draw
 from brnpa_jax.models import build_model
 from brnpa_jax.models.resnet12 import ResNet12, ResNet12Narrow
 from brnpa_jax.tasks import fewshot
 from brnpa_jax.models import STRIDES
 from brnpa_jax.tasks import distill
-from brnpa_jax.tasks.base import Task
 from brnpa_jax.train.state import create_state
 from brnpa_jax.train.trainer import Trainer, train_and_evaluate
 from configs import fewshot_folder, fewshot_omniglot
@@ -303,7 +303,7 @@ def pretrained(folder_root, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("fs_pre")
   config = _with(_tiny_folder_config(folder_root), batch_size=8,
                  eval_batch_size=8, **{"model.res": "low"})
-  summary = train_and_evaluate(config, str(workdir))
+  summary = train_and_evaluate(config, str(workdir), draw=draw)
   return config, workdir, summary
 
 
@@ -334,7 +334,7 @@ def test_episodic_finetuning_from_pretrained(pretrained, tmp_path):
   task = trainer.task
   assert task.num_train_examples() == 4 * 6 and trainer.steps_per_epoch == 2
   fresh = trainer._init(trainer.init_rng)  # pylint: disable=protected-access
-  state = task.initial_state(trainer, fresh)
+  state = task.initial_state(fresh)
   saved, _, _ = fewshot.load_pretrained(str(workdir))
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(saved)):
     np.testing.assert_array_equal(a, b)
@@ -345,11 +345,11 @@ def test_episodic_finetuning_from_pretrained(pretrained, tmp_path):
                                         trainer.train_rng)
     assert np.isfinite(metrics["loss"]) and 0 <= metrics["accuracy"] <= 1
   assert int(state.step) == 2
-  novel = task.evaluate(trainer, state, "novel")
+  novel = task.evaluate(trainer.context, state, "novel")
   assert 0.2 < novel["5way_2shot_accuracy"] <= 1.0
   # Padded batches put back in order: the last, padded batch (rows 24..29).
   images = task.image_set("val").images
-  emb = fewshot.split_embeddings(trainer, state, images, 32)
+  emb = fewshot.split_embeddings(trainer.context, state, images, 32)
   assert emb.shape == (30, 3 * 80)
   last = np.zeros((8, 32, 32, 3), np.float32)
   last[:6] = data_lib.center(images[24:], 32)
@@ -362,13 +362,13 @@ def test_episodic_finetuning_from_pretrained(pretrained, tmp_path):
   missing = fewshot.FewShotTask(_with(epi, **{"fewshot.pretrain_workdir":
                                               str(workdir / "nope")}))
   with pytest.raises(FileNotFoundError, match="Run the pretrain phase first"):
-    missing.initial_state(trainer, fresh)
+    missing.initial_state(fresh)
   wider = _with(epi, **{"model.width": 16})
   model = build_model(wider.model, 4)
   shapes = jax.eval_shape(lambda: create_state(
       model, trainer.tx, jax.random.key(0), (1, 32, 32, 3)))
-  with pytest.raises(ValueError, match="do not fit this model"):
-    fewshot.FewShotTask(wider).initial_state(trainer, shapes)
+  with pytest.raises(ValueError, match="do not fit the model"):
+    fewshot.FewShotTask(wider).initial_state(shapes)
   trainer.close()
 
 
@@ -394,8 +394,6 @@ def test_pretraining_distilled_from_low_resolution_teacher(pretrained):
                                      "fewshot.pretrain_workdir": str(workdir)}))
 
 
-@pytest.mark.skipif(not hasattr(Task, "initial_state"),
-                    reason="the trainer does not call Task.initial_state yet")
 def test_episodic_phase_through_the_trainer(pretrained, tmp_path):
   """With lr 0 the episodic run's parameters stay the pretrained ones."""
   config, workdir, _ = pretrained

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from brnpa_jax.data import input_pipeline
-from brnpa_jax.train.checkpointing import abstract_like
+from brnpa_jax.runs import abstract_like
 from brnpa_jax.train.trainer import Trainer, train_and_evaluate
 from test_train import REPO, tiny_config
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from brnpa_jax.models import build_model
-from configs import common
+from brnpa_jax.recipes import paper as common
 from fake_tfds import mock_tfds
 
 NAMES = ("cub_brnpa_lowres", "cub_brnpa_highres_distill", "cub_bcnn", "cub_cnn",

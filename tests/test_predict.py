@@ -13,9 +13,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from brnpa_jax import export, predict
+from brnpa_jax import artifact, export, predict
 from brnpa_jax.models import build_model
-from brnpa_jax.train.checkpointing import Checkpointer
+from brnpa_jax.runs import Checkpointer, RunError, load_run, restore_variables
 from brnpa_jax.train.optim import make_optimizer
 from brnpa_jax.train.state import create_state
 from configs import default
@@ -71,8 +71,10 @@ def predictions(saved_run, image_folder, tmp_path_factory):
   """The model run with batch 3 (last batch padded) through the CLI, and batch 8."""
   workdir, _, _ = saved_run
   out3 = str(tmp_path_factory.mktemp("out3"))
-  p3 = predict.main(["--workdir", workdir, "--images", image_folder, "--out",
-                     out3, "--batch", "3", "--topk", "4"])
+  p3 = predict.run_predict(images=image_folder, out=out3, workdir=workdir,
+                           batch=3, topk=4)
+  assert predict.main(["--workdir", workdir, "--images", image_folder, "--out",
+                       out3, "--batch", "3", "--topk", "4"]) == 0
   out8 = str(tmp_path_factory.mktemp("out8"))
   p8 = predict.run_predict(images=image_folder, out=out8, workdir=workdir,
                            batch=8, overlays=True)
@@ -81,17 +83,16 @@ def predictions(saved_run, image_folder, tmp_path_factory):
 
 def test_restores_the_best_state(saved_run):
   workdir, config, state = saved_run
-  run = predict.load_run(workdir)
+  run = load_run(workdir)
   assert (run.step, run.checkpoint, run.num_classes) == (STEP, "best", 10)
   for a, b in zip(jax.tree.leaves(run.variables["params"]),
                   jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(a, b)
-  # Without config.json the config must be given.
-  assert predict.load_run(workdir, config, checkpoint="latest").checkpoint == "latest"
-  with pytest.raises(FileNotFoundError, match="--config"):
-    predict.load_config(os.path.dirname(workdir))
+  assert load_run(workdir, checkpoint="latest").checkpoint == "latest"
+  with pytest.raises(RunError, match="not a training workdir"):
+    load_run(os.path.dirname(workdir))
   with pytest.raises(FileNotFoundError, match="train first"):
-    predict.restore_variables(os.path.dirname(workdir))
+    restore_variables(os.path.dirname(workdir))
 
 
 def test_folder_predictions_files_and_batch_invariance(predictions, image_folder):
@@ -144,7 +145,8 @@ def test_exported_artifact_gives_identical_outputs(saved_run, image_folder,
                                                     predictions, tmp_path):
   workdir, _, _ = saved_run
   p3 = predictions[0]
-  path = export.main(["--workdir", workdir, "--out", str(tmp_path / "m.jaxexport")])
+  path = str(tmp_path / "m.jaxexport")
+  assert export.main(["--workdir", workdir, "--out", path]) == 0
   px = predict.run_predict(images=image_folder, out=str(tmp_path / "outx"),
                            exported=path, batch=3)
   assert px.files == p3.files
@@ -160,7 +162,7 @@ def test_exported_artifact_gives_identical_outputs(saved_run, image_folder,
       import numpy as np
       for name in ("flax", "brnpa_jax", "brnpa_jax.models", "optax"):
         sys.modules[name] = None  # any import of them fails
-      spec = importlib.util.spec_from_file_location("export", {export.__file__!r})
+      spec = importlib.util.spec_from_file_location("artifact", {artifact.__file__!r})
       mod = importlib.util.module_from_spec(spec)
       spec.loader.exec_module(mod)
       model = mod.load_exported({path!r})
@@ -208,4 +210,4 @@ def test_bad_inputs(saved_run, tmp_path):
   with pytest.raises(ValueError, match="--workdir"):
     predict.run_predict(images=str(tmp_path), out=str(tmp_path / "o"))
   with pytest.raises(FileNotFoundError, match="brnpa_jax.export"):
-    export.load_exported(str(tmp_path / "missing.jaxexport"))
+    artifact.load_exported(str(tmp_path / "missing.jaxexport"))

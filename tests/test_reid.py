@@ -12,6 +12,7 @@ from PIL import Image
 from brnpa_jax.data import reid as reid_data
 from brnpa_jax.models import reid as reid_model
 from brnpa_jax.tasks import reid
+from brnpa_jax.explain.figures import draw
 from brnpa_jax.train.trainer import train_and_evaluate
 from configs import reid_market1501
 
@@ -265,7 +266,7 @@ def test_train_dataset_is_deterministic(market):
 
 
 def test_end_to_end(market, tmp_path):
-  summary = train_and_evaluate(tiny_config(market), str(tmp_path))
+  summary = train_and_evaluate(tiny_config(market), str(tmp_path), draw=draw)
   for split, queries in (("val", 4), ("test", 4)):
     assert summary[f"{split}_num_valid_queries"] == queries
     for key in ("rank1", "rank5", "rank10", "mAP"):

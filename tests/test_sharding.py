@@ -9,11 +9,14 @@ import optax
 import pytest
 
 from brnpa_jax.models import build_model
+from brnpa_jax.tasks import classification
 from brnpa_jax.train import sharding as shd
 from brnpa_jax.train import steps as steps_lib
 from brnpa_jax.train.steps import jit_steps
 
 BATCH, SIZE = 16, 32
+CLASSIFY = dict(loss_fn=classification.loss_and_metrics,
+                metrics_fn=classification.eval_metrics)
 
 
 def _model(dtype="float32", freeze_bn=False, head="gap"):
@@ -37,7 +40,7 @@ def _train(mesh, model, num_steps=3, grad_accum_steps=1, tx=None):
     mp.setattr(steps_lib, "make_train_step",
                lambda *a, **kw: chex.assert_max_traces(make(*a, **kw), n=1))
     steps = jit_steps(model, tx, mesh, (1, SIZE, SIZE, 3),
-                      grad_accum_steps=grad_accum_steps)
+                      grad_accum_steps=grad_accum_steps, **CLASSIFY)
   state = steps.init(jax.random.key(0))
   train = steps.train
   losses = []
@@ -99,7 +102,7 @@ def test_fsdp_spec_picks_largest_divisible_dim():
 def test_fsdp_state_is_split_across_devices():
   mesh = shd.make_mesh(8, fsdp=4)
   model = _model()
-  steps = jit_steps(model, optax.adam(1e-3), mesh, (1, SIZE, SIZE, 3))
+  steps = jit_steps(model, optax.adam(1e-3), mesh, (1, SIZE, SIZE, 3), **CLASSIFY)
   state = steps.init(jax.random.key(0))
   kernel = state.params["classifier"]["kernel"]  # (64, 5): 64 splits by 4
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
@@ -138,7 +141,7 @@ def test_grad_accumulation_with_batchnorm_runs_per_micro_batch():
 def test_bfloat16_training_loss_finite_and_decreasing():
   mesh = shd.make_mesh(8)
   model = _model(dtype="bfloat16", head="gap")
-  steps = jit_steps(model, optax.adam(3e-3), mesh, (1, SIZE, SIZE, 3))
+  steps = jit_steps(model, optax.adam(3e-3), mesh, (1, SIZE, SIZE, 3), **CLASSIFY)
   state = steps.init(jax.random.key(0))
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
   batch = shd.to_global(_batch(0), steps.data_sharding)  # one batch, memorised

@@ -7,39 +7,19 @@ import subprocess
 import sys
 import time
 
-import chex
 import jax
 import numpy as np
 import pytest
 
-from brnpa_jax.train import steps as steps_lib
-from brnpa_jax.train.checkpointing import Checkpointer, abstract_like
+from brnpa_jax.runs import Checkpointer, abstract_like
 from brnpa_jax.train.trainer import Trainer, train_and_evaluate
 from helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("tfds")
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, data_dir):
-  """Two epochs of the tiny config; the train and eval steps may trace once."""
-  workdir = tmp_path_factory.mktemp("run")
-  with pytest.MonkeyPatch.context() as mp:
-    for name in ("make_train_step", "make_eval_step"):
-      make = getattr(steps_lib, name)
-      mp.setattr(steps_lib, name, lambda *a, make=make, **kw: chex.assert_max_traces(
-          make(*a, **kw), n=1))
-    summary = train_and_evaluate(tiny_config(data_dir), str(workdir))
-  return workdir, summary
-
-
 def test_run_writes_checkpoints_metrics_overlays(finished_run):
-  workdir, summary = finished_run
+  workdir, summary = finished_run.workdir, finished_run.summary
   assert os.listdir(workdir / "checkpoints") and os.listdir(workdir / "best")
   rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
   train_rows = [r for r in rows if "train_loss" in r]
@@ -53,17 +33,17 @@ def test_run_writes_checkpoints_metrics_overlays(finished_run):
   assert saved["best_val_accuracy"] == max(r["val_accuracy"] for r in val_rows)
 
 
-def test_resume_equals_uninterrupted(tmp_path, data_dir, finished_run):
+def test_resume_equals_uninterrupted(tmp_path, tfds_dir, finished_run):
   """Preempted mid-epoch, then rerun: the same parameters as one straight run."""
-  ref_dir, _ = finished_run
+  ref_dir = finished_run.workdir
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(Checkpointer, "reached_preemption", lambda self, step: step == 5)
-    stopped = train_and_evaluate(tiny_config(data_dir), str(tmp_path))
+    stopped = train_and_evaluate(tiny_config(tfds_dir), str(tmp_path))
   assert stopped == {"stopped_at_step": 5}
-  train_and_evaluate(tiny_config(data_dir), str(tmp_path))
+  train_and_evaluate(tiny_config(tfds_dir), str(tmp_path))
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in rows if "val_accuracy" in r] == [8, 16]
-  trainers = [Trainer(tiny_config(data_dir), str(d)) for d in (ref_dir, tmp_path)]
+  trainers = [Trainer(tiny_config(tfds_dir), str(d)) for d in (ref_dir, tmp_path)]
   states = []
   for t in trainers:
     state, _ = t.ckpt.restore_latest(abstract_like(t.state_shapes, t.state_sharding))
@@ -94,12 +74,12 @@ def _start_and_signal(cmd, env, workdir, sig, after_step):
   return proc.returncode, out
 
 
-def test_interrupted_runs_resume_from_checkpoint(tmp_path, data_dir):
+def test_interrupted_runs_resume_from_checkpoint(tmp_path, tfds_dir):
   """SIGTERM saves and exits cleanly; kill -9 loses only the steps since the
   last checkpoint; rerunning the same command resumes, it does not restart."""
   workdir = tmp_path / "run"
   cmd = [sys.executable, "train.py", "--config", "configs/default.py:runlocal,epochs=12",
-         f"--config.data.data_dir={data_dir}", "--config.mesh.num_devices=1",
+         f"--config.data.data_dir={tfds_dir}", "--config.mesh.num_devices=1",
          f"--workdir={workdir}"]
   env = dict(os.environ, PYTHONUNBUFFERED="1")
 
@@ -126,7 +106,7 @@ def test_interrupted_runs_resume_from_checkpoint(tmp_path, data_dir):
   assert sorted(set(val_steps)) == [8 * e for e in range(1, 13)]
 
 
-def test_batch_not_divisible_by_devices_is_clear_error(data_dir, tmp_path):
-  cfg = tiny_config(data_dir, **{"mesh.num_devices": 8, "batch_size": 12})
+def test_batch_not_divisible_by_devices_is_clear_error(tfds_dir, tmp_path):
+  cfg = tiny_config(tfds_dir, **{"mesh.num_devices": 8, "batch_size": 12})
   with pytest.raises(ValueError, match="divisible by the 8 devices"):
     Trainer(cfg, str(tmp_path))

@@ -19,7 +19,7 @@ from brnpa_jax.models import weights
 from brnpa_jax.tools import convert_weights
 from brnpa_jax.tools.weights_golden import (GOLDEN_ARCHS, golden_input,
                                             random_state_dict)
-from brnpa_jax.train.checkpointing import abstract_like
+from brnpa_jax.runs import abstract_like
 from brnpa_jax.train.trainer import Trainer, train_and_evaluate
 from configs import default
 

@@ -58,11 +58,10 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
-from brnpa_jax.data.tfds_datasets import DatasetNotPreparedError
+from brnpa_jax.data.catalog import VALIDATION_PERCENT, DatasetNotPreparedError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm",
                     ".tif", ".tiff", ".webp")
-VALIDATION_PERCENT = 10
 # Folder names of each split: the exact name, else one folder ending in
 # ``_<name>`` (the authors' release reads data/CUB-200-2011_train and _test).
 SPLIT_FOLDERS = {"train": ("train",), "validation": ("validation", "val"),

@@ -1,11 +1,12 @@
 """tf.data input pipelines: the data API the trainer calls.
 
-``data_cfg`` (see ``default_data_config`` and ``fine_grained_data_config``)
-names a dataset in ``DATASETS``: the procedural ``parts`` dataset (builds
-itself into ``data_dir`` on first use), the fine-grained TFDS datasets of
-``tfds_datasets.FINE_GRAINED`` (prepared once with ``tfds build``), or
-``folder``, an image folder at ``data_dir`` (``image_folder``). A dataset that
-is not there raises ``DatasetNotPreparedError`` saying how to get it.
+``data_cfg`` (see ``catalog.default_data_config`` and
+``catalog.fine_grained_data_config``) names a dataset in ``DATASETS``: the
+procedural ``parts`` dataset (builds itself into ``data_dir`` on first use),
+the fine-grained TFDS datasets of ``catalog.FINE_GRAINED`` (prepared once with
+``tfds build``), or ``folder``, an image folder at ``data_dir``
+(``image_folder``). A dataset that is not there raises
+``DatasetNotPreparedError`` saying how to get it.
 
 Split names are ours: ``train``, ``validation``, ``test`` (and ``trainval``);
 each dataset maps them to its own splits (a TFDS dataset without a
@@ -35,12 +36,13 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+from brnpa_jax.data import catalog  # pylint: disable=g-import-not-at-top
 from brnpa_jax.data import image_folder  # pylint: disable=g-import-not-at-top
 from brnpa_jax.data import parts  # pylint: disable=g-import-not-at-top
 from brnpa_jax.data import parts_tfds  # pylint: disable=g-import-not-at-top
 from brnpa_jax.data import tfds_datasets  # pylint: disable=g-import-not-at-top
 from brnpa_jax.data import transforms  # pylint: disable=g-import-not-at-top
-from brnpa_jax.data.tfds_datasets import DatasetNotPreparedError  # pylint: disable=g-import-not-at-top,unused-import
+from brnpa_jax.data.catalog import DatasetNotPreparedError  # pylint: disable=g-import-not-at-top,unused-import
 
 # tf.data runs on the host; if TensorFlow saw the accelerator it would reserve
 # its memory and starve JAX.
@@ -91,7 +93,7 @@ def parts_config(data_cfg) -> parts.PartsConfig:
 def _parts_source(data_cfg):
   sizes = {s: data_cfg.parts[f"{s}_size"] for s in parts_tfds.DEFAULT_SPLIT_SIZES}
   builder = parts_tfds.make_builder(parts_config(data_cfg), sizes,
-                                    _data_dir(data_cfg))
+                                    catalog.data_dir(data_cfg))
   builder.download_and_prepare()  # a no-op once the files are there
   return tfds_datasets.TfdsSource(
       builder, {"image": "image", "label": "label", "object_mask": "object_mask",
@@ -100,22 +102,22 @@ def _parts_source(data_cfg):
 
 
 def _tfds_source(name: str):
-  dataset = tfds_datasets.FINE_GRAINED[name]
+  dataset = catalog.FINE_GRAINED[name]
 
   def make(data_cfg):
-    data_dir = _data_dir(data_cfg)
+    data_dir = catalog.data_dir(data_cfg)
     builder = tfds.builder(name, data_dir=data_dir)
     tfds_datasets.check_prepared(builder, dataset.how_to_get(data_dir))
     return tfds_datasets.TfdsSource(builder, dataset.keys, dataset.splits,
-                                    dataset.finish)
+                                    tfds_datasets.FINISH.get(name))
   return make
 
 
 def _folder_source(data_cfg):
   f = data_cfg.get("folder") or ml_collections.ConfigDict()
   return image_folder.load(
-      _data_dir(data_cfg),
-      validation_percent=f.get("validation_percent", image_folder.VALIDATION_PERCENT),
+      catalog.data_dir(data_cfg),
+      validation_percent=f.get("validation_percent", catalog.VALIDATION_PERCENT),
       seed=f.get("seed", 0), verify=f.get("verify", True),
       on_corrupt=f.get("on_corrupt", "error"))
 
@@ -123,83 +125,9 @@ def _folder_source(data_cfg):
 DATASETS: dict[str, DatasetSpec] = {
     "parts": DatasetSpec(_parts_source,
                          num_classes=lambda data_cfg: data_cfg.parts.num_classes),
-    **{name: DatasetSpec(_tfds_source(name)) for name in tfds_datasets.FINE_GRAINED},
+    **{name: DatasetSpec(_tfds_source(name)) for name in catalog.FINE_GRAINED},
     "folder": DatasetSpec(_folder_source),
 }
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-  """The ``data`` section of a config, set for the procedural parts dataset.
-
-  Returns:
-    A ConfigDict; ``parts`` holds the generator's parameters (see
-    ``parts.PartsConfig``) and split sizes. ``parts.image_size`` None means
-    ``image_size``.
-  """
-  cfg = ml_collections.ConfigDict()
-  cfg.name = "parts"
-  # A string (not None) so that --config.data.data_dir can override it.
-  cfg.data_dir = "~/tensorflow_datasets"
-  cfg.image_size = 64
-  cfg.resize_ratio = 0.875
-  cfg.flip = True
-  cfg.brightness = 0.0  # the CUB recipe: 0.126
-  cfg.saturation = 0.0  # the CUB recipe: 0.5
-  cfg.train_split = "train"
-  cfg.eval_splits = ("validation", "test")
-  cfg.shuffle_buffer = 10_000
-  # How processes divide the training data: 'shard' or 'slice' (see
-  # make_train_dataset); 'slice' makes runs independent of the process count.
-  cfg.process_split = "shard"
-  defaults = dataclasses.asdict(parts.PartsConfig())
-  defaults["image_size"] = None
-  for split, n in parts_tfds.DEFAULT_SPLIT_SIZES.items():
-    defaults[f"{split}_size"] = n
-  cfg.parts = ml_collections.ConfigDict(defaults)
-  return cfg
-
-
-def fine_grained_data_config(name: str = "caltech_birds2011", data_dir: str = "",
-                             image_size: int = 448) -> ml_collections.ConfigDict:
-  """The ``data`` section for a fine-grained dataset, with the CUB recipe.
-
-  Args:
-    name: a ``tfds_datasets.FINE_GRAINED`` name, or ``folder``.
-    data_dir: the TFDS data directory (empty: ``~/tensorflow_datasets``), or
-      for ``folder`` the folder that holds ``train/``.
-    image_size: 448 (the paper) or 224.
-
-  Returns:
-    A ConfigDict with the augmentation of SPEC section 4 (resize to
-    ``size / 0.875``, random crop, flip, brightness 0.126, saturation 0.5)
-    and, for image folders, the ``folder`` options (see
-    ``image_folder.ImageFolder``).
-  """
-  if name not in DATASETS or name == "parts":
-    raise ValueError(f"Unknown fine-grained dataset {name!r}; valid: "
-                     f"{sorted(set(DATASETS) - {'parts'})}.")
-  if name == "folder" and not data_dir:
-    raise ValueError("dataset=folder needs data_dir=<the folder holding train/>.")
-  cfg = ml_collections.ConfigDict()
-  cfg.name = name
-  cfg.data_dir = data_dir or "~/tensorflow_datasets"
-  cfg.image_size = image_size
-  cfg.resize_ratio = 0.875
-  cfg.flip = True
-  cfg.brightness = 0.126
-  cfg.saturation = 0.5
-  cfg.train_split = "train"
-  cfg.eval_splits = ("validation", "test")
-  cfg.shuffle_buffer = 10_000
-  cfg.process_split = "shard"
-  cfg.folder = ml_collections.ConfigDict(dict(
-      validation_percent=float(image_folder.VALIDATION_PERCENT), seed=0,
-      verify=True, on_corrupt="error"))
-  return cfg
-
-
-def _data_dir(data_cfg) -> str:
-  return os.path.expanduser(data_cfg.get("data_dir") or "~/tensorflow_datasets")
 
 
 def _spec(data_cfg) -> DatasetSpec:

@@ -34,6 +34,8 @@ import numpy as np
 GENERATOR_VERSION = 1
 
 SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
+# Examples per split of the embedded dataset as the default config builds it.
+DEFAULT_SPLIT_SIZES = {"train": 6000, "validation": 1000, "test": 1000}
 
 # Glyph types in the order they are handed to classes: the first ones are the
 # most distinct from each other, so small class counts use the easy shapes.

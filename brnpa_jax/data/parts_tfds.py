@@ -29,7 +29,7 @@ import tensorflow_datasets as tfds
 
 from brnpa_jax.data import parts
 
-DEFAULT_SPLIT_SIZES = {"train": 6000, "validation": 1000, "test": 1000}
+DEFAULT_SPLIT_SIZES = parts.DEFAULT_SPLIT_SIZES
 
 
 def _not_our_custom_config(record: logging.LogRecord) -> bool:

@@ -1,56 +1,26 @@
-"""Reading TFDS builders, and the fine-grained datasets of the paper.
+"""Reading TFDS builders with our key and split names.
 
 ``TfdsSource`` wraps a prepared TFDS builder so that the input pipeline reads
 it with our key names (``image``, ``label``, ``object_mask``, ``bbox``, ...)
-and our split names (``train``, ``validation``, ``test``, ``trainval``).
-
-Datasets that TFDS ships without a validation split get one carved from the
-TFDS ``train`` split: its last ``VALIDATION_PERCENT`` percent
-(``train[90%:]``), training on the rest (``train[:90%]``). TFDS writes the
-examples of a split in an order fixed by hashing their keys, so this is a
-deterministic, class-mixed subset, the same on every machine; ``trainval``
-names the whole TFDS ``train`` split (plus ``validation`` where TFDS has one)
-for a final run without model selection. Any other split string (for example
-``test[:100]``) is passed to TFDS unchanged.
-
-Annotations kept for evaluation, per dataset (TFDS feature -> our key):
-
-- ``caltech_birds2011``: ``segmentation_mask`` -> ``object_mask`` (the masks
-  are soft, 0-255 by annotator agreement; a pixel is on the bird from 128),
-  ``bbox`` -> ``bbox``.
-- ``cars196``: ``bbox`` -> ``bbox``.
-- ``stanford_dogs``: ``objects/bbox`` (one box per dog) -> ``bbox``, the
-  smallest box enclosing all of them.
-- ``oxford_iiit_pet``: the ``segmentation_mask`` trimap (1 pet, 2 background,
-  3 outline) -> ``object_mask`` (pet and outline).
-- ``oxford_flowers102``: labels only.
-
-Boxes are ``[ymin, xmin, ymax, xmax]`` normalised to the image, as TFDS gives
-them; masks are (H, W, 1) uint8, nonzero on the object.
+and our split names (``train``, ``validation``, ``test``, ``trainval``; see
+``catalog``). Any other split string (for example ``test[:100]``) is passed
+to TFDS unchanged. ``FINISH`` turns each fine-grained dataset's annotations
+into ours (``catalog.FINE_GRAINED`` says which it has): masks (H, W, 1)
+uint8, nonzero on the object; boxes ``[ymin, xmin, ymax, xmax]`` normalised
+to the image.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Mapping, Sequence
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-VALIDATION_PERCENT = 10
+from brnpa_jax.data import catalog
 
-CARVED_SPLITS = {
-    "train": f"train[:{100 - VALIDATION_PERCENT}%]",
-    "validation": f"train[{100 - VALIDATION_PERCENT}%:]",
-    "test": "test",
-    "trainval": "train",
-}
-NATIVE_SPLITS = {"train": "train", "validation": "validation", "test": "test",
-                 "trainval": "train+validation"}
-
-
-class DatasetNotPreparedError(FileNotFoundError):
-  """A dataset's files are missing; the message says how to get them."""
+# Raised here and by image folders; defined TensorFlow-free in the catalog.
+DatasetNotPreparedError = catalog.DatasetNotPreparedError
 
 
 def _mask_like_image(mask, image):
@@ -84,61 +54,12 @@ def _dogs_finish(ex):
   return dict(ex, bbox=tf.where(empty, tf.zeros(4), enclosing))
 
 
-class FineGrainedDataset:
-  """A TFDS fine-grained dataset: features to keep and how to prepare it.
-
-  Attributes:
-    name: the TFDS builder name.
-    keys: our key -> TFDS feature name.
-    splits: our split name -> TFDS split string.
-    finish: per decoded example (our keys) -> example, e.g. mask thresholds.
-    files: the archives TFDS downloads (what to place in the manual folder
-      when a download URL fails).
-    needs: Python packages the TFDS build step imports.
-  """
-
-  def __init__(self, name: str, keys: Mapping[str, str], splits: Mapping[str, str],
-               finish: Callable[[dict], dict] | None, files: Sequence[str],
-               needs: Sequence[str] = ()):
-    self.name, self.keys, self.splits, self.finish = name, keys, splits, finish
-    self.files, self.needs = tuple(files), tuple(needs)
-
-  def how_to_get(self, data_dir: str) -> str:
-    """The commands that prepare the dataset in ``data_dir``."""
-    needs = (f"pip install {' '.join(self.needs)}\n  " if self.needs else "")
-    return (
-        f"Dataset {self.name!r} is not prepared in {data_dir}. Prepare it once "
-        f"(downloads the archives, then writes TFRecords):\n  {needs}"
-        f"tfds build {self.name} --data_dir={data_dir}\n"
-        f"If a download fails (some original URLs have moved), download "
-        f"{', '.join(self.files)} by hand into "
-        f"{os.path.join(data_dir, 'downloads', 'manual')}/ and run the same "
-        f"command again; or set data.data_dir to where the dataset is "
-        f"already prepared.")
-
-
-_IMAGE_LABEL = {"image": "image", "label": "label"}
-
-FINE_GRAINED = {d.name: d for d in (
-    FineGrainedDataset(
-        "caltech_birds2011",
-        {**_IMAGE_LABEL, "object_mask": "segmentation_mask", "bbox": "bbox"},
-        CARVED_SPLITS, _cub_finish, ("CUB_200_2011.tgz", "segmentations.tgz"),
-        ("opencv-python-headless",)),
-    FineGrainedDataset(
-        "cars196", {**_IMAGE_LABEL, "bbox": "bbox"}, CARVED_SPLITS, None,
-        ("cars_train.tgz", "cars_test.tgz", "car_devkit.tgz",
-         "cars_test_annos_withlabels.mat"), ("scipy",)),
-    FineGrainedDataset(
-        "stanford_dogs", {**_IMAGE_LABEL, "bbox": "objects"}, CARVED_SPLITS,
-        _dogs_finish, ("images.tar", "lists.tar", "annotation.tar"), ("scipy",)),
-    FineGrainedDataset(
-        "oxford_flowers102", dict(_IMAGE_LABEL), NATIVE_SPLITS, None,
-        ("102flowers.tgz", "imagelabels.mat", "setid.mat"), ("scipy",)),
-    FineGrainedDataset(
-        "oxford_iiit_pet", {**_IMAGE_LABEL, "object_mask": "segmentation_mask"},
-        CARVED_SPLITS, _pet_finish, ("images.tar.gz", "annotations.tar.gz")),
-)}
+# catalog.FINE_GRAINED name -> per decoded example (our keys) -> example.
+FINISH: dict[str, Callable[[dict], dict]] = {
+    "caltech_birds2011": _cub_finish,
+    "stanford_dogs": _dogs_finish,
+    "oxford_iiit_pet": _pet_finish,
+}
 
 
 def check_prepared(builder, how_to_get: str, probe_split: str = "train") -> None:

@@ -1,6 +1,6 @@
 """Per-example image transforms (TensorFlow ops) shared by every dataset.
 
-The recipe of SPEC section 4: for training, resize so the short side is
+The recipe of docs/method.md#data-and-augmentation: for training, resize so the short side is
 ``size / resize_ratio``, random-crop ``size``, flip horizontally with p=0.5,
 jitter brightness and saturation, normalise with the ImageNet mean and std;
 for evaluation, resize and centre-crop. Geometric steps apply jointly to the

@@ -5,12 +5,12 @@ r"""Evaluates trained runs: accuracy and every map metric, own maps and post-hoc
       --workdir runs/gap --methods own,gradcam,gradcampp,scorecam,rise \
       --workdir runs/bcnn --methods own
 
-For each ``--workdir`` the best checkpoint is restored (its config is the
-``config.json`` the trainer writes there, or ``--config PATH[:ARGS]`` given
-once per workdir, in the same order). ``--methods`` is given once (for every
-run) or once per workdir; ``own`` is the model's own map (SPEC section 6:
-BR-NPA map 1 x norm, bcnn mean of its maps x norm, gap the norm map), the
-others are post-hoc explainers of the class the model predicts.
+For each ``--workdir`` the best checkpoint is restored with the config the
+run was trained with (``brnpa_jax.runs.load_run``). ``--methods`` is given
+once (for every run) or once per workdir; ``own`` is the model's own map
+(BR-NPA map 1 x norm, bcnn mean of its maps x norm, gap the norm map; see
+docs/method.md#own-maps), the others are post-hoc explainers of the class
+the model predicts.
 
 Per image and per (run, method): accuracy, sparsity, deletion and insertion
 AUC (``--protocol release``: feature-map cells, one step per cell;
@@ -24,23 +24,25 @@ method grid ``methods_grid.png`` and the mean curves ``curves.png``.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import csv
 import dataclasses
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import flags
 
-from brnpa_jax import predict
+from brnpa_jax import cli
 from brnpa_jax.data import input_pipeline
+from brnpa_jax.errors import ConfigError
 from brnpa_jax.explain import metrics
+from brnpa_jax.runs import load_run as restore_run
 
 LOWER_IS_BETTER = ("sparsity", "dauc", "dauc_std")
 METRIC_NAMES = {
@@ -60,26 +62,18 @@ class Run:
   head: str
 
 
-def load_config(workdir: str, config_arg: str | None = None):
-  """The run's config: ``--config PATH[:ARGS]`` if given, else config.json."""
-  return predict.load_config(workdir, predict.config_from_arg(config_arg))
-
-
-def load_run(workdir: str, config_arg: str | None = None) -> Run:
+def load_run(workdir: str) -> Run:
   """Restores the best checkpoint's weights of ``workdir`` (no optimiser
-  state, no training task: ``brnpa_jax.predict.load_run``)."""
-  config = load_config(workdir, config_arg)
-  if not os.path.isdir(os.path.join(workdir, "best")):
-    raise FileNotFoundError(f"{workdir}/best does not exist: train the run "
-                            "first (python train.py --workdir ...).")
-  run = predict.load_run(workdir, config, checkpoint="best")
-  return Run(os.path.basename(os.path.normpath(workdir)), config, run.model,
-             run.variables, config.model.head)
+  state, no training task)."""
+  run = restore_run(workdir, checkpoint="best")
+  return Run(os.path.basename(run.workdir.path), run.config, run.model,
+             run.variables, run.config.model.head)
 
 
 # -- per-image metrics -------------------------------------------------------------
 def own_maps(aux, head: str):
-  """(saliency (B, h, w), sparsity (B,)) of a model's own maps (SPEC 6)."""
+  """(saliency (B, h, w), sparsity (B,)) of a model's own maps
+  (docs/method.md#own-maps)."""
   from brnpa_jax.explain.explainers import own_saliency
   if head == "gap":
     sparsity = metrics.sparsity(aux["norms"][:, None])
@@ -170,8 +164,8 @@ def iterate_split(config, split: str, batch_size: int, num_images: int | None,
   seen = 0
   for batch in tfds.as_numpy(ds):
     if mask_key not in batch:
-      raise KeyError(f"The {config.data.name!r} dataset has no {mask_key!r}; "
-                     f"it has {sorted(batch)}. Choose another --mask_key.")
+      raise ConfigError(f"The {config.data.name!r} dataset has no {mask_key!r}; "
+                      f"it has {sorted(batch)}. Choose another --mask_key.")
     n = int(batch["mask"].sum())  # padding only ever follows real examples
     if num_images is not None:
       n = min(n, num_images - seen)
@@ -206,8 +200,8 @@ def summarise(per_image: dict[str, dict[str, np.ndarray]], reference: str
               ) -> list[dict[str, Any]]:
   """One dict per (row, metric): n, mean, 95% CI, p-value against reference."""
   if reference not in per_image:
-    raise ValueError(f"--reference {reference!r} is not one of the rows "
-                     f"{sorted(per_image)}.")
+    raise ConfigError(f"--reference {reference!r} is not one of the rows "
+                      f"{sorted(per_image)}.")
   out = []
   for row, values in per_image.items():
     for metric in METRIC_NAMES:
@@ -308,8 +302,8 @@ def _per_workdir(values, workdirs, flag, default):
   if len(values) == 1:
     return values * len(workdirs)
   if len(values) != len(workdirs):
-    raise ValueError(f"{flag} is given {len(values)} times for {len(workdirs)} "
-                     f"--workdir: give it once (for all) or once per workdir.")
+    raise ConfigError(f"{flag} is given {len(values)} times for {len(workdirs)} "
+                      f"--workdir: give it once (for all) or once per workdir.")
   return values
 
 
@@ -321,11 +315,11 @@ def parse_options(items) -> dict[str, dict[str, Any]]:
     key, sep, value = item.partition("=")
     method, dot, name = key.partition(".")
     if not (sep and dot):
-      raise ValueError(f"--option {item!r}: expected METHOD.NAME=VALUE, e.g. "
-                       "rise.num_masks=1000.")
+      raise ConfigError(f"--option {item!r}: expected METHOD.NAME=VALUE, e.g. "
+                        "rise.num_masks=1000.")
     if name not in options_of(method):
-      raise ValueError(f"--option {item!r}: {method} takes "
-                       f"{sorted(options_of(method))}.")
+      raise ConfigError(f"--option {item!r}: {method} takes "
+                        f"{sorted(options_of(method))}.")
     try:
       parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError):
@@ -334,20 +328,18 @@ def parse_options(items) -> dict[str, dict[str, Any]]:
   return out
 
 
-def evaluate(workdirs, *, split="test", methods=None, configs=None,
-             num_images=None, protocol="release", batch_size=50,
+def evaluate(workdirs, *, split="test", methods=None, num_images=None, protocol="release", batch_size=50,
              chunk_size=64, mask_key="part_mask", reference=None, out_dir,
              seed=0, options=None, steps=None, pixels_per_step=None,
              tolerance=metrics.POINTING_TOLERANCE, figures=True
              ) -> dict[str, Any]:
   """Evaluates runs and writes the tables; returns the summary and paths."""
   methods = [m.split(",") for m in _per_workdir(methods, workdirs, "--methods", "own")]
-  configs = _per_workdir(configs, workdirs, "--config", None)
   protocols = ("release", "standard") if protocol == "both" else (protocol,)
   per_image: dict[str, dict[str, list]] = {}
   examples, t0 = None, time.time()
-  for workdir, config_arg, run_methods in zip(workdirs, configs, methods):
-    run = load_run(workdir, config_arg)
+  for workdir, run_methods in zip(workdirs, methods):
+    run = load_run(workdir)
     evaluator = Evaluator(run, protocols, chunk_size, mask_key, seed, options,
                           steps, pixels_per_step, tolerance)
     for batch, n in iterate_split(run.config, split, batch_size, num_images,
@@ -361,7 +353,7 @@ def evaluate(workdirs, *, split="test", methods=None, configs=None,
     print(f"{run.name}: {', '.join(run_methods)} done "
           f"({time.time() - t0:.0f} s so far)", flush=True)
   if examples is None:
-    raise ValueError(f"No examples in split {split!r}.")
+    raise ConfigError(f"No examples in split {split!r}.")
   per_image = {row: {k: np.concatenate(v) for k, v in vals.items()}
                for row, vals in per_image.items()}
   reference = reference or next(iter(per_image))
@@ -379,58 +371,55 @@ def evaluate(workdirs, *, split="test", methods=None, configs=None,
   return {"summary": summary, "paths": paths, "info": info}
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(
-      description=__doc__.splitlines()[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-  p.add_argument("--workdir", action="append", required=True,
-                 help="a run's workdir; repeat for several runs")
-  p.add_argument("--config", action="append",
-                 help="PATH[:ARGS] of a run's config when its workdir has no "
-                      "config.json; once, or once per --workdir")
-  p.add_argument("--methods", action="append",
-                 help="comma-separated: own and explainers; once, or once per "
-                      "--workdir (default: own)")
-  p.add_argument("--split", default="test")
-  p.add_argument("--out", required=True, help="folder for tables and figures")
-  p.add_argument("--num_images", type=int, help="first N examples (default: all)")
-  p.add_argument("--protocol", choices=("release", "standard", "both"),
-                 default="release")
-  p.add_argument("--steps", type=int,
-                 help="release protocol steps (default: one per cell; the "
-                      "paper also uses 196)")
-  p.add_argument("--pixels_per_step", type=int,
-                 help="standard protocol (default: the image width, 224 on "
-                      "224x224)")
-  p.add_argument("--batch_size", type=int, default=50)
-  p.add_argument("--chunk_size", type=int, default=64,
-                 help="perturbed images per forward in deletion/insertion")
-  p.add_argument("--tolerance", type=float, default=metrics.POINTING_TOLERANCE,
-                 help="pointing game tolerance in pixels (SPEC: 15)")
-  p.add_argument("--mask_key", default="part_mask",
-                 help="ground truth of the pointing games")
-  p.add_argument("--reference", help="row of the paired tests (default: the "
-                 "first, e.g. brnpa/own)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--option", action="append",
-                 help="an explainer option, METHOD.NAME=VALUE (repeatable), "
-                      "e.g. rise.num_masks=1000")
-  p.add_argument("--no_figures", action="store_true",
-                 help="tables only (no method grid or curve plots)")
-  args = p.parse_args(argv)
+def _define(fv: flags.FlagValues, argv) -> None:
+  del argv
+  d = lambda kind, name, default, text, **kw: getattr(flags, f"DEFINE_{kind}")(
+      name, default, text, flag_values=fv, **kw)
+  d("multi_string", "workdir", None, "A run's workdir; repeat for several runs.")
+  d("multi_string", "methods", None, "Comma-separated: own and explainers; once, "
+    "or once per --workdir (default: own).")
+  d("string", "split", "test", "The split to evaluate.")
+  d("string", "out", None, "Folder for tables and figures.")
+  d("integer", "num_images", None, "The first N examples (default: all).")
+  flags.DEFINE_enum("protocol", "release", ["release", "standard", "both"],
+                    "Deletion/insertion protocol.", flag_values=fv)
+  d("integer", "steps", None, "Release protocol steps (default: one per cell; "
+    "the paper also uses 196).")
+  d("integer", "pixels_per_step", None, "Standard protocol (default: the image "
+    "width, 224 on 224x224).")
+  d("integer", "batch_size", 50, "Images per batch.")
+  d("integer", "chunk_size", 64, "Perturbed images per forward in "
+    "deletion/insertion.")
+  d("float", "tolerance", metrics.POINTING_TOLERANCE, "Pointing game tolerance "
+    "in pixels.")
+  d("string", "mask_key", "part_mask", "Ground truth of the pointing games.")
+  d("string", "reference", None, "Row of the paired tests (default: the first, "
+    "e.g. brnpa/own).")
+  d("integer", "seed", 0, "Seed of the random explainers.")
+  d("multi_string", "option", None, "An explainer option METHOD.NAME=VALUE "
+    "(repeatable), e.g. rise.num_masks=1000.")
+  d("bool", "figures", True, "Also draw the method grid and the curves.")
+  flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
+
+
+def _main(fv: flags.FlagValues) -> dict[str, Any]:
   result = evaluate(
-      args.workdir, split=args.split, methods=args.methods, configs=args.config,
-      num_images=args.num_images, protocol=args.protocol,
-      batch_size=args.batch_size, chunk_size=args.chunk_size,
-      mask_key=args.mask_key, reference=args.reference, out_dir=args.out,
-      seed=args.seed, options=parse_options(args.option), steps=args.steps,
-      pixels_per_step=args.pixels_per_step, tolerance=args.tolerance,
-      figures=not args.no_figures)
+      fv.workdir, split=fv.split, methods=fv.methods, num_images=fv.num_images,
+      protocol=fv.protocol, batch_size=fv.batch_size, chunk_size=fv.chunk_size,
+      mask_key=fv.mask_key, reference=fv.reference, out_dir=fv.out,
+      seed=fv.seed, options=parse_options(fv.option), steps=fv.steps,
+      pixels_per_step=fv.pixels_per_step, tolerance=fv.tolerance,
+      figures=fv.figures)
   with open(result["paths"]["md"]) as f:
     print("\n" + f.read())
   print("Wrote", ", ".join(str(v) for v in result["paths"].values()))
-  return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command line; see the module docstring."""
+  return cli.run(_define, _main, doc=__doc__, argv=argv,
+                 prog="python -m brnpa_jax.explain.evaluate")
 
 
 if __name__ == "__main__":
-  main()
+  raise SystemExit(main())

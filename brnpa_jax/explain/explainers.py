@@ -358,7 +358,7 @@ def head_name(model) -> str:
 def own_saliency(aux: dict, head: str) -> jax.Array:
   """The model's own map at feature resolution, min-max normalised (B, h, w).
 
-  SPEC section 6 (release protocol): brnpa: map 1 x norm map; gap: the norm
+  docs/method.md#own-maps (release protocol): brnpa: map 1 x norm map; gap: the norm
   map; bcnn: mean of its maps x norm map.
 
   Args:

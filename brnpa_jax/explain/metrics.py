@@ -1,4 +1,4 @@
-"""Faithfulness and localisation metrics of saliency maps (SPEC section 6).
+"""Faithfulness and localisation metrics of saliency maps (docs/method.md#metrics).
 
 - ``sparsity``: the release definition (lower = sparser).
 - ``PerturbationCurves``: deletion and insertion curves and their AUCs, in
@@ -40,7 +40,7 @@ def sparsity(maps_BxKxhxw, norms_Bxhxw=None) -> jax.Array:
   ``n = norms / max(norms)``; ``A_k <- A_k * n``; ``A_k <- A_k / (max A_k +
   1e-5)``; the mean over the K maps, then over positions. Without norms the
   maps are used as they are (a post-hoc saliency map: pass it as K=1). For
-  the ``gap`` head (SPEC: the normalised norm map itself) pass
+  the ``gap`` head (docs/method.md#sparsity: the normalised norm map itself) pass
   ``norms[:, None]`` as the maps and no norms.
 
   Args:

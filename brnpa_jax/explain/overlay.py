@@ -1,6 +1,6 @@
 """Ranked attention maps drawn over their images (PNG, via matplotlib).
 
-A map is shown as ``A_k * norm`` (SPEC section 1: the norm carries how much a
+A map is shown as ``A_k * norm`` (docs/method.md#own-maps: the norm carries how much a
 region weighs in the representative vector), scaled to [0, 1] per rank,
 upsampled to the image, and drawn in its rank's colour; where ranks overlap
 the strongest wins. The legend gives each rank's share of the norm

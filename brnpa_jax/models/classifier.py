@@ -87,3 +87,23 @@ class Classifier(nn.Module):
           for name, ranks in AUX_HEAD_SLICES.items()
       }
     return logits, aux
+
+
+INFERENCE_OUTPUTS = ("probs", "maps", "norms")
+
+
+def make_infer_fn(model: nn.Module) -> Callable:
+  """``infer(variables, images) -> {'probs', 'maps', 'norms'}`` (float32).
+
+  The inference function of any model that returns ``(logits, aux)`` with
+  ``maps`` and ``norms`` in aux: what batch prediction, export and the
+  end-of-run pictures run.
+  """
+
+  def infer(variables, images_BxHxWx3):
+    logits, aux = model.apply(variables, images_BxHxWx3, train=False)
+    return {"probs": jax.nn.softmax(logits.astype(jnp.float32), axis=-1),
+            "maps": aux["maps"].astype(jnp.float32),
+            "norms": aux["norms"].astype(jnp.float32)}
+
+  return infer

@@ -165,13 +165,14 @@ def read_checkpoint(path: str) -> dict[str, np.ndarray]:
   return torch_to_flat(raw)
 
 
-def _listing(kind: str, keys, detail=lambda k: "") -> list[str]:
+def _listing(kind: str, keys, detail=lambda k: "", torch_names: bool = True
+             ) -> list[str]:
   if not keys:
     return []
   keys = sorted(keys)
   lines = [f"  {kind} ({len(keys)}):"]
   for k in keys:
-    ours = "/backbone/" in k or k.startswith(CLASSIFIER)
+    ours = torch_names and ("/backbone/" in k or k.startswith(CLASSIFIER))
     torch_name = f" [{flat_name_to_torch(k)}]" if ours else ""
     lines.append(f"    {k}{torch_name}{detail(k)}")
   return lines
@@ -198,6 +199,42 @@ def describe(flat: Mapping[str, Any]) -> str:
   return (f"{'bottleneck' if expansion == 4 else 'basic'} blocks {stages}, "
           f"width {width}, "
           + (f"{fc.shape[-1]} classes" if fc is not None else "no classifier"))
+
+
+def key_differences(source: Mapping[str, Any], target: Mapping[str, Any]
+                    ) -> tuple[set[str], set[str], set[str]]:
+  """``(missing, unexpected, mis-shaped)`` keys of flat ``source`` arrays
+  against flat ``target`` ones (anything with a ``shape``)."""
+  missing = set(target) - set(source)
+  unexpected = set(source) - set(target)
+  misshaped = {k for k in set(target) & set(source)
+               if tuple(np.shape(source[k])) != tuple(np.shape(target[k]))}
+  return missing, unexpected, misshaped
+
+
+def check_same_tree(loaded, target, *, what: str, hint: str = "") -> None:
+  """Raises ``ValueError`` listing every missing, unexpected and mis-shaped
+  leaf of the ``loaded`` variable tree against ``target`` (arrays or
+  ``jax.ShapeDtypeStruct``s); the strict check of ``load_pretrained``, for
+  variables restored from a run's checkpoint.
+
+  Args:
+    loaded: nested dict of arrays, e.g. ``{'params': ..., 'batch_stats': ...}``.
+    target: the same of the model that should receive them.
+    what: names the source in the message, e.g. ``the checkpoint in runs/x``.
+    hint: a last line saying how to fix it.
+  """
+  flat = lambda t: traverse_util.flatten_dict(dict(t), sep="/")
+  src, dst = flat(loaded), flat(target)
+  missing, unexpected, misshaped = key_differences(src, dst)
+  if missing or unexpected or misshaped:
+    shapes = lambda k: (f": checkpoint {tuple(np.shape(src[k]))}, "
+                        f"model {tuple(np.shape(dst[k]))}")
+    listing = lambda *a: _listing(*a, torch_names=False)
+    lines = ([f"The variables in {what} do not fit the model."]
+             + listing("missing", missing) + listing("unexpected", unexpected)
+             + listing("mis-shaped", misshaped, shapes))
+    raise ValueError("\n".join(lines + ([f"  {hint}"] if hint else [])))
 
 
 def load_pretrained(variables: Mapping[str, Any], source, *,
@@ -230,10 +267,8 @@ def load_pretrained(variables: Mapping[str, Any], source, *,
   about_src = describe(flat_src)
   if skip_classifier:
     flat_src = {k: v for k, v in flat_src.items() if not k.startswith(CLASSIFIER)}
-  missing = wanted - set(flat_src)
-  unexpected = set(flat_src) - wanted
-  misshaped = {k for k in wanted & set(flat_src)
-               if tuple(flat_src[k].shape) != tuple(flat_dst[k].shape)}
+  missing, unexpected, misshaped = key_differences(
+      flat_src, {k: flat_dst[k] for k in wanted})
   if missing or unexpected or misshaped:
     shapes = lambda k: (f": checkpoint {tuple(flat_src[k].shape)}, "
                         f"model {tuple(flat_dst[k].shape)}")

@@ -4,14 +4,61 @@ The trainer (loop, jitted sharded steps, checkpoints, best-model selection,
 early stopping, resume) is the same for every task; a ``Task`` supplies the
 data, the model, the loss (pure, traced into the train step) and the
 evaluation (host side). ``config.task`` names one in ``brnpa_jax.tasks.TASKS``.
+
+Tasks never see the trainer: evaluation receives a ``RunContext`` (the
+run's jitted inference functions, batch placement and workdir), and what a
+task wants drawn at the end of a run it returns as a ``Visual`` for
+``brnpa_jax.explain.figures`` to draw.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 from brnpa_jax.models import build_model
+from brnpa_jax.runs import Workdir
+
+
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+  """What a task may use of the run it serves.
+
+  Attributes:
+    forward: jitted ``(state, images) -> (logits, aux)`` in inference mode;
+      images are global arrays (see ``to_global``).
+    predict: jitted ``(state, images) -> {'probs', 'maps', 'norms'}``.
+    eval_step: jitted ``(state, batch) -> sums`` of the task's
+      ``eval_metrics`` (None when the task defines none).
+    to_global: this process's numpy batch (a dict) -> global sharded arrays.
+    local_eval_batch: this process's evaluation batch size.
+    workdir: the run's workdir.
+  """
+  forward: Callable
+  predict: Callable
+  eval_step: Callable | None
+  to_global: Callable
+  local_eval_batch: int
+  workdir: Workdir
+
+
+@dataclasses.dataclass
+class Visual:
+  """A picture a task asks for at the end of a run.
+
+  Attributes:
+    kind: ``ranked_maps`` (per image: the image, the ranks overlaid, each
+      rank alone) or ``retrieval`` (per query: its maps, then those of its
+      top retrievals).
+    name: file stem under the workdir's ``overlays/``.
+    data: what the drawing reads: ``images`` uint8 (N, H, W, 3), ``maps``
+      (N, K, h, w), ``norms`` (N, h, w), ``titles`` and, for retrieval, the
+      identities, cameras and distances of ``explain.figures``.
+  """
+  kind: str
+  name: str
+  data: dict[str, Any]
 
 
 def _pipeline():
@@ -70,10 +117,9 @@ class Task(abc.ABC):
   def build_model(self, num_classes: int):
     return build_model(self.config.model, num_classes, self.config.dtype)
 
-  def initial_state(self, trainer, state):
+  def initial_state(self, state):
     """The state a fresh run starts from (not called when resuming): e.g.
     episodic fine-tuning starts from a pretraining run's weights."""
-    del trainer
     return state
 
   # -- inside the jitted train step (pure) -------------------------------------
@@ -87,15 +133,10 @@ class Task(abc.ABC):
 
   # -- evaluation (host side) --------------------------------------------------
   @abc.abstractmethod
-  def evaluate(self, trainer, state, split: str) -> dict[str, float]:
-    """The split's metrics for ``state``, ``selection_metric`` among them.
+  def evaluate(self, ctx: RunContext, state, split: str) -> dict[str, float]:
+    """The split's metrics for ``state``, ``selection_metric`` among them."""
 
-    Useful members of ``trainer``: ``eval_step`` (a task's ``eval_metrics``
-    summed per batch, when it defines one), ``forward``, ``to_global``,
-    ``local_eval_batch``.
-    """
-
-  def visualize(self, trainer, state, count: int) -> str | None:
-    """Writes a picture of the best state's maps; returns its path or None."""
-    del trainer, state, count
+  def visual(self, ctx: RunContext, state, count: int) -> Visual | None:
+    """What to draw of the best state's maps on ``count`` examples."""
+    del ctx, state, count
     return None

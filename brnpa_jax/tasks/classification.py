@@ -8,13 +8,12 @@ returning per-batch sums that the trainer adds up over a split and divides by
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import optax
 
-from brnpa_jax.tasks.base import Task
+from brnpa_jax.data.normalization import denormalize
+from brnpa_jax.tasks.base import RunContext, Task, Visual
 
 
 def cross_entropy(logits_BxN, labels_B, label_smoothing: float = 0.0):
@@ -30,13 +29,17 @@ def _correct(logits_BxN, labels_B):
   return (jnp.argmax(logits_BxN, -1) == labels_B).astype(jnp.float32)
 
 
-def loss_and_metrics(logits_BxN, aux, batch, *, label_smoothing: float = 0.0):
+def loss_and_metrics(logits_BxN, aux, batch, context=None, *,
+                     label_smoothing: float = 0.0):
   """Training loss: cross-entropy, plus one per auxiliary head if present.
+
+  Has the signature of a train step's ``loss_fn`` (``context`` is unused).
 
   Returns:
     ``(loss, metrics)`` with ``loss``, ``accuracy`` and, for the aux-heads
     ablation, ``aux_<name>_loss`` / ``aux_<name>_accuracy`` (batch means).
   """
+  del context
   labels = batch["label"]
   ce = jnp.mean(cross_entropy(logits_BxN, labels, label_smoothing))
   metrics = {"ce": ce, "accuracy": jnp.mean(_correct(logits_BxN, labels))}
@@ -81,41 +84,36 @@ class ClassificationTask(Task):
   def eval_metrics(self, logits, aux, batch):
     return eval_metrics(logits, aux, batch)
 
-  def evaluate(self, trainer, state, split: str) -> dict[str, float]:
+  def evaluate(self, ctx: RunContext, state, split: str) -> dict[str, float]:
     """Sums ``eval_metrics`` over a split's padded batches; means over real ones."""
-    ds = self.eval_dataset(split, batch_size=trainer.local_eval_batch,
+    ds = self.eval_dataset(split, batch_size=ctx.local_eval_batch,
                            process_index=jax.process_index(),
                            process_count=jax.process_count())
     totals = None
     for batch in ds.as_numpy_iterator():
       batch = {k: v for k, v in batch.items() if k in ("image", "label", "mask")}
-      sums = trainer.eval_step(state, trainer.to_global(batch))
+      sums = ctx.eval_step(state, ctx.to_global(batch))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if totals is None:
       raise ValueError(f"Split {split!r} has no examples.")
     return finalize_eval(jax.device_get(totals))
 
-  def visualize(self, trainer, state, count: int) -> str | None:
-    """PNG grid of the ranked maps over the first ``count`` images of the last
+  def visual(self, ctx: RunContext, state, count: int) -> Visual | None:
+    """The ranked maps over the first ``count`` images of the last
     evaluation split (the test split by default)."""
-    # pylint: disable=g-import-not-at-top
-    from brnpa_jax.data.transforms import denormalize
-    from brnpa_jax.explain.overlay import save_overlay_grid
     if count <= 0:
       return None
     split = self.eval_splits()[-1]
-    ds = self.eval_dataset(split, batch_size=trainer.local_eval_batch,
+    ds = self.eval_dataset(split, batch_size=ctx.local_eval_batch,
                            process_index=jax.process_index(),
                            process_count=jax.process_count())
     batch = next(ds.as_numpy_iterator())
-    probs, aux = trainer.predict(state, trainer.to_global(
-        {"image": batch["image"]})["image"])
-    probs, aux = jax.device_get((probs, aux))
+    out = jax.device_get(ctx.predict(
+        state, ctx.to_global({"image": batch["image"]})["image"]))
+    probs = out["probs"]
     n = min(count, len(batch["label"]))
     titles = [f"label {l} / pred {p} ({q:.0%})" for l, p, q in
               zip(batch["label"][:n], probs[:n].argmax(-1), probs[:n].max(-1))]
-    path = os.path.join(trainer.workdir, "overlays", f"{split}_ranked_maps.png")
-    if jax.process_index() == 0:
-      save_overlay_grid(path, denormalize(batch["image"][:n]), aux["maps"][:n],
-                        aux["norms"][:n], titles)
-    return path
+    return Visual("ranked_maps", f"{split}_ranked_maps", {
+        "images": denormalize(batch["image"][:n]), "maps": out["maps"][:n],
+        "norms": out["norms"][:n], "titles": titles})

@@ -1,4 +1,4 @@
-"""Low-to-high resolution distillation (SPEC §4).
+"""Low-to-high resolution distillation (docs/method.md#distillation).
 
 The student (the configured model, typically ``res=high``) learns from the
 frozen teacher's logits (a finished run, typically ``res=low``) and from the
@@ -14,16 +14,11 @@ variables are an argument of the step, not constants baked into it.
 
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from brnpa_jax.models import build_model
+from brnpa_jax.runs import Workdir, load_run
 from brnpa_jax.tasks import classification
-from brnpa_jax.train.checkpointing import restore_variables
 
 
 def distillation_loss(student_logits_BxN, teacher_logits_BxN, labels_B, *,
@@ -60,42 +55,20 @@ def load_teacher(teacher_workdir: str, num_classes: int, dtype: str):
   if not teacher_workdir:
     raise ValueError("config.distill.teacher_workdir is empty: set it to the "
                      "workdir of the finished low-resolution run.")
-  workdir = os.path.abspath(teacher_workdir)
-  cfg_path = os.path.join(workdir, "config.json")
-  best_dir = os.path.join(workdir, "best")
-  if not os.path.exists(cfg_path):
+  wd = Workdir(teacher_workdir)
+  if not wd.has_config():
     raise FileNotFoundError(
-        f"No teacher config at {cfg_path}: config.distill.teacher_workdir must "
-        "be the workdir of a finished train.py run (train the low-resolution "
-        "model first).")
+        f"No teacher config at {wd.config_file}: config.distill.teacher_workdir "
+        "must be the workdir of a finished train.py run (train the "
+        "low-resolution model first).")
   try:
-    variables, _, _ = restore_variables(workdir, "best")
+    run = load_run(wd.path, checkpoint="best", num_classes=num_classes,
+                   dtype=dtype)
   except FileNotFoundError:
     raise FileNotFoundError(
-        f"No best checkpoint in {best_dir}: the teacher run has not finished "
+        f"No best checkpoint in {wd.best_dir}: the teacher run has not finished "
         "an epoch. Train it (or let it resume) before distilling.") from None
-  variables.setdefault("batch_stats", {})
-  with open(cfg_path) as f:
-    tcfg = ml_collections.ConfigDict(json.load(f))
-  model = build_model(tcfg.model, num_classes, dtype)
-  size = tcfg.data.image_size
-  size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-  expected = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, *size, 3)), train=False))
-  want = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)),
-                      dict(expected))
-  got = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), variables)
-  if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
-    wl = dict(jax.tree_util.tree_flatten_with_path(want)[0])
-    gl = dict(jax.tree_util.tree_flatten_with_path(got)[0])
-    diff = [jax.tree_util.keystr(k) for k in set(wl) ^ set(gl)]
-    diff += [f"{jax.tree_util.keystr(k)}: {gl[k]} != {wl[k]}"
-             for k in set(wl) & set(gl) if wl[k] != gl[k]]
-    raise ValueError(
-        f"The teacher checkpoint in {best_dir} does not fit a {num_classes}-class "
-        f"{tcfg.model.backbone} {tcfg.model.head} model (its config.json); "
-        f"differences: {sorted(diff)[:10]}")
-  return model, variables, tcfg
+  return run.model, run.variables, run.config
 
 
 def teacher_loss_and_metrics(teacher, teacher_variables, logits_BxN, batch, *,

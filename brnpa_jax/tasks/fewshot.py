@@ -33,11 +33,10 @@ import optax
 from brnpa_jax.data import fewshot as data_lib
 from brnpa_jax.data.generators import as_tf_dataset
 from brnpa_jax.data.normalization import denormalize
-from brnpa_jax.explain.overlay import save_overlay_grid
-from brnpa_jax.tasks import classification
-
-from brnpa_jax.tasks.base import Task
-from brnpa_jax.train.checkpointing import restore_variables
+from brnpa_jax.models.weights import check_same_tree
+from brnpa_jax.runs import Workdir, restore_variables
+from brnpa_jax.tasks import classification, distill
+from brnpa_jax.tasks.base import RunContext, Task, Visual
 
 PHASES = ("pretrain", "episodic")
 METRICS = ("euclidean", "cosine")
@@ -174,10 +173,10 @@ def evaluate_episodes(embeddings_NxD, sampler: data_lib.EpisodeSampler,
   return out
 
 
-def split_embeddings(trainer, state, images_uint8, size: int) -> np.ndarray:
+def split_embeddings(ctx: RunContext, state, images_uint8, size: int) -> np.ndarray:
   """Embeds every image of a split once (centre crop), in padded batches.
 
-  Each process feeds its contiguous share of the split; ``trainer.forward``
+  Each process feeds its contiguous share of the split; ``ctx.forward``
   returns the global batch (every process's rows), which is put back in
   split order.
 
@@ -185,7 +184,7 @@ def split_embeddings(trainer, state, images_uint8, size: int) -> np.ndarray:
     float32 (n, D) numpy embeddings.
   """
   n, procs, me = len(images_uint8), jax.process_count(), jax.process_index()
-  local = trainer.local_eval_batch
+  local = ctx.local_eval_batch
   per_process = math.ceil(n / procs)
   mine = np.arange(me * per_process, min((me + 1) * per_process, n))
   chunks = []
@@ -193,7 +192,7 @@ def split_embeddings(trainer, state, images_uint8, size: int) -> np.ndarray:
     index = mine[start:start + local]
     images = np.zeros((local, size, size, 3), np.float32)
     images[:len(index)] = data_lib.center(images_uint8[index], size)
-    _, aux = trainer.forward(state, trainer.to_global({"image": images})["image"])
+    _, aux = ctx.forward(state, ctx.to_global({"image": images})["image"])
     emb = np.asarray(jax.device_get(aux["embedding"]), np.float32)
     chunks.append(emb.reshape(procs, local, -1))
   rows = np.concatenate(chunks, axis=1)[:, :per_process]
@@ -210,7 +209,8 @@ def load_pretrained(workdir: str):
     FileNotFoundError: no ``best`` checkpoint there (with the command to make
       one).
   """
-  best_dir = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "best")
+  wd = Workdir(workdir)
+  best_dir = wd.best_dir
   hint = ("Run the pretrain phase first (phase=pretrain, with this workdir) "
           "or set config.fewshot.pretrain_workdir to a finished pretraining "
           "workdir.")
@@ -218,25 +218,10 @@ def load_pretrained(workdir: str):
     raise FileNotFoundError(f"No pretraining checkpoint: {best_dir} does not "
                             f"exist. {hint}")
   try:
-    variables, step, _ = restore_variables(os.path.dirname(best_dir), "best")
+    variables, step, _ = restore_variables(wd.path, "best")
   except FileNotFoundError:
     raise FileNotFoundError(f"{best_dir} holds no checkpoint. {hint}") from None
   return variables["params"], variables.get("batch_stats", {}), step
-
-
-def _check_same_tree(name: str, loaded, target) -> None:
-  """Raises ValueError listing every missing, unexpected or reshaped key."""
-  flat = lambda t: {jax.tree_util.keystr(p): np.shape(v)
-                    for p, v in jax.tree_util.tree_leaves_with_path(t)}
-  got, want = flat(loaded), flat(target)
-  problems = ([f"missing {k}" for k in sorted(want.keys() - got.keys())]
-              + [f"unexpected {k}" for k in sorted(got.keys() - want.keys())]
-              + [f"{k}: checkpoint {got[k]} vs model {want[k]}"
-                 for k in sorted(want.keys() & got.keys()) if got[k] != want[k]])
-  if problems:
-    raise ValueError(f"The pretraining checkpoint's {name} do not fit this "
-                     "model (same backbone, head, width and base classes "
-                     "needed):\n  " + "\n  ".join(problems))
 
 
 # -- the task -------------------------------------------------------------------
@@ -368,7 +353,6 @@ class FewShotTask(Task):
     """
     if self._distill() is None:
       return None
-    from brnpa_jax.tasks import distill  # pylint: disable=g-import-not-at-top
     self.teacher, variables, _ = distill.load_teacher(
         self.config.distill.teacher_workdir, self.num_classes(),
         self.config.dtype)
@@ -377,7 +361,6 @@ class FewShotTask(Task):
   def loss_and_metrics(self, logits, aux, batch, context):
     fs = self.config.fewshot
     if fs.phase == "pretrain" and self._distill() is not None:
-      from brnpa_jax.tasks import distill  # pylint: disable=g-import-not-at-top
       d = self.config.distill
       loss, metrics, _ = distill.teacher_loss_and_metrics(
           self.teacher, context, logits, batch, temperature=d.temperature,
@@ -393,21 +376,24 @@ class FewShotTask(Task):
         scale=fs.cosine_scale if fs.metric == "cosine" else 1.0)
     return loss, {"loss": loss, "accuracy": accuracy}
 
-  def initial_state(self, trainer, state):
+  def initial_state(self, state):
     """A fresh state's parameters replaced by the pretraining run's best
     (episodic phase; the optimiser state stays fresh, step 0)."""
     if self.config.fewshot.phase != "episodic":
       return state
     params, batch_stats, _ = load_pretrained(self.config.fewshot.pretrain_workdir)
-    _check_same_tree("params", params, state.params)
-    _check_same_tree("batch_stats", batch_stats, state.batch_stats)
+    check_same_tree(
+        {"params": params, "batch_stats": batch_stats},
+        {"params": state.params, "batch_stats": state.batch_stats},
+        what=f"the pretraining run {self.config.fewshot.pretrain_workdir}",
+        hint="Same backbone, head, width and base classes needed.")
     put = lambda new, old: jax.tree.map(
         lambda n, o: jax.device_put(jnp.asarray(n, o.dtype), o.sharding), new, old)
     return state.replace(params=put(params, state.params),
                          batch_stats=put(batch_stats, state.batch_stats))
 
   # -- evaluation -----------------------------------------------------------------
-  def evaluate(self, trainer, state, split: str) -> dict[str, float]:
+  def evaluate(self, ctx: RunContext, state, split: str) -> dict[str, float]:
     """Episode accuracies (prototype and cosine) with 95% intervals.
 
     Keys ``{N}way_{K}shot_accuracy`` (prototype classifier, the selection
@@ -416,7 +402,7 @@ class FewShotTask(Task):
     """
     fs = self.config.fewshot
     data = self.image_set(split)
-    emb = split_embeddings(trainer, state, data.images, self.config.data.image_size)
+    emb = split_embeddings(ctx, state, data.images, self.config.data.image_size)
     out = {}
     for shots in fs.eval_shots:
       r = evaluate_episodes(emb, self.eval_sampler(split, shots),
@@ -427,24 +413,22 @@ class FewShotTask(Task):
                   key.replace("accuracy", "cosine_ci95"): r["cosine_ci95"]})
     return out
 
-  def visualize(self, trainer, state, count: int) -> str | None:
+  def visual(self, ctx: RunContext, state, count: int) -> Visual | None:
     """Ranked maps of the best state on one image of each of the first
-    ``count`` classes of the last evaluation split (novel); returns the PNG."""
+    ``count`` classes of the last evaluation split (novel)."""
     if count <= 0:
       return None
     split, size = self.eval_splits()[-1], self.config.data.image_size
     data = self.image_set(split)
     index = np.unique(data.labels, return_index=True)[1][
-        :min(count, trainer.local_eval_batch)]
-    images = np.zeros((trainer.local_eval_batch, size, size, 3), np.float32)
+        :min(count, ctx.local_eval_batch)]
+    images = np.zeros((ctx.local_eval_batch, size, size, 3), np.float32)
     images[:len(index)] = data_lib.center(data.images[index], size)
-    _, aux = jax.device_get(trainer.predict(
-        state, trainer.to_global({"image": images})["image"]))
+    out = jax.device_get(ctx.predict(
+        state, ctx.to_global({"image": images})["image"]))
     n = len(index)
-    path = os.path.join(trainer.workdir, "overlays", f"{split}_ranked_maps.png")
-    if jax.process_index() == 0:
-      save_overlay_grid(path, denormalize(images[:n]), aux["maps"][:n],
-                        aux["norms"][:n],
-                        [f"{split} class {data.class_ids[data.labels[i]]}"
-                         for i in index])
-    return path
+    return Visual("ranked_maps", f"{split}_ranked_maps", {
+        "images": denormalize(images[:n]), "maps": out["maps"][:n],
+        "norms": out["norms"][:n],
+        "titles": [f"{split} class {data.class_ids[data.labels[i]]}"
+                   for i in index]})

@@ -11,7 +11,7 @@ left out of its ranking; CMC rank-k is the share of queries whose first
 true match is in the top k, mAP the mean over queries of the average
 precision (the area under the non-interpolated precision-recall curve, as
 torchreid and the Bag-of-Tricks code compute it). Queries without any
-valid match are skipped. The best model is chosen by rank-1 (SPEC section 5).
+valid match are skipped. The best model is chosen by rank-1 (docs/method.md#person-re-identification).
 
 Metrics are computed in jitted blocks of queries: a block sorts its
 (block, G) distances and reduces them to AP and first-hit rank, so memory
@@ -20,18 +20,15 @@ stays O(block x G) for any query count (3,368 x 15,913 on Market-1501).
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from brnpa_jax.data import reid as reid_data
 from brnpa_jax.data.generators import as_tf_dataset
-from brnpa_jax.data.transforms import denormalize
-from brnpa_jax.explain.overlay import rank_overlay, save_figure
+from brnpa_jax.data.normalization import denormalize
 from brnpa_jax.models.reid import build_reid_model, reid_loss, squared_distances
-from brnpa_jax.tasks.base import Task
+from brnpa_jax.tasks.base import RunContext, Task, Visual
 
 RANKS = (1, 5, 10)
 
@@ -180,13 +177,13 @@ class ReIDTask(Task):
                      triplet_weight=r.triplet_weight)
 
   # -- evaluation ----------------------------------------------------------------
-  def _aux_fn(self, trainer, keys: tuple[str, ...]):
+  def _aux_fn(self, ctx: RunContext, keys: tuple[str, ...]):
     """Jitted ``(state, images) -> the aux entries named`` through
-    ``trainer.forward``; XLA drops the outputs not asked for (the features)."""
-    key = (id(trainer), keys)
+    ``ctx.forward``; XLA drops the outputs not asked for (the features)."""
+    key = (id(ctx.forward), keys)
     if key not in self._fns:
       def fn(state, images):
-        aux = trainer.forward(state, images)[1]
+        aux = ctx.forward(state, images)[1]
         out = {k: aux[k] for k in keys if k != "embedding_bn"}
         if "embedding_bn" in keys:
           out["embedding_bn"] = l2_normalize(aux["embedding_bn"])
@@ -194,44 +191,44 @@ class ReIDTask(Task):
       self._fns[key] = jax.jit(fn)
     return self._fns[key]
 
-  def _run(self, trainer, state, paths, keys) -> dict[str, np.ndarray]:
+  def _run(self, ctx: RunContext, state, paths, keys) -> dict[str, np.ndarray]:
     """Aux entries for every path, in order (all processes get all rows)."""
-    fn = self._aux_fn(trainer, keys)
+    fn = self._aux_fn(ctx, keys)
     out = {}
     for batch in reid_data.eval_batches(
-        paths, self.config.data, batch_size=trainer.local_eval_batch,
+        paths, self.config.data, batch_size=ctx.local_eval_batch,
         process_index=jax.process_index(), process_count=jax.process_count()):
-      got = jax.device_get(fn(state, trainer.to_global({"image": batch["image"]})["image"]))
+      got = jax.device_get(fn(state, ctx.to_global({"image": batch["image"]})["image"]))
       for k, v in got.items():
         out.setdefault(k, []).append(np.asarray(v))
     return {k: np.concatenate(v)[:len(paths)] for k, v in out.items()}
 
-  def embeddings(self, trainer, state, split: str):
+  def embeddings(self, ctx: RunContext, state, split: str):
     """L2-normalised post-BN embeddings ``(query (Q, D), gallery (G, D))``."""
     step = int(jax.device_get(state.step))
     cached = self._cache.get(split)
     if cached is None or cached[0] != step:
       query, gallery = self.data.evals[split]
-      q, g = (self._run(trainer, state, s.paths, ("embedding_bn",))["embedding_bn"]
+      q, g = (self._run(ctx, state, s.paths, ("embedding_bn",))["embedding_bn"]
               for s in (query, gallery))
       self._cache[split] = cached = (step, q, g)
     return cached[1], cached[2]
 
-  def evaluate(self, trainer, state, split: str) -> dict[str, float]:
+  def evaluate(self, ctx: RunContext, state, split: str) -> dict[str, float]:
     if split not in self.data.evals:
       raise ValueError(f"Unknown re-id split {split!r}; valid: {self.eval_splits()}.")
-    q, g = self.embeddings(trainer, state, split)
+    q, g = self.embeddings(ctx, state, split)
     query, gallery = self.data.evals[split]
     return retrieval_metrics(q, query.identities, query.cameras, g,
                              gallery.identities, gallery.cameras,
                              block_size=self.config.reid.eval_block_size)
 
-  def visualize(self, trainer, state, count: int) -> str | None:
+  def visual(self, ctx: RunContext, state, count: int) -> Visual | None:
     """Ranked maps of ``count`` test queries beside their top retrievals."""
     if count <= 0:
       return None
     split = self.eval_splits()[-1]
-    q, g = self.embeddings(trainer, state, split)
+    q, g = self.embeddings(ctx, state, split)
     query, gallery = self.data.evals[split]
     picks = np.linspace(0, len(query) - 1, min(count, len(query))).astype(int)
     n = self.config.reid.num_retrieved
@@ -242,50 +239,12 @@ class ReIDTask(Task):
               | (gallery.identities[None] == reid_data.JUNK))
     top = np.argsort(np.where(hidden, np.inf, dist), axis=1, kind="stable")[:, :n]
     paths = [query.paths[i] for i in picks] + [gallery.paths[j] for j in top.ravel()]
-    out = self._run(trainer, state, paths, ("maps", "norms"))
+    out = self._run(ctx, state, paths, ("maps", "norms"))
     images = denormalize(np.stack([reid_data.eval_image(p, self.config.data)
                                    for p in paths]))
-    path = os.path.join(trainer.workdir, "overlays", f"{split}_retrieval.png")
-    if jax.process_index() == 0:
-      save_retrieval_figure(
-          path, images, out["maps"], out["norms"],
-          query_ids=query.identities[picks], query_cams=query.cameras[picks],
-          gallery_ids=gallery.identities[top], gallery_cams=gallery.cameras[top],
-          distances=np.sqrt(np.take_along_axis(dist, top, 1)))
-    return path
-
-
-def save_retrieval_figure(path: str, images, maps, norms, *, query_ids,
-                          query_cams, gallery_ids, gallery_cams, distances) -> str:
-  """One row per query: its ranked maps, then those of its top-n retrievals.
-
-  Args:
-    path: output PNG (folders are created).
-    images: uint8 (Q + Q*n, H, W, 3): the Q queries, then each query's n
-      retrievals in rank order.
-    maps: (Q + Q*n, K, h, w) attention maps; norms: (Q + Q*n, h, w).
-    query_ids, query_cams: (Q,).
-    gallery_ids, gallery_cams, distances: (Q, n) of the retrievals.
-
-  Returns:
-    The path written. Titles of true matches are green, others red.
-  """
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  nq, n = gallery_ids.shape
-  fig, axes = plt.subplots(nq, n + 1, figsize=(1.3 * (n + 1), 2.4 * nq + 0.2),
-                           squeeze=False)
-  for i in range(nq):
-    axes[i, 0].imshow(rank_overlay(images[i], maps[i], norms[i]))
-    axes[i, 0].set_title(f"query id {query_ids[i]}\ncam {query_cams[i]}", fontsize=7)
-    for j in range(n):
-      r = nq + i * n + j
-      hit = gallery_ids[i, j] == query_ids[i]
-      axes[i, j + 1].imshow(rank_overlay(images[r], maps[r], norms[r]))
-      axes[i, j + 1].set_title(
-          f"#{j + 1} id {gallery_ids[i, j]} c{gallery_cams[i, j]}\n"
-          f"d={distances[i, j]:.2f}", fontsize=7,
-          color="green" if hit else "red")
-  for ax in axes.ravel():
-    ax.axis("off")
-  fig.tight_layout()
-  return save_figure(fig, path)
+    return Visual("retrieval", f"{split}_retrieval", {
+        "images": images, "maps": out["maps"], "norms": out["norms"],
+        "query_ids": query.identities[picks], "query_cams": query.cameras[picks],
+        "gallery_ids": gallery.identities[top],
+        "gallery_cams": gallery.cameras[top],
+        "distances": np.sqrt(np.take_along_axis(dist, top, 1))})

@@ -9,15 +9,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from brnpa_jax.tasks import classification
+from brnpa_jax.models.classifier import make_infer_fn
 from brnpa_jax.train import sharding as shd
 from brnpa_jax.train.state import TrainState, create_state, variables
 
 
-def make_train_step(model, tx: optax.GradientTransformation, *,
-                    loss_fn: Callable | None = None,
-                    label_smoothing: float = 0.0, grad_accum_steps: int = 1,
-                    micro_batch_sharding=None):
+def make_train_step(model, tx: optax.GradientTransformation, loss_fn: Callable,
+                    *, grad_accum_steps: int = 1, micro_batch_sharding=None):
   """Returns ``train_step(state, batch, rng, context=None) -> (state, metrics)``.
 
   The rng is the run's base key; each step folds in its own step number, so
@@ -36,15 +34,11 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
     model: the classifier.
     tx: the optimiser.
     loss_fn: ``(logits, aux, batch, context) -> (loss, metrics)``, a task's
-      ``loss_and_metrics``; default: classification cross-entropy.
-    label_smoothing: for the default cross-entropy.
+      ``loss_and_metrics``.
     grad_accum_steps: micro-batches per optimiser step.
     micro_batch_sharding: sharding of the stacked (n, B/n, ...) micro-batches
       (the batch axes on axis 1); None leaves the layout to XLA.
   """
-  if loss_fn is None:
-    loss_fn = lambda logits, aux, batch, context: classification.loss_and_metrics(
-        logits, aux, batch, label_smoothing=label_smoothing)
   loss_fn_task = loss_fn
 
   def grads_and_metrics(params, batch_stats, batch, rng, context):
@@ -98,13 +92,12 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
   return train_step
 
 
-def make_eval_step(model, metrics_fn: Callable | None = None):
+def make_eval_step(model, metrics_fn: Callable):
   """Returns ``eval_step(state, batch) -> sums``.
 
   ``metrics_fn(logits, aux, batch)`` returns per-batch sums (a task's
-  ``eval_metrics``); default: classification's.
+  ``eval_metrics``).
   """
-  metrics_fn = metrics_fn or classification.eval_metrics
 
   def eval_step(state: TrainState, batch):
     logits, aux = model.apply(variables(state), batch["image"], train=False)
@@ -123,22 +116,17 @@ def make_forward_fn(model):
 
 
 def make_predict_fn(model):
-  """Returns ``predict(state, images) -> (probs, aux)`` for visualisation."""
-
-  def predict(state: TrainState, images):
-    logits, aux = model.apply(variables(state), images, train=False)
-    return jax.nn.softmax(logits), {k: v for k, v in aux.items()
-                                    if k in ("maps", "norms", "indices")}
-
-  return predict
+  """Returns ``predict(state, images) -> {'probs', 'maps', 'norms'}``."""
+  infer = make_infer_fn(model)
+  return lambda state, images: infer(variables(state), images)
 
 
 class JittedSteps(NamedTuple):
   """The jitted functions of a run, with the shardings they were built for."""
   init: Callable            # rng -> state
   train: Callable           # (state, batch, rng[, context]) -> (state, metrics); donates state
-  eval: Callable            # (state, batch) -> sums
-  predict: Callable         # (state, images) -> (probs, aux)
+  eval: Callable | None     # (state, batch) -> sums
+  predict: Callable         # (state, images) -> {'probs', 'maps', 'norms'}
   forward: Callable         # (state, images) -> (logits, aux)
   state_shapes: Any         # ShapeDtypeStructs of the state
   state_sharding: Any       # NamedShardings of the state
@@ -146,9 +134,9 @@ class JittedSteps(NamedTuple):
 
 
 def jit_steps(model, tx: optax.GradientTransformation, mesh: Mesh,
-              image_shape: tuple[int, ...], *, task=None,
-              label_smoothing: float = 0.0,
-              grad_accum_steps: int = 1, with_context: bool = False) -> JittedSteps:
+              image_shape: tuple[int, ...], *, loss_fn: Callable,
+              metrics_fn: Callable | None = None, grad_accum_steps: int = 1,
+              with_context: bool = False) -> JittedSteps:
   """Jits init, train, eval and predict with explicit shardings on ``mesh``.
 
   The state's shapes come from ``jax.eval_shape``; the state is created
@@ -159,9 +147,11 @@ def jit_steps(model, tx: optax.GradientTransformation, mesh: Mesh,
     tx: the optimiser.
     mesh: a ``(data, fsdp)`` mesh from ``sharding.make_mesh``.
     image_shape: one input's shape for initialisation, e.g. (1, 64, 64, 3).
-    task: a ``brnpa_jax.tasks.base.Task`` giving the loss and eval metrics;
-      None: classification.
-    label_smoothing: for the default classification loss.
+    loss_fn: ``(logits, aux, batch, context) -> (loss, metrics)``, a task's
+      ``loss_and_metrics``.
+    metrics_fn: ``(logits, aux, batch) -> per-batch sums``, a task's
+      ``eval_metrics``; None for tasks that evaluate otherwise (retrieval,
+      episodes), which then get no ``eval`` step.
     grad_accum_steps: micro-batches per optimiser step.
     with_context: the train step takes a fourth argument, the task's
       ``train_context()`` (replicated).
@@ -171,18 +161,16 @@ def jit_steps(model, tx: optax.GradientTransformation, mesh: Mesh,
   state_sharding = shd.state_shardings(mesh, state_shapes)
   repl, data = shd.replicated(mesh), shd.data_sharding(mesh)
   train = make_train_step(
-      model, tx, loss_fn=task.loss_and_metrics if task else None,
-      label_smoothing=label_smoothing, grad_accum_steps=grad_accum_steps,
+      model, tx, loss_fn, grad_accum_steps=grad_accum_steps,
       micro_batch_sharding=NamedSharding(mesh, P(None, shd.BATCH_AXES)))
   train_in = (state_sharding, data, repl) + ((repl,) if with_context else ())
   return JittedSteps(
       init=jax.jit(init, out_shardings=state_sharding),
       train=jax.jit(train, in_shardings=train_in,
                     out_shardings=(state_sharding, repl), donate_argnums=0),
-      # Tasks that evaluate by per-batch sums define eval_metrics; the others
-      # (retrieval, episodes) never call this step.
-      eval=jax.jit(make_eval_step(model, getattr(task, "eval_metrics", None)),
-                   in_shardings=(state_sharding, data), out_shardings=repl),
+      eval=None if metrics_fn is None else jax.jit(
+          make_eval_step(model, metrics_fn), in_shardings=(state_sharding, data),
+          out_shardings=repl),
       predict=jax.jit(make_predict_fn(model), in_shardings=(state_sharding, data),
                       out_shardings=repl),
       forward=jax.jit(make_forward_fn(model), in_shardings=(state_sharding, data),

@@ -3,18 +3,18 @@
 ``train_and_evaluate(config, workdir)`` trains, evaluates on the validation
 split every epoch, keeps the best checkpoint by validation accuracy, resumes
 from the newest checkpoint in ``workdir`` when there is one, and at the end
-evaluates the best state on the test split, writes ``summary.json`` and PNG
-overlays of the ranked maps.
+evaluates the best state on the test split and writes ``summary.json`` (and,
+given a ``draw`` function, a picture of the ranked maps). The workdir's
+layout and its config guard belong to ``brnpa_jax.runs``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -24,12 +24,17 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from brnpa_jax.models.weights import load_into_state
+from brnpa_jax.runs import Checkpointer, Workdir, abstract_like
 from brnpa_jax.tasks import get_task
+from brnpa_jax.tasks.base import RunContext, Visual
 from brnpa_jax.train import sharding as shd
 from brnpa_jax.train import steps as steps_lib
-from brnpa_jax.train.checkpointing import Checkpointer, abstract_like
 from brnpa_jax.train.optim import make_optimizer
 from brnpa_jax.train.writers import create_writer
+
+# Draws a task's end-of-run picture into a PNG path; returns the path
+# (``brnpa_jax.explain.figures.draw``; train.py passes it).
+DrawFn = Callable[[Visual, str], str]
 
 
 def _say(msg: str, *args) -> None:
@@ -74,13 +79,15 @@ class _StopRequest:
 class Trainer:
   """Holds what one run needs: task, model, mesh, jitted steps, checkpoints.
 
-  Tasks (``brnpa_jax.tasks``) reach the run through ``forward``, ``predict``,
-  ``eval_step``, ``to_global``, ``local_eval_batch``, ``model`` and ``mesh``.
+  Constructing it validates the config and the data and writes nothing;
+  ``train`` creates the checkpoints. Tasks (``brnpa_jax.tasks``) reach the
+  run only through ``context``.
   """
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, draw: DrawFn | None = None):
     self.config = config
-    self.workdir = workdir
+    self.workdir = Workdir(workdir).path
+    self.draw = draw
     self.task = get_task(config)
     self.mesh = shd.make_mesh(config.mesh.num_devices, config.mesh.fsdp)
     self.global_batch = config.batch_size
@@ -105,7 +112,11 @@ class Trainer:
     self.tx, self.schedule = make_optimizer(config.optim, self.steps_per_epoch,
                                             config.num_epochs)
     self._build_steps()
-    self.ckpt = Checkpointer(workdir, max_to_keep=config.get("max_to_keep", 2))
+    self.context = RunContext(
+        forward=self.forward, predict=self.predict, eval_step=self.eval_step,
+        to_global=self.to_global, local_eval_batch=self.local_eval_batch,
+        workdir=Workdir(self.workdir))
+    self._ckpt: Checkpointer | None = None  # created on first use
 
   def _build_steps(self):
     cfg = self.config
@@ -115,7 +126,9 @@ class Trainer:
         context, shd.replicated(self.mesh)),)
     steps = steps_lib.jit_steps(
         self.model, self.tx, self.mesh, (1, *self._image_hw(), 3),
-        task=self.task, grad_accum_steps=self.grad_accum_steps,
+        loss_fn=self.task.loss_and_metrics,
+        metrics_fn=getattr(self.task, "eval_metrics", None),
+        grad_accum_steps=self.grad_accum_steps,
         with_context=context is not None)
     self._init, self.train_step = steps.init, steps.train
     self.eval_step, self.predict = steps.eval, steps.predict
@@ -132,12 +145,20 @@ class Trainer:
     return shd.to_global(batch, self.data_sharding)
 
   # -- state -------------------------------------------------------------
+  @property
+  def ckpt(self) -> Checkpointer:
+    """The run's checkpoints (creates ``checkpoints/`` and ``best/``)."""
+    if self._ckpt is None:
+      self._ckpt = Checkpointer(self.workdir,
+                                max_to_keep=self.config.get("max_to_keep", 2))
+    return self._ckpt
+
   def restore_or_init(self):
     """The newest checkpoint in the workdir, else a fresh state."""
     abstract = abstract_like(self.state_shapes, self.state_sharding)
     state, meta = self.ckpt.restore_latest(abstract)
     if state is None:
-      state = self.task.initial_state(self, self._init(self.init_rng))
+      state = self.task.initial_state(self._init(self.init_rng))
       if self.config.get("init_from"):  # a fresh run only: resuming never reloads
         state = load_into_state(state, self.config.init_from, self.state_sharding)
         _say("Backbone loaded from %s (classifier skipped).", self.config.init_from)
@@ -151,7 +172,7 @@ class Trainer:
 
   # -- evaluation ----------------------------------------------------------
   def evaluate(self, state, split: str) -> dict[str, float]:
-    return self.task.evaluate(self, state, split)
+    return self.task.evaluate(self.context, state, split)
 
   # -- training -------------------------------------------------------------
   def train(self) -> dict[str, Any]:
@@ -270,7 +291,12 @@ class Trainer:
                          "ended before its first evaluation.")
     splits = self.task.eval_splits()
     results = {split: self.evaluate(best, split) for split in splits}
-    overlay = self.task.visualize(self, best, cfg.get("num_overlays", 8))
+    overlay = None
+    visual = self.task.visual(self.context, best, cfg.get("num_overlays", 8))
+    if visual is not None and self.draw is not None:
+      overlay = os.path.join(self.context.workdir.overlays_dir, visual.name + ".png")
+      if jax.process_index() == 0:
+        self.draw(visual, overlay)
     m = cfg.model
     summary = {
         "task": cfg.get("task", "classification"),
@@ -285,27 +311,59 @@ class Trainer:
         "overlays": overlay,
     }
     if jax.process_index() == 0:
-      with open(os.path.join(self.workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-      width = max(len(k) for k in summary)
-      lines = [f"  {k:<{width}}  {v:.4f}" if isinstance(v, float)
-               else f"  {k:<{width}}  {v}" for k, v in summary.items()]
-      print("\nSummary (" + self.workdir + ")\n" + "\n".join(lines), flush=True)
+      self.context.workdir.write_summary(summary)
+      print_summary(self.workdir, summary)
     return summary
 
   def close(self):
-    self.ckpt.close()
+    if self._ckpt is not None:
+      self._ckpt.close()
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) the configured model in ``workdir``; returns the summary."""
-  os.makedirs(workdir, exist_ok=True)
+def print_summary(workdir: str, summary: dict[str, Any]) -> None:
+  """The summary table the run prints at its end (process 0)."""
+  if jax.process_index() > 0:
+    return
+  width = max(len(k) for k in summary)
+  lines = [f"  {k:<{width}}  {v:.4f}" if isinstance(v, float)
+           else f"  {k:<{width}}  {v}" for k, v in summary.items()]
+  print("\nSummary (" + workdir + ")\n" + "\n".join(lines), flush=True)
+
+
+def train_and_evaluate(config, workdir: str, *, draw: DrawFn | None = None,
+                       allow_config_change: bool = False) -> dict[str, Any]:
+  """Trains (or resumes) the configured model in ``workdir``; returns the summary.
+
+  A finished run (its ``summary.json`` exists) is not trained again: its
+  summary is printed and returned, and nothing in the workdir changes. A run
+  is resumed only under the config it was started with (fields in
+  ``runs.RESUME_SAFE_FIELDS`` aside); ``allow_config_change`` resumes an
+  unfinished run under a changed config and records the change.
+
+  Args:
+    config: the run's config.
+    workdir: where it writes; created once the config and data check out.
+    draw: draws the task's end-of-run picture (``explain.figures.draw``);
+      None: no picture.
+    allow_config_change: see above.
+
+  Raises:
+    brnpa_jax.runs.RunError: the workdir cannot be used with this config.
+  """
+  wd = Workdir(workdir)
+  wd.check_is_directory()
+  changes = wd.check_config(config, allow_change=allow_config_change)
+  if wd.is_finished():
+    summary = wd.read_summary()
+    print_summary(wd.path, summary)
+    return summary
+  trainer = Trainer(config, wd.path, draw=draw)
   if jax.process_index() == 0:
-    # Read back by tools that restore the run (distillation teachers, predict,
-    # export, evaluation) without being told its config.
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  trainer = Trainer(config, workdir)
+    # Read back by everything that restores the run (runs.load_run).
+    wd.write_config(config, changes)
+  if changes:
+    _say("Resuming %s under a changed config (%s); recorded in "
+         "config_history.jsonl.", wd.path, ", ".join(c[0] for c in changes))
   try:
     return trainer.train()
   finally:

@@ -65,7 +65,7 @@ def fewshot_config(arg: str | None, *, name: str, image_size: int,
       eval_ways=5, eval_shots=(1, 5), eval_queries=15, eval_episodes=600,
       eval_seed=0, eval_episode_batch=100, select_shots=1))
 
-  # Pretraining distilled from a low-resolution model (SPEC section 5): the
+  # Pretraining distilled from a low-resolution model (docs/method.md#few-shot-classification): the
   # teacher is the best state of a finished pretraining workdir (its model as
   # its config.json describes it, e.g. res=low).
   c.distill = ml_collections.ConfigDict(dict(

@@ -1,4 +1,4 @@
-"""What the paper's configs share: the CUB recipe of SPEC section 4.
+"""What the paper's configs share: the CUB recipe (docs/method.md#training-recipe).
 
 ResNet-50 (ImageNet weights from ``init_from``), 448 px, SGD lr 1e-3 with
 momentum 0.9, batch 12, 50 epochs, the learning rate x0.9 every 2 epochs,
@@ -35,8 +35,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from brnpa_jax.config_args import parse_arg
-from brnpa_jax.data.input_pipeline import fine_grained_data_config
-from brnpa_jax.data.tfds_datasets import FINE_GRAINED
+from brnpa_jax.data.catalog import FINE_GRAINED, fine_grained_data_config
 from brnpa_jax.models import BACKBONES, STRIDES
 
 EARLY_STOPPING_PATIENCE = 10  # epochs; our choice, the paper does not say
