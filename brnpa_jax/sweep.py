@@ -14,8 +14,6 @@ journal storage): rerunning the command skips finished trials and continues a
 trial a crash interrupted from its own checkpoints, until ``--trials`` trials
 have completed. ``WORKDIR/best.json`` holds the best trial and the
 ``--config.*`` overrides that reproduce it. One sweep process per workdir.
-
-Optuna is an optional extra: ``pip install -r requirements-extras.txt``.
 """
 
 from __future__ import annotations
@@ -23,6 +21,15 @@ from __future__ import annotations
 import json
 import os
 from typing import Any, Sequence
+
+import jax
+import optuna
+from absl import flags, logging
+from ml_collections import config_flags
+
+from brnpa_jax import cli
+from brnpa_jax.errors import ConfigError
+from brnpa_jax.train import trainer
 
 # Sampled field -> (kind, values): 'choice' (categorical), 'log' (log-uniform
 # [lo, hi]) or 'uniform'. Names are config paths.
@@ -39,19 +46,9 @@ DISTILL_SPACE = {
 STUDY_FILE = "study.journal"
 
 
-def _import_optuna():
-  try:
-    import optuna  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError("The sweep needs Optuna (in requirements.txt): pip "
-                      "install -r requirements.txt -c constraints.txt.") from e
-  return optuna
-
-
 def default_batch_sizes(config) -> tuple[int, ...]:
   """Half, one and two times the config's batch size, keeping those the
   devices and micro-batches divide."""
-  import jax  # pylint: disable=g-import-not-at-top
   devices = config.mesh.num_devices or jax.device_count()
   unit = devices * config.get("grad_accum_steps", 1)
   b = config.batch_size
@@ -63,8 +60,8 @@ def search_space(config, batch_sizes: Sequence[int]) -> dict[str, tuple]:
   space = dict(SPACE, batch_size=("choice", tuple(int(b) for b in batch_sizes)))
   if config.get("task") == "distill":
     if "distill" not in config:
-      raise ValueError("config.task is 'distill' but there is no config.distill "
-                       "section with temperature and alpha.")
+      raise ConfigError("config.task is 'distill' but there is no config.distill "
+                        "section with temperature and alpha.")
     space.update(DISTILL_SPACE)
   return space
 
@@ -84,11 +81,11 @@ def trial_config(config, params: dict[str, Any]):
     for p in parents:
       node = node[p]
     if leaf not in node:
-      raise ValueError(f"The sweep sets config.{path}, which the config lacks.")
+      raise ConfigError(f"The sweep sets config.{path}, which the config lacks.")
     old = node[leaf]
     if isinstance(value, float) and isinstance(old, int) and not isinstance(old, bool):
-      raise ValueError(f"config.{path} is the int {old}; write it as a float "
-                       f"({float(old)}) so the sweep can set {value}.")
+      raise ConfigError(f"config.{path} is the int {old}; write it as a float "
+                        f"({float(old)}) so the sweep can set {value}.")
     node[leaf] = float(value) if isinstance(old, float) else value
   return c
 
@@ -99,7 +96,7 @@ def _check_same_space(study, space) -> None:
     for name, dist in t.distributions.items():
       kind, values = space.get(name, (None, None))
       if kind == "choice" and tuple(dist.choices) != tuple(values):
-        raise ValueError(
+        raise ConfigError(
             f"This study drew {name} from {tuple(dist.choices)}, now "
             f"{tuple(values)}: pass the same choices (--batch_sizes) or use a "
             "new --workdir.")
@@ -107,7 +104,6 @@ def _check_same_space(study, space) -> None:
 
 def _stale_trials(study) -> list:
   """Trials a crash left unfinished, with checkpoints, not yet taken up."""
-  optuna = _import_optuna()
   State = optuna.trial.TrialState
   retried = {t.user_attrs.get("retry_of") for t in study.trials}
   return [t for t in study.trials
@@ -131,8 +127,6 @@ def run_sweep(config, workdir: str, trials: int, *,
   Returns:
     The Optuna study.
   """
-  optuna = _import_optuna()
-  from brnpa_jax.train import trainer  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
   space = search_space(config, batch_sizes or default_batch_sizes(config))
   storage = optuna.storages.JournalStorage(
@@ -180,7 +174,6 @@ def run_sweep(config, workdir: str, trials: int, *,
 
 def write_best(study, workdir: str) -> dict[str, Any] | None:
   """Writes ``best.json`` and prints the completed trials, best first."""
-  import optuna  # pylint: disable=g-import-not-at-top
   complete = sorted((t for t in study.trials
                      if t.state == optuna.trial.TrialState.COMPLETE),
                     key=lambda t: -t.value)
@@ -201,31 +194,35 @@ def write_best(study, workdir: str) -> dict[str, Any] | None:
   return record
 
 
-def main(argv=None):
-  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+def _define(fv: flags.FlagValues, argv) -> None:
+  config_flags.DEFINE_config_file("config", None, "Base config, as for train.py.",
+                                  flag_values=fv, lock_config=True, sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "Holds the study and the trials' runs; "
+                      "a rerun resumes.", flag_values=fv)
+  flags.DEFINE_integer("trials", 25, "Completed trials wanted in total.",
+                       flag_values=fv)
+  flags.DEFINE_list("batch_sizes", None, "Batch-size choices (default: half, "
+                    "one and two times the config's).", flag_values=fv)
+  flags.DEFINE_integer("sweep_seed", 0, "The sampler's seed.", flag_values=fv)
+  flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
 
-  config = config_flags.DEFINE_config_file(
-      "config", None, "Base config, as for train.py.", lock_config=True)
-  workdir = flags.DEFINE_string("workdir", None, "Holds the study and the trials' "
-                                "runs; a rerun resumes.")
-  trials = flags.DEFINE_integer("trials", 25, "Completed trials wanted in total.")
-  batch_sizes = flags.DEFINE_list("batch_sizes", None, "Batch-size choices "
-                                  "(default: half, one and two times the config's).")
-  seed = flags.DEFINE_integer("sweep_seed", 0, "The sampler's seed.")
-  flags.mark_flags_as_required(["config", "workdir"])
 
-  def _main(args):
-    if len(args) > 1:
-      raise app.UsageError(f"Unexpected arguments: {args[1:]}")
-    if not flags.FLAGS["verbosity"].present:  # as train.py: progress, not INFO logs
-      logging.set_verbosity(logging.WARNING)
-    run_sweep(config.value, workdir.value, trials.value,
-              batch_sizes=[int(b) for b in batch_sizes.value or ()] or None,
-              seed=seed.value)
+def _main(fv: flags.FlagValues) -> None:
+  logging.set_verbosity(logging.WARNING)  # as train.py: progress, not INFO logs
+  try:
+    batch_sizes = [int(b) for b in fv.batch_sizes or ()] or None
+  except ValueError:
+    raise ConfigError(f"--batch_sizes={','.join(fv.batch_sizes)}: give "
+                      "integers, e.g. --batch_sizes=8,16,32.") from None
+  run_sweep(fv.config, fv.workdir, fv.trials, batch_sizes=batch_sizes,
+            seed=fv.sweep_seed)
 
-  app.run(_main, argv)
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command line; see the module docstring."""
+  return cli.run(_define, _main, doc=__doc__, argv=argv,
+                 prog="python -m brnpa_jax.sweep")
 
 
 if __name__ == "__main__":
-  main()
+  raise SystemExit(main())

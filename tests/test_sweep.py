@@ -3,39 +3,26 @@ continuation of a crashed trial, the search space."""
 
 import json
 import os
-import sys
 
+import optuna
 import pytest
 
 from brnpa_jax import sweep
-from configs import default
-
-try:
-  import optuna
-except ImportError:
-  optuna = None
-needs_optuna = pytest.mark.skipif(
-    optuna is None, reason="Optuna is not installed (requirements.txt)")
+from helpers import tiny_config as _tiny
 
 
 def tiny_config(data_dir, arg="runlocal,epochs=1,head=gap,res=low"):
-  c = default.get_config(arg)
-  c.unlock()
-  c.data.data_dir = str(data_dir)
-  c.mesh.num_devices = 1
-  c.data.parts.train_size, c.data.parts.validation_size = 64, 32
-  c.data.parts.test_size, c.num_overlays = 32, 0
-  c.lock()
-  return c
+  return _tiny(data_dir, arg, num_overlays=0, **{
+      "data.parts.train_size": 64, "data.parts.validation_size": 32,
+      "data.parts.test_size": 32})
 
 
-@needs_optuna
-def test_real_trial_then_resume_redoes_nothing(tmp_path, monkeypatch):
+def test_real_trial_then_resume_redoes_nothing(tmp_path, tfds_dir, monkeypatch):
   """One real tiny trial (a real training run costs ~25 s of CPU, mostly
   compilation); reruns then train nothing finished again and add only the
   missing trials."""
   workdir = str(tmp_path / "sweep")
-  config = tiny_config(tmp_path / "tfds")
+  config = tiny_config(tfds_dir)
   study = sweep.run_sweep(config, workdir, trials=1, batch_sizes=[16, 32])
   (t,) = study.trials
   assert t.state == optuna.trial.TrialState.COMPLETE
@@ -64,12 +51,11 @@ def test_real_trial_then_resume_redoes_nothing(tmp_path, monkeypatch):
   assert "--config.optim.lr=" in best["overrides"]
 
 
-@needs_optuna
-def test_crashed_trial_continues_in_its_folder(tmp_path, monkeypatch):
+def test_crashed_trial_continues_in_its_folder(tmp_path, tfds_dir, monkeypatch):
   """A trial left RUNNING with checkpoints (a crash) is taken up again with
   its parameters and folder; the finished count then reaches --trials."""
   workdir = tmp_path / "sweep"
-  config = tiny_config(tmp_path / "tfds")
+  config = tiny_config(tfds_dir)
   calls = []
 
   def fake_train(cfg, run_dir):
@@ -98,7 +84,6 @@ def test_crashed_trial_continues_in_its_folder(tmp_path, monkeypatch):
   assert study.trials[1].user_attrs["retry_of"] == 0
 
 
-@needs_optuna
 def test_search_space_and_config_copy(tmp_path):
   config = tiny_config(tmp_path)
   space = sweep.search_space(config, [8, 16])
@@ -123,17 +108,10 @@ def test_search_space_and_config_copy(tmp_path):
     sweep.trial_config(config, {"optim.nope": 1.0})
 
 
-@needs_optuna
-def test_changed_choices_are_a_clear_error(tmp_path, monkeypatch):
+def test_changed_choices_are_a_clear_error(tmp_path, tfds_dir, monkeypatch):
   monkeypatch.setattr("brnpa_jax.train.trainer.train_and_evaluate",
                       lambda cfg, run_dir: {"best_val_accuracy": 0.5})
-  config = tiny_config(tmp_path / "tfds")
+  config = tiny_config(tfds_dir)
   sweep.run_sweep(config, str(tmp_path / "s"), trials=1, batch_sizes=[16])
   with pytest.raises(ValueError, match=r"drew batch_size from \(16,\), now \(8, 16\)"):
     sweep.run_sweep(config, str(tmp_path / "s"), trials=2, batch_sizes=[8, 16])
-
-
-def test_missing_optuna_is_a_clear_error(tmp_path, monkeypatch):
-  monkeypatch.setitem(sys.modules, "optuna", None)
-  with pytest.raises(ImportError, match="requirements.txt"):
-    sweep.run_sweep(tiny_config(tmp_path), str(tmp_path / "s"), trials=1)
