@@ -67,14 +67,15 @@ def test_missing_teacher_is_an_error(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory):
-  data_dir = tmp_path_factory.mktemp("tfds")
+def teacher_run(tmp_path_factory, tfds_dir):
+  data_dir = tfds_dir
   workdir = tmp_path_factory.mktemp("teacher")
   cfg = tiny_config(data_dir, "runlocal,res=low,epochs=1", num_overlays=0)
   train_and_evaluate(cfg, str(workdir))
   return data_dir, workdir
 
 
+@pytest.mark.slow
 def test_high_res_student_distils_from_low_res_teacher(tmp_path, teacher_run):
   data_dir, teacher_dir = teacher_run
   saved = json.load(open(teacher_dir / "config.json"))
@@ -98,6 +99,7 @@ def test_high_res_student_distils_from_low_res_teacher(tmp_path, teacher_run):
     load_teacher(str(teacher_dir), 7, "float32")
 
 
+@pytest.mark.slow
 def test_early_stopping_after_patience_epochs(tmp_path, teacher_run):
   """With no learning the first epoch stays best; patience 1 stops after 2."""
   data_dir, _ = teacher_run

@@ -13,6 +13,8 @@ from brnpa_jax.runs import RunError
 from brnpa_jax.train.trainer import Trainer
 from configs import default
 
+pytestmark = pytest.mark.slow  # trains or compiles end to end
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -45,10 +47,10 @@ def _random_state(shapes):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, tfds_dir):
   """A run whose best checkpoint is a random state, with config.json."""
   root = tmp_path_factory.mktemp("eval")
-  config = _tiny_config(root / "tfds")
+  config = _tiny_config(tfds_dir)
   run = root / "brnpa"
   trainer = Trainer(config, str(run))
   state = _random_state(trainer.state_shapes)

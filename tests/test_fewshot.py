@@ -307,6 +307,7 @@ def pretrained(folder_root, tmp_path_factory):
   return config, workdir, summary
 
 
+@pytest.mark.slow
 def test_pretrain_through_the_trainer(pretrained):
   _, workdir, summary = pretrained
   rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
@@ -322,6 +323,7 @@ def test_pretrain_through_the_trainer(pretrained):
   assert os.path.getsize(summary["overlays"]) > 1000
 
 
+@pytest.mark.slow
 def test_episodic_finetuning_from_pretrained(pretrained, tmp_path):
   config, workdir, _ = pretrained
   # High resolution from the low-resolution pretraining: the same parameters.
@@ -372,6 +374,7 @@ def test_episodic_finetuning_from_pretrained(pretrained, tmp_path):
   trainer.close()
 
 
+@pytest.mark.slow
 def test_pretraining_distilled_from_low_resolution_teacher(pretrained):
   config, workdir, _ = pretrained
   kd = _with(config, **{"distill.teacher_workdir": str(workdir),
@@ -394,6 +397,7 @@ def test_pretraining_distilled_from_low_resolution_teacher(pretrained):
                                      "fewshot.pretrain_workdir": str(workdir)}))
 
 
+@pytest.mark.slow
 def test_episodic_phase_through_the_trainer(pretrained, tmp_path):
   """With lr 0 the episodic run's parameters stay the pretrained ones."""
   config, workdir, _ = pretrained

@@ -68,6 +68,7 @@ def test_heads_return_logits_and_aux(head, k_maps):
     assert "attention" in variables["params"]["head"]
 
 
+@pytest.mark.slow
 def test_aux_heads_see_stop_gradient_slices():
   model = build_model(_model_cfg(aux_heads=True, dropout=0.0), num_classes=4)
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))

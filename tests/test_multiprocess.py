@@ -8,12 +8,15 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from brnpa_jax.data import input_pipeline
 from brnpa_jax.runs import abstract_like
 from brnpa_jax.train.trainer import Trainer, train_and_evaluate
-from test_train import REPO, tiny_config
+from helpers import tiny_config
 
+pytestmark = pytest.mark.slow  # trains or compiles end to end
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The gap head: BR-NPA's argmax can flip on a float-rounding near-tie between
 # different reduction orders, after which two correct runs diverge. SGD: Adam
 # divides tiny gradients by their own scale, which magnifies rounding noise.
@@ -37,8 +40,8 @@ def _final_params(cfg, workdir):
     trainer.close()
 
 
-def test_two_processes_equal_one_process(tmp_path_factory):
-  data_dir = tmp_path_factory.mktemp("tfds_mp")
+def test_two_processes_equal_one_process(tmp_path_factory, tfds_dir):
+  data_dir = tfds_dir
   cfg = tiny_config(data_dir, **OVERRIDES)
   input_pipeline.get_builder(cfg.data)  # built once, before the processes start
 
@@ -71,8 +74,8 @@ def test_two_processes_equal_one_process(tmp_path_factory):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_slice_mode_rebuilds_the_global_batches(tmp_path_factory):
-  cfg = tiny_config(tmp_path_factory.mktemp("tfds_slice"),
+def test_slice_mode_rebuilds_the_global_batches(tfds_dir):
+  cfg = tiny_config(tfds_dir,
                     **{"data.process_split": "slice"})
   first = lambda **kw: next(iter(input_pipeline.make_train_dataset(
       cfg.data, seed=0, epoch=1, **kw).as_numpy_iterator()))

@@ -122,6 +122,7 @@ def test_run_names():
   assert common.run_name("cars196") == "cars196"
 
 
+@pytest.mark.slow
 def test_lowres_then_distilled_highres_on_mocked_cub(tmp_path):
   """The paper's two runs in order, tiny: the low-resolution BR-NPA, then the
   high-resolution student distilled from its best checkpoint."""

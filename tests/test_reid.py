@@ -265,6 +265,7 @@ def test_train_dataset_is_deterministic(market):
   np.testing.assert_array_equal(next(iter(rows))["label"], a["label"][3:])
 
 
+@pytest.mark.slow
 def test_end_to_end(market, tmp_path):
   summary = train_and_evaluate(tiny_config(market), str(tmp_path), draw=draw)
   for split, queries in (("val", 4), ("test", 4)):

@@ -14,6 +14,8 @@ from brnpa_jax.train import sharding as shd
 from brnpa_jax.train import steps as steps_lib
 from brnpa_jax.train.steps import jit_steps
 
+pytestmark = pytest.mark.slow  # trains or compiles end to end
+
 BATCH, SIZE = 16, 32
 CLASSIFY = dict(loss_fn=classification.loss_and_metrics,
                 metrics_fn=classification.eval_metrics)

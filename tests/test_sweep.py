@@ -17,6 +17,7 @@ def tiny_config(data_dir, arg="runlocal,epochs=1,head=gap,res=low"):
       "data.parts.test_size": 32})
 
 
+@pytest.mark.slow
 def test_real_trial_then_resume_redoes_nothing(tmp_path, tfds_dir, monkeypatch):
   """One real tiny trial (a real training run costs ~25 s of CPU, mostly
   compilation); reruns then train nothing finished again and add only the

@@ -15,6 +15,8 @@ from brnpa_jax.runs import Checkpointer, abstract_like
 from brnpa_jax.train.trainer import Trainer, train_and_evaluate
 from helpers import tiny_config
 
+pytestmark = pytest.mark.slow  # trains or compiles end to end
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

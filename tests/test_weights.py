@@ -162,7 +162,8 @@ def _backbone(params):
   return jax.tree.map(np.asarray, jax.device_get(params["backbone"]))
 
 
-def test_init_from_starts_a_fresh_run_not_a_resumed_one(tmp_path, tiny_sd):
+@pytest.mark.slow
+def test_init_from_starts_a_fresh_run_not_a_resumed_one(tmp_path, tfds_dir, tiny_sd):
   """A run with lr 0 ends with exactly the loaded backbone (high resolution);
   resuming it with another init_from keeps its own weights."""
   files = {}
@@ -175,7 +176,7 @@ def test_init_from_starts_a_fresh_run_not_a_resumed_one(tmp_path, tiny_sd):
   def config(init_from):
     c = default.get_config("runlocal,epochs=1,head=gap")
     c.unlock()
-    c.data.data_dir = str(tmp_path / "tfds")
+    c.data.data_dir = str(tfds_dir)
     c.mesh.num_devices = 1
     c.data.parts.train_size, c.data.parts.validation_size = 64, 32
     c.data.parts.test_size, c.num_overlays = 32, 0

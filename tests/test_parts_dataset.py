@@ -21,8 +21,8 @@ def small_config(data_dir, **parts_overrides):
 
 
 @pytest.fixture(scope="module")
-def data_cfg(tmp_path_factory):
-  cfg = small_config(tmp_path_factory.mktemp("tfds"))
+def data_cfg(tfds_dir):
+  cfg = small_config(tfds_dir)
   input_pipeline.get_builder(cfg)  # build once for the module
   return cfg
 

@@ -20,6 +20,8 @@ from brnpa_jax.train.optim import make_optimizer
 from brnpa_jax.train.state import create_state
 from configs import default
 
+pytestmark = pytest.mark.slow  # trains or compiles end to end
+
 SIZE = 32
 NUM_IMAGES = 7
 STEP = 12
