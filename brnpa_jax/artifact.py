@@ -3,10 +3,10 @@ file that runs without the model code (written by ``python -m
 brnpa_jax.export``).
 
 This module needs only jax and numpy: a service can copy it alone and
-``load_exported`` the file. The function exported is ``models.classifier.make_infer_fn``: normalised images
-(b, S, S, 3) -> ``{'probs' (b, classes), 'maps' (b, K, h, w), 'norms'
-(b, h, w)}`` with a symbolic batch dimension ``b``, so one artifact serves
-any batch size. The file is a NumPy ``.npz`` archive (zip, no pickle):
+``load_exported`` the file. The function exported is
+``models.classifier.make_infer_fn``: normalised images (b, S, S, 3) ->
+``{'probs' (b, classes), 'maps' (b, K, h, w), 'norms' (b, h, w)}`` with a
+symbolic batch dimension ``b``, so one artifact serves any batch size. The file is a NumPy ``.npz`` archive (zip, no pickle):
 
 - ``exported``: ``jax.export.Exported.serialize()`` bytes (StableHLO);
 - ``meta``: JSON text: input size and preprocessing, classes, K, the run and
