@@ -69,6 +69,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_batch_size = 200
   c.num_epochs = a["epochs"] or 12
   c.early_stopping_patience = 0  # epochs without a better val accuracy; 0: off
+  # Steps with a non-finite loss or gradient are skipped; more stop the run.
+  c.max_nonfinite_steps = 10
   c.log_every_steps = 20
   c.checkpoint_every_steps = 100
   c.max_to_keep = 2

@@ -86,6 +86,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1
   c.eval_batch_size = 128
   c.num_epochs = a["epochs"] or 120
+  # Steps with a non-finite loss or gradient are skipped; more stop the run.
+  c.max_nonfinite_steps = 10
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   c.max_to_keep = 2

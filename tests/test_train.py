@@ -10,9 +10,11 @@ import time
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from brnpa_jax.runs import Checkpointer, abstract_like
-from brnpa_jax.train.trainer import Trainer, train_and_evaluate
+from brnpa_jax.runs import Checkpointer, abstract_like, restore_variables
+from brnpa_jax.tasks.classification import ClassificationTask
+from brnpa_jax.train.trainer import NonFiniteError, Trainer, train_and_evaluate
 from helpers import tiny_config
 
 pytestmark = pytest.mark.slow  # trains or compiles end to end
@@ -112,3 +114,43 @@ def test_batch_not_divisible_by_devices_is_clear_error(tfds_dir, tmp_path):
   cfg = tiny_config(tfds_dir, **{"mesh.num_devices": 8, "batch_size": 12})
   with pytest.raises(ValueError, match="divisible by the 8 devices"):
     Trainer(cfg, str(tmp_path))
+
+
+def _nan_batches(steps):
+  """Wraps ClassificationTask.train_dataset: the images of the given
+  (0-based, per epoch) batches become NaN."""
+  original = ClassificationTask.train_dataset
+  bad = tf.constant(sorted(steps), tf.int64)
+
+  def train_dataset(self, **kw):
+    def poison(i, batch):
+      hit = tf.reduce_any(tf.equal(i, bad))
+      image = tf.where(hit, tf.fill(tf.shape(batch["image"]), float("nan")),
+                       batch["image"])
+      return dict(batch, image=image)
+    return original(self, **kw).enumerate().map(poison)
+
+  return train_dataset
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tfds_dir, tmp_path,
+                                                              capsys):
+  cfg = lambda n: tiny_config(tfds_dir, "runlocal,epochs=1", num_overlays=0,
+                              log_every_steps=2, max_nonfinite_steps=n)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(ClassificationTask, "train_dataset", _nan_batches({2, 5}))
+    summary = train_and_evaluate(cfg(2), str(tmp_path / "tolerated"))
+    assert "test_accuracy" in summary
+    rows = [json.loads(l) for l in open(tmp_path / "tolerated" / "metrics.jsonl")]
+    assert sum(r.get("train_nonfinite", 0) for r in rows) == 2
+    assert all(np.isfinite(r["train_loss"]) for r in rows if "train_loss" in r)
+    assert "Steps [3] had a non-finite loss" in capsys.readouterr().out
+    params, _, _ = restore_variables(str(tmp_path / "tolerated"), "best")
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+    with pytest.raises(NonFiniteError, match=r"2 training steps \(last: step 6\)"
+                       r"[\s\S]*lr was[\s\S]*--config.optim.lr"):
+      train_and_evaluate(cfg(1), str(tmp_path / "stopped"))
+  state, step, _ = restore_variables(str(tmp_path / "stopped"), "latest")
+  assert step <= 6
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))

@@ -88,6 +88,8 @@ def fewshot_config(arg: str | None, *, name: str, image_size: int,
   c.grad_accum_steps = 1
   c.eval_batch_size = 200
   c.num_epochs = a["epochs"] or (episodic_epochs if episodic else pretrain_epochs)
+  # Steps with a non-finite loss or gradient are skipped; more stop the run.
+  c.max_nonfinite_steps = 10
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   c.max_to_keep = 2

@@ -100,6 +100,8 @@ def paper_config(a: Mapping[str, Any], *, head: str,
   c.eval_batch_size = 48
   c.num_epochs = a["epochs"] or 50
   c.early_stopping_patience = a["patience"]
+  # Steps with a non-finite loss or gradient are skipped; more stop the run.
+  c.max_nonfinite_steps = 10
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   c.max_to_keep = 2

@@ -84,9 +84,18 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_fn: Callable,
           state.params, state.batch_stats, batch, rng, context)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=batch_stats, opt_state=opt_state)
+    grad_norm = optax.tree.norm(grads)
+    # A step whose loss or gradients are not finite is not applied: the state
+    # keeps its values (the batch counts as seen) and the step is reported.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    metrics["grad_norm"] = grad_norm
+    metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+    new_state = state.replace(
+        step=state.step + 1, params=keep(params, state.params),
+        batch_stats=keep(batch_stats, state.batch_stats),
+        opt_state=keep(opt_state, state.opt_state))
     return new_state, metrics
 
   return train_step

@@ -23,6 +23,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from brnpa_jax.errors import UserError
 from brnpa_jax.models.weights import load_into_state
 from brnpa_jax.runs import Checkpointer, Workdir, abstract_like
 from brnpa_jax.tasks import get_task
@@ -31,6 +32,15 @@ from brnpa_jax.train import sharding as shd
 from brnpa_jax.train import steps as steps_lib
 from brnpa_jax.train.optim import make_optimizer
 from brnpa_jax.train.writers import create_writer
+
+# Training steps with a non-finite loss or gradient (not applied) that a run
+# tolerates before it stops (config.max_nonfinite_steps).
+MAX_NONFINITE_STEPS = 10
+
+
+class NonFiniteError(FloatingPointError, UserError):
+  """Training kept producing non-finite losses or gradients."""
+
 
 # Draws a task's end-of-run picture into a PNG path; returns the path
 # (``brnpa_jax.explain.figures.draw``; train.py passes it).
@@ -214,7 +224,7 @@ class Trainer:
           pending.append(metrics)
           bar.update(1)
           if step % cfg.log_every_steps == 0 or step % self.steps_per_epoch == 0:
-            self._log_train(writer, step, pending, bar)
+            meta = self._log_train(writer, step, pending, bar, meta)
             pending = []
           if stop.requested or self.ckpt.reached_preemption(step):
             self.ckpt.save(step, state, meta, force=True)
@@ -269,17 +279,33 @@ class Trainer:
     self.ckpt.save(step, state, meta, best=is_best)
     return meta
 
-  def _log_train(self, writer, step, pending, bar):
+  def _log_train(self, writer, step, pending, bar, meta):
+    """Writes the mean training metrics since the last log; counts the steps
+    that were not applied because their loss or gradients were not finite."""
     metrics = jax.device_get(pending)
-    means = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
-    if not math.isfinite(means["loss"]):
-      raise FloatingPointError(
-          f"Training loss is {means['loss']} at step {step}: lower optim.lr "
-          f"(now {self.config.optim.lr}) or set optim.grad_clip_norm.")
+    first = step - len(metrics) + 1
+    bad = [first + i for i, m in enumerate(metrics) if m["nonfinite"] > 0]
+    if bad:
+      meta = dict(meta, nonfinite_steps=meta.get("nonfinite_steps", 0) + len(bad))
+      _say("Steps %s had a non-finite loss or gradient and were not applied "
+           "(%d so far).", bad, meta["nonfinite_steps"])
+      limit = self.config.get("max_nonfinite_steps", MAX_NONFINITE_STEPS)
+      if meta["nonfinite_steps"] > limit:
+        raise NonFiniteError(
+            f"{meta['nonfinite_steps']} training steps (last: step {bad[-1]}) "
+            f"had a non-finite loss or gradient, more than max_nonfinite_steps="
+            f"{limit}; lr was {float(self.schedule(bad[-1])):.3g}. Lower "
+            "--config.optim.lr, set --config.optim.grad_clip_norm, or use "
+            "dtype=float32; the last checkpoint holds finite weights.")
+    finite = [m for m in metrics if not m["nonfinite"]]
+    means = {k: float(np.mean([m[k] for m in finite])) for k in metrics[0]
+             if k != "nonfinite"} if finite else {}
+    means["nonfinite"] = float(len(bad))
     means["lr"] = float(self.schedule(step))
     writer.write_scalars(step, {f"train_{k}": v for k, v in means.items()})
     bar.set_postfix({k: f"{means[k]:.3f}" for k in ("loss", "accuracy")
                      if k in means})
+    return meta
 
   def _summarise(self, meta, wall_seconds, seen_images, train_seconds):
     """Test accuracy of the best state, overlays, and ``summary.json``."""
