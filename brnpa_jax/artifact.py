@@ -9,8 +9,11 @@ This module needs only jax and numpy: a service can copy it alone and
 symbolic batch dimension ``b``, so one artifact serves any batch size. The file is a NumPy ``.npz`` archive (zip, no pickle):
 
 - ``exported``: ``jax.export.Exported.serialize()`` bytes (StableHLO);
-- ``meta``: JSON text: input size and preprocessing, classes, K, the run and
-  checkpoint it came from, the platforms it was lowered for;
+- ``meta``: JSON text: the input (``image_size``, ``input_dtype``, the
+  ``normalization`` mean, std and scale, ``resize_ratio`` of the resize and
+  centre crop before it), ``num_classes`` and ``class_names``, the model
+  config, the run and checkpoint it came from, the platforms it was lowered
+  for;
 - ``var_00000``, ...: the model variables, in the order of the exported
   function's inputs (passed as arguments rather than baked in as constants,
   so the compiled program is the one ``predict`` runs on the model and the
@@ -73,11 +76,36 @@ class ExportedModel:
     """(S, S, 3): the input of one image."""
     return tuple(int(d) for d in self.exported.in_avals[-1].shape[1:])
 
+  @property
+  def class_names(self) -> list[str] | None:
+    """The classes in output order, when the training run had names."""
+    return self.meta.get("class_names")
+
+  def normalize(self, images_uint8) -> np.ndarray:
+    """uint8 RGB images (B, S, S, 3), already resized and cropped to S, ->
+    the normalised float32 input the model takes."""
+    norm = self.meta.get("normalization")
+    if norm is None:
+      raise ArtifactError("this artifact does not record its normalisation: "
+                          "export it again with this version.")
+    x = np.asarray(images_uint8, np.float32) * np.float32(norm["scale"])
+    return (x - np.float32(norm["mean"])) / np.float32(norm["std"])
+
   def __call__(self, images_BxSxSx3) -> dict[str, jax.Array]:
+    """Outputs for normalised float images (B, S, S, 3); see ``normalize``."""
+    dtype = getattr(images_BxSxSx3, "dtype", None)
+    if dtype is None:
+      dtype = np.asarray(images_BxSxSx3).dtype
+    if not jax.numpy.issubdtype(dtype, jax.numpy.floating):
+      raise ArtifactError(
+          f"images are {dtype}: the model takes normalised float32 images; "
+          "normalise first with model.normalize(images) ((x / 255 - mean) / "
+          "std, the artifact's meta['normalization']).")
     images = jax.numpy.asarray(images_BxSxSx3, jax.numpy.float32)
     if images.ndim != 4 or images.shape[1:] != self.image_shape:
-      raise ValueError(f"images must be (B, {', '.join(map(str, self.image_shape))}"
-                       f"), got {images.shape}.")
+      raise ArtifactError(f"images must be (B, "
+                          f"{', '.join(map(str, self.image_shape))}), got "
+                          f"{images.shape}.")
     return self._call(self._leaves, images)
 
   def compile(self, images_BxSxSx3):

@@ -12,6 +12,7 @@ internal error: its traceback is printed and the status is 1.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 from typing import Any, Callable, Sequence
@@ -34,12 +35,25 @@ def _fail(prog: str, message: str, verbose: bool) -> int:
   return USAGE
 
 
-def _flag_message(e: Exception) -> str:
-  # absl wraps config_flags' own errors ("FATAL Flags parsing error: ...");
-  # the first informative line is what the user needs.
+def _flag_message(e: Exception, args: Sequence[str]) -> str:
+  """The line a user needs from a flag-parsing error."""
   text = str(e).strip()
-  for prefix in ("FATAL Flags parsing error:",):
-    text = text.removeprefix(prefix).strip()
+  if isinstance(e, (KeyError, AttributeError)):
+    # An override of a field the config lacks: --config.optim.lrr=1.
+    name = re.search(r"[A-Za-z_][A-Za-z0-9_]*", text)
+    name = name.group(0) if name else text
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    arg = next((a.split("=")[0] for a in args
+                if a.startswith("--") and re.search(rf"\.{name}(=|$)", a)), None)
+    return (f"{arg or name}: the config has no field {name!r}"
+            + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
+            + "; see the config file for its fields.")
+  if "Traceback (most recent call last)" in text:
+    # config_flags wraps the config file's own error (a bad switch) with its
+    # traceback: the flag, then the error's last line.
+    flag = re.match(r"flag (--[\w.]+)", text)
+    last = [l for l in text.splitlines() if l.strip()][-1]
+    return f"{flag.group(1) if flag else 'a flag'}: {last.split(': ', 1)[-1]}"
   return text.splitlines()[0] if text else type(e).__name__
 
 
@@ -79,7 +93,7 @@ def run(define: Callable[[flags.FlagValues, list[str]], None],
   except (flags.Error, UserError, KeyError, AttributeError, ValueError) as e:
     # Flag parsing, including a config file's own errors (a bad switch, an
     # unknown --config.field): all are the user's.
-    return _fail(prog, _flag_message(e) + f"\n(see {prog} --help)",
+    return _fail(prog, _flag_message(e, args) + f"\n(see {prog} --help)",
                  verbose or "--verbose" in args)
   if len(rest) > 1:
     return _fail(prog, f"unexpected arguments {rest[1:]} (flags are "

@@ -14,3 +14,7 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
   """A config value that cannot work (also a ``ValueError``)."""
+
+
+class InputNotFoundError(UserError, FileNotFoundError):
+  """A file or folder the user named is missing or holds nothing usable."""

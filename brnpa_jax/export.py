@@ -20,6 +20,7 @@ from absl import flags
 
 from brnpa_jax import cli
 from brnpa_jax.artifact import export_inference, load_exported, save_exported
+from brnpa_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from brnpa_jax.models.classifier import make_infer_fn
 from brnpa_jax.runs import load_run
 
@@ -31,9 +32,11 @@ def export_run(workdir: str, out: str, *, checkpoint: str = "auto",
   data = run.config.data
   exported = export_inference(make_infer_fn(run.model), run.variables,
                               data.image_size, platforms)
-  meta = {"image_size": int(data.image_size),
+  meta = {"image_size": int(data.image_size), "input_dtype": "float32",
           "resize_ratio": float(data.resize_ratio),
-          "num_classes": run.num_classes,
+          "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                            "scale": 1 / 255},
+          "num_classes": run.num_classes, "class_names": run.class_names,
           "model": dict(run.config.model.to_dict()),
           "workdir": run.workdir.path, "step": run.step,
           "checkpoint": run.checkpoint}

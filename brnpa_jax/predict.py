@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import sys
 import time
 from typing import Callable, Iterator, Sequence
 
@@ -41,7 +42,7 @@ from PIL import Image
 
 from brnpa_jax import cli
 from brnpa_jax.data.normalization import denormalize
-from brnpa_jax.errors import ConfigError
+from brnpa_jax.errors import ConfigError, InputNotFoundError, UserError
 from brnpa_jax.explain.overlay import save_overlay_grid
 from brnpa_jax.artifact import load_exported
 from brnpa_jax.models.classifier import INFERENCE_OUTPUTS, make_infer_fn
@@ -49,6 +50,7 @@ from brnpa_jax.runs import RestoredRun, Workdir, load_run
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif",
                     ".tiff", ".ppm")
+ON_CORRUPT = ("error", "skip")
 OUTPUT_KEYS = INFERENCE_OUTPUTS
 
 
@@ -60,8 +62,8 @@ def list_images(folder: str) -> list[str]:
     found += [os.path.relpath(os.path.join(root, f), folder) for f in files
               if f.lower().endswith(IMAGE_EXTENSIONS)]
   if not found:
-    raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) "
-                            f"under {folder}.")
+    raise InputNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) "
+                             f"under {folder}.")
   return sorted(found)
 
 
@@ -79,17 +81,41 @@ def _eval_transform_fn(size: int, resize_ratio: float):
   return lambda image: transform(image).numpy()
 
 
-def folder_batches(folder: str, size: int, resize_ratio: float, batch: int
+def _decode(path: str) -> np.ndarray:
+  """uint8 RGB pixels of an image file (raises on a damaged one)."""
+  with Image.open(path) as im:
+    return np.asarray(im.convert("RGB"))
+
+
+def folder_batches(folder: str, size: int, resize_ratio: float, batch: int,
+                   on_corrupt: str = "error"
                    ) -> Iterator[tuple[list[str], np.ndarray, None]]:
-  """``(files, images (batch, S, S, 3), None)``; the last batch zero-padded."""
+  """``(files, images (batch, S, S, 3), None)``; the last batch zero-padded.
+
+  A file Pillow cannot decode (truncated, not an image) is an error naming
+  it, or with ``on_corrupt='skip'`` a warning, and the file is left out.
+  """
+  if on_corrupt not in ON_CORRUPT:
+    raise ConfigError(f"--on_corrupt={on_corrupt!r}: use one of {ON_CORRUPT}.")
   transform = _eval_transform_fn(size, resize_ratio)
-  files = list_images(folder)
-  for start in range(0, len(files), batch):
-    names = files[start:start + batch]
-    images = np.zeros((batch, size, size, 3), np.float32)
-    for i, name in enumerate(names):
-      with Image.open(os.path.join(folder, name)) as im:
-        images[i] = transform(np.asarray(im.convert("RGB")))
+  names, images = [], np.zeros((batch, size, size, 3), np.float32)
+  for name in list_images(folder):
+    path = os.path.join(folder, name)
+    try:
+      pixels = _decode(path)
+    except (OSError, SyntaxError, ValueError) as e:  # what Pillow raises
+      if on_corrupt == "error":
+        raise ConfigError(f"cannot decode {path} ({type(e).__name__}: {e}); "
+                          "fix or remove it, or pass --on_corrupt=skip.") from e
+      print(f"Warning: skipped {path}, which does not decode "
+            f"({type(e).__name__}: {e}).", file=sys.stderr, flush=True)
+      continue
+    images[len(names)] = transform(pixels)
+    names.append(name)
+    if len(names) == batch:
+      yield names, images, None
+      names, images = [], np.zeros((batch, size, size, 3), np.float32)
+  if names:
     yield names, images, None
 
 
@@ -100,6 +126,15 @@ def split_batches(data_cfg, split: str, batch: int
 
   from brnpa_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
 
+  try:
+    input_pipeline.num_examples(data_cfg, split)
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # tfds: unknown split
+    raise ConfigError(
+        f"--images {split!r} is neither a folder nor a split of the run's "
+        f"dataset {data_cfg.name!r} (its splits: train, validation, test, "
+        "trainval, or a TFDS slice such as test[:100]).") from e
   ds = input_pipeline.make_eval_dataset(data_cfg, split, batch_size=batch)
   for ex in tfds.as_numpy(ds):
     real = ex["mask"] > 0
@@ -150,7 +185,7 @@ def predict(batches: Iterator, compile_fn: Callable, *,
     if keep_images:
       shown += list(denormalize(images[:n]))
   if not files:
-    raise ValueError("no inputs to predict on.")
+    raise ConfigError("no inputs to predict on (every image was skipped).")
   outputs = {k: np.concatenate([c[k] for c in chunks]) for k in OUTPUT_KEYS}
   return Predictions(files, np.concatenate(labels) if labels else None, outputs,
                      model_s, compile_s, time.perf_counter() - t_start,
@@ -164,10 +199,24 @@ def top_k(probs_NxC: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
   return order, np.take_along_axis(probs_NxC, order, axis=1)
 
 
-def write_outputs(out: str, preds: Predictions, topk: int) -> dict[str, str]:
-  """Writes ``predictions.csv``, ``maps.npz`` and overlays; returns paths."""
+def overlay_path(out: str, name: str) -> str:
+  """``out/overlays/<name with '.' and ':' as '_'>.png``: one file per input
+  (``rgb.png`` and ``rgb.jpg`` give ``rgb_png.png`` and ``rgb_jpg.png``)."""
+  return os.path.join(out, "overlays", name.replace(":", "_").replace(".", "_")
+                      + ".png")
+
+
+def write_outputs(out: str, preds: Predictions, topk: int,
+                  class_names: Sequence[str] | None = None) -> dict[str, str]:
+  """Writes ``predictions.csv``, ``maps.npz`` and overlays; returns paths.
+
+  With ``class_names`` the CSV and the overlays name the classes (the
+  indices stay in ``maps.npz``); without, they show the indices.
+  """
   os.makedirs(out, exist_ok=True)
   classes, probs = top_k(preds.outputs["probs"], topk)
+  named = ((lambda c: class_names[int(c)]) if class_names is not None
+           else (lambda c: int(c)))
   csv_path = os.path.join(out, "predictions.csv")
   with open(csv_path, "w", newline="") as f:
     w = csv.writer(f)
@@ -176,21 +225,22 @@ def write_outputs(out: str, preds: Predictions, topk: int) -> dict[str, str]:
         f"{kind}_{r + 1}" for r in range(classes.shape[1])
         for kind in ("class", "prob")])
     for i, name in enumerate(preds.files):
-      row = [name] + ([int(preds.labels[i])] if has_labels else [])
+      row = [name] + ([named(preds.labels[i])] if has_labels else [])
       for c, p in zip(classes[i], probs[i]):
-        row += [int(c), f"{p:.6f}"]
+        row += [named(c), f"{p:.6f}"]
       w.writerow(row)
   npz_path = os.path.join(out, "maps.npz")
   extra = {} if preds.labels is None else {"labels": preds.labels}
+  if class_names is not None:
+    extra["class_names"] = np.array(class_names)
   np.savez_compressed(npz_path, files=np.array(preds.files), topk_classes=classes,
                       topk_probs=probs, **preds.outputs, **extra)
   paths = {"csv": csv_path, "npz": npz_path}
   if preds.images is not None:
     for i, name in enumerate(preds.files):
-      stem = name.replace(":", "_").rsplit(".", 1)[0]
-      title = f"pred {classes[i, 0]} ({probs[i, 0]:.0%})"
-      save_overlay_grid(os.path.join(out, "overlays", stem + ".png"),
-                        preds.images[i][None], preds.outputs["maps"][i:i + 1],
+      title = f"pred {named(classes[i, 0])} ({probs[i, 0]:.0%})"
+      save_overlay_grid(overlay_path(out, name), preds.images[i][None],
+                        preds.outputs["maps"][i:i + 1],
                         preds.outputs["norms"][i:i + 1], [title])
     paths["overlays"] = os.path.join(out, "overlays")
   return paths
@@ -207,10 +257,15 @@ def compile_model(run: RestoredRun) -> Callable:
   return compile_fn
 
 
+def _looks_like_a_path(images: str) -> bool:
+  return (os.sep in images or os.path.exists(images)
+          or images.lower().endswith(IMAGE_EXTENSIONS))
+
+
 def run_predict(*, images: str, out: str, workdir: str | None = None,
                 exported: str | None = None, checkpoint: str = "auto",
                 batch: int = 64, topk: int = 5, overlays: bool = False,
-                verbose: bool = True) -> Predictions:
+                on_corrupt: str = "error", verbose: bool = True) -> Predictions:
   """Restores a run (or loads an artifact), predicts, writes the outputs.
 
   Args:
@@ -223,6 +278,7 @@ def run_predict(*, images: str, out: str, workdir: str | None = None,
     batch: fixed batch size (the last batch is padded).
     topk: predictions per image in the CSV.
     overlays: also write one PNG of the ranked maps per image.
+    on_corrupt: ``error`` (default) or ``skip`` an image that does not decode.
     verbose: print the throughput and what was written.
 
   Returns:
@@ -232,27 +288,32 @@ def run_predict(*, images: str, out: str, workdir: str | None = None,
   if batch < 1 or topk < 1:
     raise ConfigError(f"--batch and --topk must be >= 1, got {batch} and {topk}.")
   is_folder = os.path.isdir(images)
+  if not is_folder and _looks_like_a_path(images):
+    raise ConfigError(f"--images {images}: no such folder (give a folder of "
+                      "images, or a split of the run's dataset such as test).")
   if exported:
     artifact = load_exported(exported)
     size, ratio = artifact.meta["image_size"], artifact.meta["resize_ratio"]
     compile_fn = artifact.compile
+    class_names = artifact.meta.get("class_names")
     data_cfg = None
     if not is_folder:
       if not workdir:
-        raise ConfigError(f"{images!r} is not a folder, so it is read as a dataset "
-                          "split, which needs --workdir for the data.")
+        raise ConfigError(f"{images!r} is not a folder, so it is read as a "
+                          "dataset split, which needs --workdir for the data.")
       data_cfg = Workdir(workdir).read_config().data
   else:
     if not workdir:
-      raise ConfigError("pass --workdir (a training run) or --exported (an artifact).")
+      raise ConfigError("pass --workdir (a training run) or --exported (an "
+                        "artifact).")
     run = load_run(workdir, checkpoint=checkpoint)
-    data_cfg = run.config.data
+    data_cfg, class_names = run.config.data, run.class_names
     size, ratio = data_cfg.image_size, data_cfg.resize_ratio
     compile_fn = compile_model(run)
-  batches = (folder_batches(images, size, ratio, batch) if is_folder
+  batches = (folder_batches(images, size, ratio, batch, on_corrupt) if is_folder
              else split_batches(data_cfg, images, batch))
   preds = predict(batches, compile_fn, keep_images=overlays)
-  paths = write_outputs(out, preds, topk)
+  paths = write_outputs(out, preds, topk, class_names)
   preds.total_seconds = time.perf_counter() - t_start
   if verbose:
     n = len(preds.files)
@@ -280,6 +341,9 @@ def _define(fv: flags.FlagValues, argv) -> None:
                        flag_values=fv)
   flags.DEFINE_bool("overlays", False, "Also write one PNG of the ranked maps "
                     "per image.", flag_values=fv)
+  flags.DEFINE_enum("on_corrupt", "error", list(ON_CORRUPT), "An image that does "
+                    "not decode: stop (error) or warn and leave it out (skip).",
+                    flag_values=fv)
   flags.mark_flags_as_required(["images", "out"], flag_values=fv)
 
 
@@ -288,7 +352,7 @@ def _main(fv: flags.FlagValues) -> None:
     raise ConfigError("pass --workdir (a training run) or --exported (an artifact).")
   run_predict(images=fv.images, out=fv.out, workdir=fv.workdir,
               exported=fv.exported, checkpoint=fv.checkpoint, batch=fv.batch,
-              topk=fv.topk, overlays=fv.overlays)
+              topk=fv.topk, overlays=fv.overlays, on_corrupt=fv.on_corrupt)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

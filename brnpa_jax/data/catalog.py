@@ -75,17 +75,15 @@ class FineGrained:
   needs: Sequence[str] = ()
 
   def how_to_get(self, data_dir: str) -> str:
-    """The commands that prepare the dataset in ``data_dir``."""
-    needs = (f"pip install {' '.join(self.needs)}\n  " if self.needs else "")
+    """The commands that prepare the dataset in ``data_dir`` (three lines)."""
+    needs = f"pip install {' '.join(self.needs)} && " if self.needs else ""
     return (
-        f"Dataset {self.name!r} is not prepared in {data_dir}. Prepare it once "
-        f"(downloads the archives, then writes TFRecords):\n  {needs}"
-        f"tfds build {self.name} --data_dir={data_dir}\n"
-        f"If a download fails (some original URLs have moved), download "
-        f"{', '.join(self.files)} by hand into "
-        f"{os.path.join(data_dir, 'downloads', 'manual')}/ and run the same "
-        f"command again; or set data.data_dir to where the dataset is "
-        f"already prepared.")
+        f"dataset {self.name!r} is not prepared in {data_dir}; prepare it once "
+        f"(download, then TFRecords):\n  {needs}tfds build {self.name} "
+        f"--data_dir={data_dir}\nIf a download fails, put "
+        f"{', '.join(self.files)} in "
+        f"{os.path.join(data_dir, 'downloads', 'manual')}/ and rerun; or set "
+        "data.data_dir to where it is prepared.")
 
 
 _IMAGE_LABEL = {"image": "image", "label": "label"}

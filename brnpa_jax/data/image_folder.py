@@ -293,6 +293,9 @@ class ImageFolder:
   def num_classes(self) -> int:
     return len(self.classes)
 
+  def class_names(self) -> list[str]:
+    return list(self.classes)
+
   def count(self, split: str) -> int:
     return len(self.files(split))
 

@@ -166,6 +166,14 @@ def num_classes(data_cfg) -> int:
   return get_source(data_cfg).num_classes()
 
 
+def class_names(data_cfg) -> list[str]:
+  """The class names in label order (parts: its glyph pairs, without
+  building it; image folders: the folder names; TFDS: its label names)."""
+  if data_cfg.name == "parts":
+    return ["+".join(t) for t in parts.class_part_types(parts_config(data_cfg))]
+  return get_source(data_cfg).class_names()
+
+
 def num_examples(data_cfg, split: str) -> int:
   """Number of examples in ``split``: our split name, or for TFDS datasets
   any TFDS split string (``train[:10%]``)."""

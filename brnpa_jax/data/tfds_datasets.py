@@ -100,6 +100,9 @@ class TfdsSource:
   def num_classes(self) -> int:
     return self.builder.info.features[self.keys["label"]].num_classes
 
+  def class_names(self) -> list[str]:
+    return list(self.builder.info.features[self.keys["label"]].names)
+
   def count(self, split: str) -> int:
     """Examples in ``split``: from the metadata, else by counting."""
     split = self.resolve(split)

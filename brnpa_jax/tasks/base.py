@@ -91,6 +91,11 @@ class Task(abc.ABC):
   def num_classes(self) -> int:
     return _pipeline().num_classes(self.config.data)
 
+  def class_names(self) -> list[str] | None:
+    """Class names in label order, for predictions and figures (None: the
+    task's outputs are not classes of a dataset)."""
+    return _pipeline().class_names(self.config.data)
+
   def num_train_examples(self) -> int:
     data = self.config.data
     return _pipeline().num_examples(data, data.train_split)

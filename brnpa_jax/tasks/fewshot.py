@@ -284,6 +284,12 @@ class FewShotTask(Task):
   def num_classes(self) -> int:
     return self.image_set("base").num_classes
 
+  def class_names(self) -> list[str] | None:
+    if self.config.fewshot.phase != "pretrain":
+      return None  # episodes, not classes
+    base = self.image_set("base")
+    return [str(c) for c in base.class_ids]
+
   def eval_sampler(self, split: str, shots: int) -> data_lib.EpisodeSampler:
     """The evaluation episodes of ``split`` (the same for every model)."""
     fs = self.config.fewshot

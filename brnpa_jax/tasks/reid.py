@@ -129,6 +129,9 @@ class ReIDTask(Task):
   def num_classes(self) -> int:
     return self.data.num_identities
 
+  def class_names(self) -> list[str] | None:
+    return None  # training identities: retrieval does not output them
+
   def _pk(self) -> tuple[int, int]:
     d = self.config.data
     p, k = d.ids_per_batch, d.images_per_id

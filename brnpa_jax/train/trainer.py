@@ -23,7 +23,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from brnpa_jax.errors import UserError
+from brnpa_jax.errors import ConfigError, UserError
 from brnpa_jax.models.weights import load_into_state
 from brnpa_jax.runs import Checkpointer, Workdir, abstract_like
 from brnpa_jax.tasks import get_task
@@ -112,11 +112,17 @@ class Trainer:
         self.task.prepare_data()
       multihost_utils.sync_global_devices("dataset prepared")
     self.num_classes = self.task.num_classes()
+    if self.num_classes < 2:
+      raise ConfigError(
+          f"The training data has {self.num_classes} class: a classifier needs "
+          "at least two (an image folder needs one sub-folder per class).")
     self.num_train = self.task.num_train_examples()
     self.steps_per_epoch = self.num_train // self.global_batch
     if self.steps_per_epoch == 0:
-      raise ValueError(f"batch_size={self.global_batch} is larger than the "
-                       f"{self.num_train} training examples.")
+      raise ConfigError(
+          f"batch_size={self.global_batch} is larger than the {self.num_train} "
+          "training examples: lower it with --config.batch_size (or the "
+          "config's batch= switch), or add data.")
     self.total_steps = self.steps_per_epoch * config.num_epochs
     self.model = self.task.build_model(self.num_classes)
     self.tx, self.schedule = make_optimizer(config.optim, self.steps_per_epoch,
@@ -387,6 +393,7 @@ def train_and_evaluate(config, workdir: str, *, draw: DrawFn | None = None,
   if jax.process_index() == 0:
     # Read back by everything that restores the run (runs.load_run).
     wd.write_config(config, changes)
+    wd.write_class_names(trainer.task.class_names())
   if changes:
     _say("Resuming %s under a changed config (%s); recorded in "
          "config_history.jsonl.", wd.path, ", ".join(c[0] for c in changes))

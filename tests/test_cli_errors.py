@@ -1,0 +1,112 @@
+"""User mistakes at the command line: one to three lines on stderr, exit
+status 2, no traceback, and nothing written that the mistake did not need."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import train
+from brnpa_jax import cli, export, predict, sweep
+from brnpa_jax.explain import evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT = os.path.join(REPO, "configs", "default.py")
+LOWRES = os.path.join(REPO, "configs", "cub_brnpa_lowres.py")
+
+
+def _train(*argv):
+  return cli.run(train.define_flags, train.main, argv=list(argv), prog="train.py")
+
+
+def _expect_user_error(capsys, status, *needles):
+  """Status 2, at most three lines on stderr holding every needle."""
+  err = capsys.readouterr().err
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert status == 2, err
+  assert 1 <= len(lines) <= 3, err
+  assert "Traceback" not in err
+  for needle in needles:
+    assert needle in err, err
+  return err
+
+
+def test_bad_switch_and_unknown_field(tmp_path, capsys):
+  status = _train("--config", f"{DEFAULT}:heads=bcnn", f"--workdir={tmp_path}/a")
+  _expect_user_error(capsys, status, "Unknown config arg 'heads'", "'head'")
+  status = _train("--config", DEFAULT, "--config.optim.lrr=1",
+                  f"--workdir={tmp_path}/b")
+  _expect_user_error(capsys, status, "lrr")
+  status = _train("--config", DEFAULT, f"--workdir={tmp_path}/c", "--epochz=3")
+  _expect_user_error(capsys, status, "epochz")
+  assert not os.listdir(tmp_path)  # no workdir was created
+
+
+def test_workdir_that_is_a_file(tmp_path, capsys):
+  (tmp_path / "run").write_text("not a directory")
+  status = _train("--config", f"{DEFAULT}:runlocal", f"--workdir={tmp_path}/run")
+  _expect_user_error(capsys, status, "is a file, not a directory")
+
+
+def test_unprepared_dataset_leaves_no_workdir(tmp_path, capsys):
+  status = _train("--config", f"{LOWRES}:runlocal,data_dir={tmp_path}/tfds",
+                  f"--workdir={tmp_path}/run")
+  _expect_user_error(capsys, status, "not prepared",
+                     "tfds build caltech_birds2011")
+  assert not os.path.exists(tmp_path / "run")
+
+
+def _folder(root, classes, per_class):
+  rng = np.random.default_rng(0)
+  for c in classes:
+    os.makedirs(root / "train" / c)
+    for i in range(per_class):
+      Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(
+          root / "train" / c / f"{i}.png")
+  return root
+
+
+def test_one_class_folder_and_tiny_dataset(tmp_path, capsys):
+  one = _folder(tmp_path / "one", ["cat"], 12)
+  status = _train("--config", f"{LOWRES}:runlocal,dataset=folder,data_dir={one}",
+                  f"--workdir={tmp_path}/run1")
+  _expect_user_error(capsys, status, "1 class", "two")
+  few = _folder(tmp_path / "few", ["cat", "dog"], 3)
+  status = _train("--config", f"{LOWRES}:runlocal,dataset=folder,data_dir={few}",
+                  f"--workdir={tmp_path}/run2")
+  _expect_user_error(capsys, status, "batch_size=16 is larger than the",
+                     "--config.batch_size")
+  assert not os.path.exists(tmp_path / "run1")
+  assert not os.path.exists(tmp_path / "run2")
+
+
+def test_predict_export_evaluate_name_what_is_missing(tmp_path, capsys):
+  missing = str(tmp_path / "no_such_run")
+  status = predict.main(["--workdir", missing, "--images", str(tmp_path),
+                         "--out", str(tmp_path / "o")])
+  _expect_user_error(capsys, status, "no_such_run does not exist")
+  status = predict.main(["--workdir", missing, "--images", "phtos/",
+                         "--out", str(tmp_path / "o")])
+  _expect_user_error(capsys, status, "phtos/: no such folder")
+  status = predict.main(["--images", str(tmp_path), "--out", str(tmp_path / "o")])
+  _expect_user_error(capsys, status, "--workdir", "--exported")
+  status = predict.main(["--exported", str(tmp_path / "m.jaxexport"),
+                         "--images", str(tmp_path), "--out", str(tmp_path / "o")])
+  _expect_user_error(capsys, status, "no exported model")
+  status = export.main(["--workdir", missing, "--out", str(tmp_path / "m")])
+  _expect_user_error(capsys, status, "does not exist")
+  status = evaluate.main(["--workdir", missing, "--out", str(tmp_path / "e")])
+  _expect_user_error(capsys, status, "does not exist")
+  status = evaluate.main(["--workdir", missing])
+  _expect_user_error(capsys, status, "--out")
+  status = sweep.main(["--config", DEFAULT, "--workdir", str(tmp_path / "s"),
+                       "--batch_sizes=8,x"])
+  _expect_user_error(capsys, status, "--batch_sizes")
+
+
+def test_verbose_shows_the_traceback(tmp_path, capsys):
+  status = predict.main(["--workdir", str(tmp_path / "nope"), "--images",
+                         str(tmp_path), "--out", str(tmp_path / "o"), "--verbose"])
+  err = capsys.readouterr().err
+  assert status == 2 and "Traceback" in err and "does not exist" in err
