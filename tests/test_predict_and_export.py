@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,8 +15,11 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from brnpa_jax import artifact, export, predict
+from brnpa_jax.data.normalization import IMAGENET_STD, normalize
+from brnpa_jax.errors import ConfigError
 from brnpa_jax.models import build_model
-from brnpa_jax.runs import Checkpointer, RunError, load_run, restore_variables
+from brnpa_jax.runs import (Checkpointer, RunError, Workdir, load_run,
+                            restore_variables)
 from brnpa_jax.train.optim import make_optimizer
 from brnpa_jax.train.state import create_state
 from configs import default
@@ -137,7 +141,8 @@ def test_overlays_are_pngs(predictions):
   _, out3, p8, out8 = predictions
   assert not os.path.exists(os.path.join(out3, "overlays"))
   for name in p8.files:
-    path = os.path.join(out8, "overlays", name.rsplit(".", 1)[0] + ".png")
+    path = predict.overlay_path(out8, name)
+    assert path.endswith(name.replace(".", "_") + ".png")
     with Image.open(path) as im:
       assert im.format == "PNG"
       assert im.size == (round(1.9 * 5 * 110), round((1.9 + 0.3) * 110))
@@ -213,3 +218,82 @@ def test_bad_inputs(saved_run, tmp_path):
     predict.run_predict(images=str(tmp_path), out=str(tmp_path / "o"))
   with pytest.raises(FileNotFoundError, match="brnpa_jax.export"):
     artifact.load_exported(str(tmp_path / "missing.jaxexport"))
+
+
+@pytest.fixture(scope="module")
+def messy_folder(tmp_path_factory):
+  """Good images, a truncated PNG, a corrupt JPEG, and rgb.png beside rgb.jpg."""
+  folder = tmp_path_factory.mktemp("messy")
+  rng = np.random.default_rng(3)
+  for name in ("a.png", "rgb.png", "rgb.jpg", "z.jpg"):
+    Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(
+        folder / name)
+  good = (folder / "a.png").read_bytes()
+  (folder / "truncated.png").write_bytes(good[:len(good) // 2])
+  (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+  return folder
+
+
+def test_undecodable_images_are_named_or_skipped(saved_run, messy_folder,
+                                                 tmp_path, capsys):
+  workdir, _, _ = saved_run
+  with pytest.raises(ConfigError, match=r"cannot decode .*corrupt.jpg.*"
+                     r"--on_corrupt=skip"):
+    predict.run_predict(images=str(messy_folder), out=str(tmp_path / "e"),
+                        workdir=workdir, verbose=False)
+  preds = predict.run_predict(images=str(messy_folder), out=str(tmp_path / "s"),
+                              workdir=workdir, batch=2, overlays=True,
+                              on_corrupt="skip", verbose=False)
+  assert preds.files == ["a.png", "rgb.jpg", "rgb.png", "z.jpg"]
+  err = capsys.readouterr().err
+  assert "skipped" in err and "corrupt.jpg" in err and "truncated.png" in err
+  with open(tmp_path / "s" / "predictions.csv") as f:
+    assert len(list(csv.reader(f))) == 1 + 4
+  overlays = sorted(os.listdir(tmp_path / "s" / "overlays"))
+  assert overlays == ["a_png.png", "rgb_jpg.png", "rgb_png.png", "z_jpg.png"]
+
+
+def test_class_names_from_the_run(saved_run, image_folder, tmp_path):
+  """A run that recorded its class names: CSV, maps.npz and the artifact
+  name the classes."""
+  workdir, _, _ = saved_run
+  named = tmp_path / "named"
+  shutil.copytree(workdir, named)
+  names = [f"class_{c}" for c in "abcdefghij"]
+  Workdir(str(named)).write_class_names(names)
+  preds = predict.run_predict(images=image_folder, out=str(tmp_path / "o"),
+                              workdir=str(named), topk=2, verbose=False)
+  with open(tmp_path / "o" / "predictions.csv") as f:
+    rows = list(csv.reader(f))
+  top = preds.outputs["probs"].argmax(1)
+  assert [r[1] for r in rows[1:]] == [names[c] for c in top]
+  with np.load(tmp_path / "o" / "maps.npz") as z:
+    assert list(z["class_names"]) == names
+    np.testing.assert_array_equal(z["topk_classes"][:, 0], top)
+  path = export.export_run(str(named), str(tmp_path / "m.jaxexport"))
+  model = artifact.load_exported(path)
+  assert model.class_names == names
+  assert model.meta["input_dtype"] == "float32"
+  assert model.meta["normalization"]["std"] == list(IMAGENET_STD)
+
+
+def test_artifact_refuses_unnormalised_input(saved_run, tmp_path):
+  workdir, _, _ = saved_run
+  model = artifact.load_exported(
+      export.export_run(workdir, str(tmp_path / "m.jaxexport")))
+  raw = np.random.default_rng(0).integers(0, 255, (2, SIZE, SIZE, 3), np.uint8)
+  with pytest.raises(artifact.ArtifactError, match="normalise first"):
+    model(raw)
+  np.testing.assert_allclose(model.normalize(raw), normalize(raw), atol=1e-6)
+  out = model(model.normalize(raw))
+  assert out["probs"].shape == (2, 10)
+
+
+def test_a_typo_in_images_is_not_read_as_a_split(saved_run, tmp_path):
+  workdir, _, _ = saved_run
+  with pytest.raises(ConfigError, match="neither a folder nor a split"):
+    predict.run_predict(images="tset", out=str(tmp_path / "o"), workdir=workdir,
+                        verbose=False)
+  with pytest.raises(ConfigError, match="photos/: no such folder"):
+    predict.run_predict(images="photos/", out=str(tmp_path / "o"),
+                        workdir=workdir, verbose=False)
