@@ -35,6 +35,9 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_integer("num_processes", None, "With --multiprocess.",
                        flag_values=fv)
   flags.DEFINE_integer("process_id", None, "With --multiprocess.", flag_values=fv)
+  flags.DEFINE_integer("heartbeat_timeout_seconds", 100, "With --multiprocess: "
+                       "a process that stops answering for this long ends the "
+                       "run on every host, with an error.", flag_values=fv)
   flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
 
 
@@ -44,7 +47,8 @@ def main(fv: flags.FlagValues) -> None:
   if fv.multiprocess:
     jax.distributed.initialize(coordinator_address=fv.coordinator_address,
                                num_processes=fv.num_processes,
-                               process_id=fv.process_id)
+                               process_id=fv.process_id,
+                               heartbeat_timeout_seconds=fv.heartbeat_timeout_seconds)
   from brnpa_jax.explain.figures import draw
   from brnpa_jax.train.trainer import train_and_evaluate
 

@@ -1,19 +1,25 @@
 """Test set-up and the fixtures the whole session shares.
 
-8 fake CPU devices (for sharding tests) and quiet TensorFlow must be set
-before JAX or TensorFlow start, hence here. The expensive fixtures are built
-once per pytest run and shared by every module: one TFDS data directory
-(each parts-dataset config in it is generated once) and one finished tiny
-training run.
+8 fake CPU devices (for sharding tests), quiet TensorFlow and JAX's
+persistent compilation cache must be set before JAX or TensorFlow start,
+hence here. The cache lives in a fresh directory per pytest run: a program
+that several tests (or the training processes some tests start and restart)
+compile is compiled once. The expensive fixtures are built once per pytest
+run and shared by every module: one TFDS data directory (each parts-dataset
+config in it is generated once) and one finished tiny training run.
 """
 
 import dataclasses
 import os
 import pathlib
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      tempfile.mkdtemp(prefix="brnpa_jax_test_jit_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import chex  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -72,6 +73,40 @@ def test_two_processes_equal_one_process(tmp_path_factory, tfds_dir):
   for a, b in zip(jax.tree.leaves((single.params, single.batch_stats)),
                   jax.tree.leaves((multi.params, multi.batch_stats))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_killed_process_ends_the_other_within_the_heartbeat_timeout(
+    tmp_path, tfds_dir):
+  """SIGKILL on process 1 mid-training: process 0 does not hang on its next
+  collective but exits with the distributed runtime's error."""
+  cfg = tiny_config(tfds_dir, **OVERRIDES)
+  input_pipeline.get_builder(cfg.data)
+  workdir = tmp_path / "run"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  cmd = [sys.executable, "train.py", "--config",
+         "configs/default.py:runlocal,head=gap,epochs=50",
+         f"--config.data.data_dir={tfds_dir}", "--config.data.process_split=slice",
+         f"--workdir={workdir}", "--multiprocess",
+         f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2",
+         "--heartbeat_timeout_seconds=10"]
+  procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for i in range(2)]
+  deadline = time.time() + 400
+  while time.time() < deadline and not (workdir / "checkpoints").is_dir():
+    assert procs[0].poll() is None, procs[0].communicate()[0]
+    time.sleep(0.2)
+  time.sleep(1.0)  # mid-step
+  procs[1].kill()
+  killed = time.time()
+  out = procs[0].communicate(timeout=120)[0]
+  waited = time.time() - killed
+  procs[1].wait()
+  print(f"\nprocess 0 exited {waited:.1f} s after process 1 was killed")
+  assert procs[0].returncode != 0
+  assert waited < 60
+  assert "another task died" in out or "stopped sending heartbeats" in out, out
 
 
 def test_slice_mode_rebuilds_the_global_batches(tfds_dir):

@@ -10,6 +10,7 @@ layout and its config guard belong to ``brnpa_jax.runs``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -390,14 +391,18 @@ def train_and_evaluate(config, workdir: str, *, draw: DrawFn | None = None,
     print_summary(wd.path, summary)
     return summary
   trainer = Trainer(config, wd.path, draw=draw)
-  if jax.process_index() == 0:
-    # Read back by everything that restores the run (runs.load_run).
-    wd.write_config(config, changes)
-    wd.write_class_names(trainer.task.class_names())
-  if changes:
-    _say("Resuming %s under a changed config (%s); recorded in "
-         "config_history.jsonl.", wd.path, ", ".join(c[0] for c in changes))
+  # Process 0 holds the workdir while the run lives; the others follow it.
+  held = wd.lock() if jax.process_index() == 0 else contextlib.nullcontext()
   try:
-    return trainer.train()
+    with held:
+      if jax.process_index() == 0:
+        wd.check_config(config, allow_change=allow_config_change)  # now held
+        # Read back by everything that restores the run (runs.load_run).
+        wd.write_config(config, changes)
+        wd.write_class_names(trainer.task.class_names())
+      if changes:
+        _say("Resuming %s under a changed config (%s); recorded in "
+             "config_history.jsonl.", wd.path, ", ".join(c[0] for c in changes))
+      return trainer.train()
   finally:
     trainer.close()
