@@ -34,6 +34,7 @@ def export_run(workdir: str, out: str, *, checkpoint: str = "auto",
                               data.image_size, platforms)
   meta = {"image_size": int(data.image_size), "input_dtype": "float32",
           "resize_ratio": float(data.resize_ratio),
+          "resize": data.get("resize", "short_side"),
           "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                             "scale": 1 / 255},
           "num_classes": run.num_classes, "class_names": run.class_names,

@@ -67,7 +67,7 @@ def list_images(folder: str) -> list[str]:
   return sorted(found)
 
 
-def _eval_transform_fn(size: int, resize_ratio: float):
+def _eval_transform_fn(size: int, resize_ratio: float, resize_mode: str):
   """The evaluation pipeline's transform as one compiled TF function."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
@@ -76,7 +76,8 @@ def _eval_transform_fn(size: int, resize_ratio: float):
   @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
   def transform(image):
     return transforms.eval_transform(image, {}, size=size,
-                                     resize_ratio=resize_ratio)[0]
+                                     resize_ratio=resize_ratio,
+                                     resize_mode=resize_mode)[0]
 
   return lambda image: transform(image).numpy()
 
@@ -88,7 +89,7 @@ def _decode(path: str) -> np.ndarray:
 
 
 def folder_batches(folder: str, size: int, resize_ratio: float, batch: int,
-                   on_corrupt: str = "error"
+                   on_corrupt: str = "error", resize_mode: str = "short_side"
                    ) -> Iterator[tuple[list[str], np.ndarray, None]]:
   """``(files, images (batch, S, S, 3), None)``; the last batch zero-padded.
 
@@ -97,7 +98,7 @@ def folder_batches(folder: str, size: int, resize_ratio: float, batch: int,
   """
   if on_corrupt not in ON_CORRUPT:
     raise ConfigError(f"--on_corrupt={on_corrupt!r}: use one of {ON_CORRUPT}.")
-  transform = _eval_transform_fn(size, resize_ratio)
+  transform = _eval_transform_fn(size, resize_ratio, resize_mode)
   names, images = [], np.zeros((batch, size, size, 3), np.float32)
   for name in list_images(folder):
     path = os.path.join(folder, name)
@@ -294,6 +295,7 @@ def run_predict(*, images: str, out: str, workdir: str | None = None,
   if exported:
     artifact = load_exported(exported)
     size, ratio = artifact.meta["image_size"], artifact.meta["resize_ratio"]
+    mode = artifact.meta.get("resize", "short_side")
     compile_fn = artifact.compile
     class_names = artifact.meta.get("class_names")
     data_cfg = None
@@ -309,8 +311,10 @@ def run_predict(*, images: str, out: str, workdir: str | None = None,
     run = load_run(workdir, checkpoint=checkpoint)
     data_cfg, class_names = run.config.data, run.class_names
     size, ratio = data_cfg.image_size, data_cfg.resize_ratio
+    mode = data_cfg.get("resize", "short_side")
     compile_fn = compile_model(run)
-  batches = (folder_batches(images, size, ratio, batch, on_corrupt) if is_folder
+  batches = (folder_batches(images, size, ratio, batch, on_corrupt, mode)
+             if is_folder
              else split_batches(data_cfg, images, batch))
   preds = predict(batches, compile_fn, keep_images=overlays)
   paths = write_outputs(out, preds, topk, class_names)

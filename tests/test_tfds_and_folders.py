@@ -117,6 +117,31 @@ def test_eval_box_follows_the_centre_crop():
   box = transforms.eval_box(tf.constant([0.5, 0.0, 1.0, 0.5]), tf.constant([100, 50]),
                             size=28)
   np.testing.assert_allclose(box.numpy(), [14 / 28, 0.0, 1.0, 14 / 28], atol=1e-6)
+  # Square resize (the release's): 100 x 50 -> 32 x 32, crop offset 2 both ways.
+  box = transforms.eval_box(tf.constant([0.5, 0.0, 1.0, 0.5]), tf.constant([100, 50]),
+                            size=28, resize_mode="square")
+  np.testing.assert_allclose(box.numpy(), [14 / 28, 0.0, 1.0, 14 / 28], atol=1e-6)
+  box = transforms.eval_box(tf.constant([0.0, 0.0, 0.25, 1.0]), tf.constant([100, 50]),
+                            size=28, resize_mode="square")
+  np.testing.assert_allclose(box.numpy(), [0.0, 0.0, 6 / 28, 1.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["short_side", "square"])
+def test_resize_modes_keep_or_drop_the_aspect_ratio(mode):
+  """A 40 x 120 image with a white left quarter: the square resize squeezes
+  the width, so the centre crop still shows the white; the short-side
+  resize keeps the aspect ratio and the centre crop cuts the left end off."""
+  image = np.zeros((40, 120, 3), np.uint8)
+  image[:, :30] = 255  # a white left quarter
+  out, _ = transforms.eval_transform(tf.constant(image), {}, size=28,
+                                     resize_mode=mode)
+  left_column = out.numpy()[:, 0].mean()
+  if mode == "square":  # 120 -> 32 wide: the white end survives the crop
+    assert left_column > 1.0
+  else:  # 120 -> 96 wide, crop offset 34: the left end is cut off
+    assert left_column < -1.0
+  with pytest.raises(ValueError, match="resize="):
+    transforms.resize(tf.zeros((4, 4, 3)), {}, 8, "stretch")
 
 
 # --- image folders -------------------------------------------------------------

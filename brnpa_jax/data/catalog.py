@@ -129,6 +129,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.data_dir = ""
   cfg.image_size = 64
   cfg.resize_ratio = 0.875
+  # The images are square: both modes give the same pixels.
+  cfg.resize = "short_side"
   cfg.flip = True
   cfg.brightness = 0.0  # the CUB recipe: 0.126
   cfg.saturation = 0.0  # the CUB recipe: 0.5
@@ -158,8 +160,8 @@ def fine_grained_data_config(name: str = "caltech_birds2011", data_dir: str = ""
     image_size: 448 (the paper) or 224.
 
   Returns:
-    A ConfigDict with the augmentation of the paper's recipe (resize to
-    ``size / 0.875``, random crop, flip, brightness 0.126, saturation 0.5;
+    A ConfigDict with the augmentation of the paper's recipe (resize to a
+    ``size / 0.875`` square, random crop, flip, brightness 0.126, saturation 0.5;
     docs/method.md#data-and-augmentation) and, for image folders, the
     ``folder`` options (see ``image_folder.ImageFolder``).
   """
@@ -174,6 +176,9 @@ def fine_grained_data_config(name: str = "caltech_birds2011", data_dir: str = ""
   cfg.data_dir = data_dir
   cfg.image_size = image_size
   cfg.resize_ratio = 0.875
+  # As the authors' release (get_transform's default): both sides to
+  # size / 0.875, aspect ratio not kept; "short_side" keeps it.
+  cfg.resize = "square"
   cfg.flip = True
   cfg.brightness = 0.126
   cfg.saturation = 0.5

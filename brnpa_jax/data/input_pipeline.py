@@ -230,6 +230,7 @@ def make_train_dataset(data_cfg, *, batch_size: int, seed: int, epoch: int,
     image, _ = transforms.train_transform(
         ex["image"], {}, example_seed, size=size,
         resize_ratio=data_cfg.resize_ratio, flip=data_cfg.flip,
+        resize_mode=data_cfg.get("resize", "short_side"),
         brightness=data_cfg.brightness, saturation=data_cfg.saturation)
     return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
@@ -270,6 +271,7 @@ def make_eval_dataset(data_cfg, split: str, *, batch_size: int,
                            + BOX_KEYS, process_index=process_index,
                            process_count=process_count)
   size = data_cfg.image_size
+  resize_mode = data_cfg.get("resize", "short_side")
   # even_splits gives the first (total % count) processes one extra example.
   offset = (process_index * (total // process_count)
             + min(process_index, total % process_count))
@@ -278,11 +280,12 @@ def make_eval_dataset(data_cfg, split: str, *, batch_size: int,
     ex = decode(ex)
     mask_keys = [k for k in MASK_KEYS if k in ex]
     boxes = {k: transforms.eval_box(ex[k], tf.shape(ex["image"])[:2], size=size,
-                                    resize_ratio=data_cfg.resize_ratio)
+                                    resize_ratio=data_cfg.resize_ratio,
+                                    resize_mode=resize_mode)
              for k in BOX_KEYS if k in ex}
     image, masks = transforms.eval_transform(
         ex["image"], {k: ex[k] for k in mask_keys}, size=size,
-        resize_ratio=data_cfg.resize_ratio)
+        resize_ratio=data_cfg.resize_ratio, resize_mode=resize_mode)
     ex_id = ex["id"] if "id" in ex else index + offset
     return {"image": image, "label": tf.cast(ex["label"], tf.int32),
             "mask": tf.constant(1.0), "id": tf.cast(ex_id, tf.int32),

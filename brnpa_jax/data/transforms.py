@@ -1,9 +1,12 @@
 """Per-example image transforms (TensorFlow ops) shared by every dataset.
 
-The recipe of docs/method.md#data-and-augmentation: for training, resize so the short side is
+The recipe of docs/method.md#data-and-augmentation: for training, resize to
 ``size / resize_ratio``, random-crop ``size``, flip horizontally with p=0.5,
 jitter brightness and saturation, normalise with the ImageNet mean and std;
-for evaluation, resize and centre-crop. Geometric steps apply jointly to the
+for evaluation, resize and centre-crop. The resize is ``short_side`` (the
+short side to ``size / resize_ratio``, aspect ratio kept: torchvision's
+``Resize(int)``) or ``square`` (both sides, aspect ratio not kept:
+``Resize((s, s))``, what the authors' release does by default). Geometric steps apply jointly to the
 image and to its masks (nearest-neighbour resizing keeps masks binary), so
 localisation metrics compare maps and masks pixel for pixel.
 
@@ -47,6 +50,21 @@ def resize_short_side(image, masks: dict, short_side: int):
   new_hw = resized_shape(tf.shape(image)[:2], short_side)
   image = tf.image.resize(image, new_hw, method="bilinear", antialias=True)
   masks = {k: tf.image.resize(m, new_hw, method="nearest") for k, m in masks.items()}
+  return image, masks
+
+
+RESIZE_MODES = ("short_side", "square")
+
+
+def resize(image, masks: dict, side: int, mode: str = "short_side"):
+  """Resizes image and masks to ``side`` (see the module docstring)."""
+  if mode not in RESIZE_MODES:
+    raise ValueError(f"resize={mode!r}: use one of {RESIZE_MODES}.")
+  if mode == "short_side":
+    return resize_short_side(image, masks, side)
+  image = tf.image.resize(image, (side, side), method="bilinear", antialias=True)
+  masks = {k: tf.image.resize(m, (side, side), method="nearest")
+           for k, m in masks.items()}
   return image, masks
 
 
@@ -124,7 +142,8 @@ def normalize(image):
 
 def train_transform(image, masks: dict, seed, *, size: int,
                     resize_ratio: float = 0.875, flip: bool = True,
-                    brightness: float = 0.0, saturation: float = 0.0):
+                    brightness: float = 0.0, saturation: float = 0.0,
+                    resize_mode: str = "short_side"):
   """Training augmentation of one example.
 
   Args:
@@ -133,18 +152,19 @@ def train_transform(image, masks: dict, seed, *, size: int,
       image (may be empty).
     seed: [2] integer seed of this example.
     size: output side.
-    resize_ratio: crop fraction; the short side is resized to
+    resize_ratio: crop fraction; the image is resized to
       ``size / resize_ratio`` first.
     flip: random horizontal flips.
     brightness: brightness jitter (0.126 in the CUB recipe).
     saturation: saturation jitter (0.5 in the CUB recipe).
+    resize_mode: ``short_side`` or ``square`` (module docstring).
 
   Returns:
     (image float32 (size, size, 3) normalised, masks uint8 (size, size, 1)).
   """
   seeds = tf.random.experimental.stateless_split(seed, 3)
   image = tf.image.convert_image_dtype(image, tf.float32)
-  image, masks = resize_short_side(image, masks, resize_size(size, resize_ratio))
+  image, masks = resize(image, masks, resize_size(size, resize_ratio), resize_mode)
   image, masks = random_crop(image, masks, size, seeds[0])
   if flip:
     image, masks = random_flip(image, masks, seeds[1])
@@ -152,20 +172,22 @@ def train_transform(image, masks: dict, seed, *, size: int,
   return normalize(tf.clip_by_value(image, 0.0, 1.0)), masks
 
 
-def eval_transform(image, masks: dict, *, size: int, resize_ratio: float = 0.875):
-  """Evaluation transform: resize the short side, centre-crop, normalise.
+def eval_transform(image, masks: dict, *, size: int, resize_ratio: float = 0.875,
+                   resize_mode: str = "short_side"):
+  """Evaluation transform: resize, centre-crop, normalise.
 
   Args:
     image: uint8 (H, W, 3).
     masks: dict of uint8 (H, W, 1) masks (may be empty).
     size: output side.
     resize_ratio: as in ``train_transform``.
+    resize_mode: as in ``train_transform``.
 
   Returns:
     (image float32 (size, size, 3) normalised, masks uint8 (size, size, 1)).
   """
   image = tf.image.convert_image_dtype(image, tf.float32)
-  image, masks = resize_short_side(image, masks, resize_size(size, resize_ratio))
+  image, masks = resize(image, masks, resize_size(size, resize_ratio), resize_mode)
   image, masks = center_crop(image, masks, size)
   return normalize(tf.clip_by_value(image, 0.0, 1.0)), masks
 
@@ -176,7 +198,8 @@ def binarize(masks: dict, keys: Sequence[str] | None = None) -> dict:
   return {k: tf.cast(masks[k][..., 0] > 0, tf.float32) for k in keys}
 
 
-def eval_box(box, image_hw, *, size: int, resize_ratio: float = 0.875):
+def eval_box(box, image_hw, *, size: int, resize_ratio: float = 0.875,
+             resize_mode: str = "short_side"):
   """Maps a box through ``eval_transform``'s resize and centre crop.
 
   Args:
@@ -185,13 +208,16 @@ def eval_box(box, image_hw, *, size: int, resize_ratio: float = 0.875):
     image_hw: [2] integer (H, W) of the original image.
     size: output side.
     resize_ratio: as in ``eval_transform``.
+    resize_mode: as in ``eval_transform``.
 
   Returns:
     float32 (4,) ``[ymin, xmin, ymax, xmax]`` normalised to the ``size`` x
     ``size`` crop, clipped to [0, 1] (a box outside the crop collapses onto
     its border: zero area).
   """
-  hw = resized_shape(image_hw, resize_size(size, resize_ratio))
+  side = resize_size(size, resize_ratio)
+  hw = (resized_shape(image_hw, side) if resize_mode == "short_side"
+        else tf.constant([side, side], tf.int32))
   top, left = center_offsets(hw, size)
   hw_f = tf.cast(hw, tf.float32)
   scale = tf.stack([hw_f[0], hw_f[1], hw_f[0], hw_f[1]])
