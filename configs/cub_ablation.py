@@ -15,8 +15,9 @@ Launch (from the repository root; weights: see ``brnpa_jax/recipes/paper.py``):
         --workdir runs/cub_ablation_$v
   done
 
-Low resolution by default, as ``cub_brnpa_lowres`` (the reference it is
-compared with); ``res=high`` ablates the high-resolution model instead.
+High resolution without distillation by default, as the authors' release
+runs its ablations (``train.sh``); ``res=low`` ablates the low-resolution
+model instead.
 Other switches: those of ``brnpa_jax/recipes/paper.py``.
 """
 
@@ -33,7 +34,7 @@ VARIANTS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = common.parse(arg, {"variant": "random_vectors"},
+  a = common.parse(arg, {"variant": "random_vectors", "res": "high"},
                    {"variant": tuple(VARIANTS)})
   c = common.paper_config(a, head="brnpa")
   c.model.update(VARIANTS[a["variant"]])

@@ -4,12 +4,14 @@ early stopping (it shares the tiny teacher's data)."""
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from brnpa_jax.tasks.distill import distillation_loss, load_teacher
+from brnpa_jax.models import AUX_HEAD_SLICES
+from brnpa_jax.tasks.distill import DistillationTask, distillation_loss, load_teacher
 from brnpa_jax.train.trainer import train_and_evaluate
 from helpers import tiny_config
 
@@ -109,3 +111,36 @@ def test_early_stopping_after_patience_epochs(tmp_path, teacher_run):
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert len([r for r in rows if "val_accuracy" in r]) == 2
   assert summary["best_step"] == 8  # 256 examples / batch 32: end of epoch 1
+
+
+@pytest.mark.slow
+def test_aux_heads_train_under_distillation(teacher_run):
+  """As in the authors' release, the auxiliary heads' cross-entropies join
+  the distillation loss: every aux head gets a gradient."""
+  data_dir, teacher_dir = teacher_run
+  cfg = tiny_config(data_dir, "runlocal,res=high,aux_heads", num_overlays=0,
+                    task="distill")
+  cfg.unlock()
+  cfg.distill = ml_collections.ConfigDict(dict(
+      teacher_workdir=str(teacher_dir), temperature=6.0, alpha=0.5))
+  cfg.lock()
+  task = DistillationTask(cfg)
+  model = task.build_model(task.num_classes())
+  images = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
+  batch = {"image": images, "label": jnp.array([0, 1, 2, 3])}
+  variables = model.init(jax.random.key(0), images)
+  context = task.train_context()
+
+  def loss(params):
+    (logits, aux), _ = model.apply(
+        {"params": params, "batch_stats": variables["batch_stats"]}, images,
+        train=True, mutable=["batch_stats"])
+    total, metrics = task.loss_and_metrics(logits, aux, batch, context)
+    return total, metrics
+
+  grads, metrics = jax.grad(loss, has_aux=True)(variables["params"])
+  for name in AUX_HEAD_SLICES:
+    assert float(jnp.abs(grads[f"aux_{name}"]["kernel"]).sum()) > 0, name
+    assert f"aux_{name}_loss" in metrics
+  assert float(metrics["loss"]) > float(
+      sum(metrics[f"aux_{n}_loss"] for n in AUX_HEAD_SLICES))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from brnpa_jax.explain import metrics
+from brnpa_jax.explain import evaluate, metrics
 
 # An 8x8 image seen as a 4x4 feature map (2x2-pixel cells). The toy model
 # only looks at four scattered cells R: the probability of class 0 is
@@ -150,6 +150,25 @@ def test_energy_pointing_game():
   mask[:, :, :4] = 1
   np.testing.assert_allclose(metrics.energy_pointing_game(sal, mask),
                              [2 / 3, 0.0], atol=1e-6)
+
+
+def test_energy_pointing_game_box_protocol_leaves_out_large_boxes():
+  """Score-CAM's protocol: only boxes under half the image count."""
+  sal = np.zeros((2, 8, 8), np.float32)
+  sal[:, :, :2] = 1.0
+  boxes = np.array([[0, 0, 8, 3], [0, 0, 8, 5]], np.float32)  # 37.5%, 62.5%
+  masks = metrics.box_to_mask(boxes, (8, 8))
+  keep = metrics.energy_pointing_game(sal, masks, max_coverage=0.5)
+  np.testing.assert_allclose(keep[0], 1.0, atol=1e-6)
+  assert np.isnan(keep[1])
+  np.testing.assert_allclose(metrics.energy_pointing_game(sal, masks), [1.0, 1.0],
+                             atol=1e-6)
+  # The summary's statistics leave the NaN out (n counts the images kept).
+  rows = evaluate.summarise({"a/own": {"energy": np.asarray(keep)},
+                             "b/own": {"energy": np.array([0.5, 0.2])}},
+                            reference="a/own")
+  assert [(r["row"], r["n"], round(r["mean"], 3)) for r in rows] == [
+      ("a/own", 1, 1.0), ("b/own", 2, 0.35)]
 
 
 def test_sparsity():

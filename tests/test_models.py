@@ -58,14 +58,17 @@ def test_heads_return_logits_and_aux(head, k_maps):
   assert logits.shape == (2, 5) and logits.dtype == jnp.float32
   c = 64  # resnet_tiny: width 8 * 2**3
   assert aux["features"].shape == (2, 4, 4, c)
-  assert aux["maps"].shape == (2, k_maps, 4, 4)
+  # B-CNN's attention is all K + 1 maps it predicts (it pools with K).
+  assert aux["maps"].shape == (2, k_maps + (head == "bcnn"), 4, 4)
   assert aux["norms"].shape == (2, 4, 4)
   assert aux["vectors"].shape == (2, k_maps, c)
   if head == "brnpa":
     assert set(variables["params"]) == {"backbone", "classifier"}  # no attention params
     assert variables["params"]["classifier"]["kernel"].shape == (3 * c, 5)
   if head == "bcnn":
-    assert "attention" in variables["params"]["head"]
+    to_maps = variables["params"]["head"]["attention"]["to_maps"]
+    assert set(to_maps) == {"kernel"}  # no bias, as in the release
+    assert to_maps["kernel"].shape == (1, 1, c, 4)
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ NAMES = ("cub_brnpa_lowres", "cub_brnpa_highres_distill", "cub_bcnn", "cub_cnn",
 HEADS = {"cub_brnpa_lowres": ("brnpa", "low"),
          "cub_brnpa_highres_distill": ("brnpa", "high"),
          "cub_bcnn": ("bcnn", "low"), "cub_cnn": ("gap", "low"),
-         "cub_ablation": ("brnpa", "low")}
+         "cub_ablation": ("brnpa", "high")}  # as the release runs its ablations
 
 
 def get_config(name, arg=None):
@@ -34,6 +34,7 @@ def test_paper_recipe(name):
   assert (c.batch_size, c.num_epochs, c.data.image_size) == (12, 50, 448)
   assert (c.data.name, c.data.brightness, c.data.saturation) == (
       "caltech_birds2011", 0.126, 0.5)
+  assert c.data.resize == "square"  # as the authors' release resizes
   assert c.data.eval_splits == ("validation", "test")
   assert c.task == ("distill" if "distill" in name else "classification")
   assert c.init_from == "" and c.early_stopping_patience == 10
@@ -90,6 +91,11 @@ def test_folder_needs_its_directory():
 def test_resolution_switch_where_free():
   assert get_config("cub_bcnn", "res=high").model.res == "high"
   assert get_config("cub_ablation", "res=high,k=5").model.num_maps == 5
+  # The ablations run at high resolution without distillation, as the
+  # authors' release runs them.
+  assert get_config("cub_ablation").model.res == "high"
+  assert get_config("cub_ablation").task == "classification"
+  assert get_config("cub_ablation", "res=low").model.res == "low"
 
 
 @pytest.mark.parametrize("variant,model", [

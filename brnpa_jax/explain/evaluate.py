@@ -15,7 +15,11 @@ the model predicts.
 Per image and per (run, method): accuracy, sparsity, deletion and insertion
 AUC (``--protocol release``: feature-map cells, one step per cell;
 ``standard``: RISE's pixels; ``both``), pointing game and energy pointing game
-against ``--mask_key`` (the embedded dataset's ``part_mask`` by default).
+against ``--ground_truth``: by default the dataset's own (``GROUND_TRUTH``:
+the embedded dataset's ``part_mask``, CUB's boxes, ...). With boxes the energy
+pointing game follows Score-CAM's protocol (``--energy_protocol box``: only
+images whose box covers less than half the image count); with masks it
+counts every image (``mask``).
 Written to ``--out``: ``results.md``, ``results.csv``, ``results.json`` (means
 with 95% t confidence intervals, and the two-sided Wilcoxon signed-rank test
 of each row against ``--reference``, paired by image), ``per_image.npz``, the
@@ -45,6 +49,11 @@ from brnpa_jax.explain import metrics
 from brnpa_jax.runs import load_run as restore_run
 
 LOWER_IS_BETTER = ("sparsity", "dauc", "dauc_std")
+# The ground truth of the pointing games, per dataset (data.name).
+GROUND_TRUTH = {"parts": "part_mask", "caltech_birds2011": "bbox",
+                "cars196": "bbox", "stanford_dogs": "bbox",
+                "oxford_iiit_pet": "object_mask"}
+ENERGY_PROTOCOLS = ("box", "mask")
 METRIC_NAMES = {
     "accuracy": "accuracy", "sparsity": "sparsity", "dauc": "DAUC",
     "iauc": "IAUC", "dauc_std": "DAUC (std.)", "iauc_std": "IAUC (std.)",
@@ -91,11 +100,13 @@ class Evaluator:
     chunk_size: perturbed images per forward.
   """
 
-  def __init__(self, run: Run, protocols, chunk_size: int, mask_key: str,
+  def __init__(self, run: Run, protocols, chunk_size: int, ground_truth: str,
                seed: int = 0, options: dict[str, dict[str, Any]] | None = None,
                steps: int | None = None, pixels_per_step: int | None = None,
-               tolerance: float = metrics.POINTING_TOLERANCE):
-    self.run, self.protocols, self.mask_key = run, tuple(protocols), mask_key
+               tolerance: float = metrics.POINTING_TOLERANCE,
+               energy_protocol: str = "mask"):
+    self.run, self.protocols = run, tuple(protocols)
+    self.ground_truth, self.energy_protocol = ground_truth, energy_protocol
     self.options = options or {}
     self.steps, self.pixels_per_step = steps, pixels_per_step
     self.tolerance = tolerance
@@ -127,7 +138,13 @@ class Evaluator:
     predicted = jnp.argmax(logits, -1)
     correct = np.asarray(predicted == batch["label"], np.float32)[:n]
     cells = aux["norms"].shape[1:]
-    masks = batch[self.mask_key]
+    masks = batch[self.ground_truth]
+    if self.ground_truth == "bbox":  # normalised to the crop -> pixels
+      size = images.shape[1:3]
+      masks = metrics.box_to_mask(
+          np.asarray(masks) * np.array([size[0], size[1], size[0], size[1]]), size)
+    coverage = (metrics.BOX_PROTOCOL_MAX_COVERAGE
+                if self.energy_protocol == "box" else None)
     out = {}
     for method in methods:
       sal, sparsity, seconds = self.saliency(method, images, predicted, aux)
@@ -135,7 +152,8 @@ class Evaluator:
                 "explain_seconds": np.full(n, seconds / len(images)),
                 "pointing": np.asarray(metrics.pointing_game(
                     sal, masks, tolerance=self.tolerance))[:n],
-                "energy": np.asarray(metrics.energy_pointing_game(sal, masks))[:n]}
+                "energy": np.asarray(metrics.energy_pointing_game(
+                    sal, masks, max_coverage=coverage))[:n]}
       if "release" in self.protocols:
         r = self.curves.release(self.run.variables, images,
                                 metrics.to_cells(sal, cells), steps=self.steps,
@@ -155,6 +173,16 @@ class Evaluator:
     return out
 
 
+def ground_truth_of(config, ground_truth: str | None) -> str:
+  """``ground_truth``, else the dataset's own (``GROUND_TRUTH``)."""
+  if ground_truth:
+    return ground_truth
+  if config.data.name not in GROUND_TRUTH:
+    raise ConfigError(f"The {config.data.name!r} dataset has no masks or boxes "
+                      "for the pointing games: pass --ground_truth.")
+  return GROUND_TRUTH[config.data.name]
+
+
 def iterate_split(config, split: str, batch_size: int, num_images: int | None,
                   mask_key: str):
   """``(batch, n)`` of a split in order: fixed-shape batches whose first n
@@ -165,7 +193,7 @@ def iterate_split(config, split: str, batch_size: int, num_images: int | None,
   for batch in tfds.as_numpy(ds):
     if mask_key not in batch:
       raise ConfigError(f"The {config.data.name!r} dataset has no {mask_key!r}; "
-                      f"it has {sorted(batch)}. Choose another --mask_key.")
+                      f"it has {sorted(batch)}. Choose another --ground_truth.")
     n = int(batch["mask"].sum())  # padding only ever follows real examples
     if num_images is not None:
       n = min(n, num_images - seen)
@@ -177,9 +205,11 @@ def iterate_split(config, split: str, batch_size: int, num_images: int | None,
 
 # -- statistics ------------------------------------------------------------------
 def mean_ci(values, level: float = 0.95) -> tuple[float, float]:
-  """Mean and the half-width of its t confidence interval (0 for n < 2)."""
+  """Mean and the half-width of its t confidence interval (0 for n < 2) of
+  the finite values (NaN marks an image a protocol leaves out)."""
   from scipy import stats  # scipy comes with jax
   v = np.asarray(values, np.float64)
+  v = v[np.isfinite(v)]
   if len(v) < 2:
     return float(v.mean()) if len(v) else float("nan"), 0.0
   sem = v.std(ddof=1) / np.sqrt(len(v))
@@ -188,9 +218,10 @@ def mean_ci(values, level: float = 0.95) -> tuple[float, float]:
 
 def paired_p(a, b) -> float:
   """Two-sided Wilcoxon signed-rank p-value of paired samples (1.0 when no
-  pair differs)."""
+  pair differs); pairs with a NaN are left out."""
   from scipy import stats
   d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  d = d[np.isfinite(d)]
   if len(d) == 0 or not np.any(d != 0):
     return 1.0
   return float(stats.wilcoxon(d).pvalue)
@@ -210,7 +241,8 @@ def summarise(per_image: dict[str, dict[str, np.ndarray]], reference: str
       mean, half = mean_ci(values[metric])
       p = (None if row == reference or metric == "accuracy"
            else paired_p(values[metric], per_image[reference][metric]))
-      out.append({"row": row, "metric": metric, "n": len(values[metric]),
+      n = int(np.sum(np.isfinite(np.asarray(values[metric], np.float64))))
+      out.append({"row": row, "metric": metric, "n": n,
                   "mean": mean, "ci95": half, "p_vs_reference": p})
   return out
 
@@ -251,9 +283,15 @@ def write_tables(summary, per_image, out_dir: str, reference: str,
       entries.append(text)
     lines.append("| " + " | ".join(entries) + " |")
   n = summary[0]["n"]
+  energy_n = [s["n"] for s in summary if s["metric"] == "energy"]
+  protocol = (f"Score-CAM's box protocol: the {energy_n[0] if energy_n else 0} "
+              f"of {n} images whose box covers less than half the image"
+              if info.get("energy_protocol") == "box" else "every image")
   lines += ["", f"Means over {n} images with 95% t confidence intervals; * marks "
             f"a row that differs from {reference} (two-sided Wilcoxon "
-            "signed-rank test paired by image, p < 0.05)."]
+            "signed-rank test paired by image, p < 0.05). Pointing games "
+            f"against {info.get('ground_truth')}; energy pointing game: "
+            f"{protocol}."]
   with open(paths["md"], "w") as f:
     f.write("\n".join(lines) + "\n")
   return paths
@@ -329,7 +367,8 @@ def parse_options(items) -> dict[str, dict[str, Any]]:
 
 
 def evaluate(workdirs, *, split="test", methods=None, num_images=None, protocol="release", batch_size=50,
-             chunk_size=64, mask_key="part_mask", reference=None, out_dir,
+             chunk_size=64, ground_truth=None, energy_protocol=None,
+             reference=None, out_dir,
              seed=0, options=None, steps=None, pixels_per_step=None,
              tolerance=metrics.POINTING_TOLERANCE, figures=True
              ) -> dict[str, Any]:
@@ -340,10 +379,15 @@ def evaluate(workdirs, *, split="test", methods=None, num_images=None, protocol=
   examples, t0 = None, time.time()
   for workdir, run_methods in zip(workdirs, methods):
     run = load_run(workdir)
-    evaluator = Evaluator(run, protocols, chunk_size, mask_key, seed, options,
-                          steps, pixels_per_step, tolerance)
+    key = ground_truth_of(run.config, ground_truth)
+    energy = energy_protocol or ("box" if key == "bbox" else "mask")
+    if energy not in ENERGY_PROTOCOLS:
+      raise ConfigError(f"--energy_protocol={energy!r}: use one of "
+                        f"{ENERGY_PROTOCOLS}.")
+    evaluator = Evaluator(run, protocols, chunk_size, key, seed, options,
+                          steps, pixels_per_step, tolerance, energy)
     for batch, n in iterate_split(run.config, split, batch_size, num_images,
-                                  mask_key):
+                                  key):
       if examples is None:
         examples = {k: v[:n] for k, v in batch.items()}
       for method, values in evaluator.batch(batch, run_methods, n).items():
@@ -360,7 +404,8 @@ def evaluate(workdirs, *, split="test", methods=None, num_images=None, protocol=
   summary = summarise(per_image, reference)
   info = {"workdirs": list(workdirs), "split": split, "protocols": protocols,
           "num_images": len(next(iter(per_image.values()))["accuracy"]),
-          "mask_key": mask_key, "seconds": time.time() - t0,
+          "ground_truth": key, "energy_protocol": energy,
+          "seconds": time.time() - t0,
           "options": options or {}, "release_steps": steps or "one per cell",
           "pixels_per_step": pixels_per_step or "image width",
           "pointing_tolerance_px": tolerance,
@@ -392,7 +437,11 @@ def _define(fv: flags.FlagValues, argv) -> None:
     "deletion/insertion.")
   d("float", "tolerance", metrics.POINTING_TOLERANCE, "Pointing game tolerance "
     "in pixels.")
-  d("string", "mask_key", "part_mask", "Ground truth of the pointing games.")
+  d("string", "ground_truth", None, "Ground truth of the pointing games: a "
+    "mask key (part_mask, object_mask) or bbox (default: the dataset's, "
+    "GROUND_TRUTH).")
+  d("string", "energy_protocol", None, "box: Score-CAM's (images whose box "
+    "covers < 50%); mask: every image (default: box for boxes, else mask).")
   d("string", "reference", None, "Row of the paired tests (default: the first, "
     "e.g. brnpa/own).")
   d("integer", "seed", 0, "Seed of the random explainers.")
@@ -406,7 +455,8 @@ def _main(fv: flags.FlagValues) -> dict[str, Any]:
   result = evaluate(
       fv.workdir, split=fv.split, methods=fv.methods, num_images=fv.num_images,
       protocol=fv.protocol, batch_size=fv.batch_size, chunk_size=fv.chunk_size,
-      mask_key=fv.mask_key, reference=fv.reference, out_dir=fv.out,
+      ground_truth=fv.ground_truth, energy_protocol=fv.energy_protocol,
+      reference=fv.reference, out_dir=fv.out,
       seed=fv.seed, options=parse_options(fv.option), steps=fv.steps,
       pixels_per_step=fv.pixels_per_step, tolerance=fv.tolerance,
       figures=fv.figures)

@@ -391,16 +391,26 @@ def pointing_game(saliency_Bxhxw, masks_BxHxW,
   return jnp.any(near & (masks > 0.5), axis=(1, 2)).astype(jnp.float32)
 
 
-@jax.jit
-def energy_pointing_game(saliency_Bxhxw, masks_BxHxW) -> jax.Array:
+# Score-CAM's energy pointing game (Wang et al. 2020) counts only images
+# whose bounding box covers less than half of the image.
+BOX_PROTOCOL_MAX_COVERAGE = 0.5
+
+
+@functools.partial(jax.jit, static_argnames="max_coverage")
+def energy_pointing_game(saliency_Bxhxw, masks_BxHxW,
+                         max_coverage: float | None = None) -> jax.Array:
   """Share of the (ReLU, max-normalised) saliency energy inside the mask.
 
   Args:
     saliency_Bxhxw: saliency at any resolution (upsampled bilinearly).
-    masks_BxHxW: ground-truth masks ({0, 1}).
+    masks_BxHxW: ground-truth masks ({0, 1}); boxes via ``box_to_mask``.
+    max_coverage: with Score-CAM's box protocol, ``BOX_PROTOCOL_MAX_COVERAGE``:
+      images whose mask covers that share of the image or more give NaN
+      (left out of the mean); None keeps every image.
 
   Returns:
-    (B,) float32 in [0, 1] (0 for an all-zero saliency).
+    (B,) float32 in [0, 1] (0 for an all-zero saliency; NaN for an image
+    the coverage filter leaves out).
   """
   sal, masks = _at_input_resolution(saliency_Bxhxw, masks_BxHxW)
   sal = jax.nn.relu(sal)
@@ -408,4 +418,8 @@ def energy_pointing_game(saliency_Bxhxw, masks_BxHxW) -> jax.Array:
   sal = sal / jnp.where(peak > 0, peak, 1.0)
   total = jnp.sum(sal, axis=(1, 2))
   inside = jnp.sum(sal * (masks > 0.5), axis=(1, 2))
-  return jnp.where(total > 0, inside / jnp.where(total > 0, total, 1.0), 0.0)
+  energy = jnp.where(total > 0, inside / jnp.where(total > 0, total, 1.0), 0.0)
+  if max_coverage is None:
+    return energy
+  coverage = jnp.mean((masks > 0.5).astype(jnp.float32), axis=(1, 2))
+  return jnp.where(coverage < max_coverage, energy, jnp.nan)

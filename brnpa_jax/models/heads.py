@@ -6,10 +6,11 @@ so evaluation and visualisation read every model the same way.
 
 - ``gap``: global average pooling, the plain CNN.
 - ``bcnn``: the parametric attention baseline of the BR-NPA release
-  ("B-CNN"): a residual basic block (C -> C), a 1x1 convolution to K + 1
-  channels and a ReLU predict attention maps; the first K maps weight the
-  features, each weighted map averaged over space. WS-DAN is the same idea
-  with 32 maps and a normalised pooled matrix.
+  ("B-CNN"): a residual basic block (C -> C), a bias-free 1x1 convolution to
+  K + 1 channels and a ReLU predict attention maps; the first K maps weight
+  the features, each weighted map averaged over space; all K + 1 maps are the
+  model's attention (its sparsity and saliency), as in the release. WS-DAN is
+  the same idea with 32 maps and a normalised pooled matrix.
 - ``brnpa``: the non-parametric operator (``brnpa_jax.attention.brnpa``).
 """
 
@@ -49,7 +50,8 @@ class BilinearAttention(nn.Module):
 
   Attributes:
     num_maps: K, the number of maps used for pooling (K + 1 are predicted, as
-      in the release; the last one is not used).
+      in the release; the last one pools nothing but is part of the model's
+      attention).
     dtype: computation dtype.
   """
   num_maps: int
@@ -57,21 +59,22 @@ class BilinearAttention(nn.Module):
 
   @nn.compact
   def __call__(self, feats_BxHxWxC, train: bool):
-    """Returns ``(vectors (B, K, C), maps (B, K, H, W) float32)``."""
+    """Returns ``(vectors (B, K, C), maps (B, K + 1, H, W) float32)``."""
     c = feats_BxHxWxC.shape[-1]
     y = BasicBlock(features=c, dtype=self.dtype, name="block")(feats_BxHxWxC, train)
-    maps_BxHxWxK = nn.relu(Conv(self.num_maps + 1, (1, 1), dtype=self.dtype,
-                                name="to_maps")(y))[..., :self.num_maps]
+    maps_BxHxWxK1 = nn.relu(Conv(self.num_maps + 1, (1, 1), use_bias=False,
+                                 dtype=self.dtype, name="to_maps")(y))
     # Mean over space of (map_k * F): one einsum, no (B, K, H, W, C) tensor.
     n = feats_BxHxWxC.shape[1] * feats_BxHxWxC.shape[2]
-    vectors = jnp.einsum("bhwk,bhwc->bkc", maps_BxHxWxK, feats_BxHxWxC,
-                         preferred_element_type=jnp.float32) / n
-    maps = jnp.transpose(maps_BxHxWxK, (0, 3, 1, 2)).astype(jnp.float32)
+    vectors = jnp.einsum("bhwk,bhwc->bkc", maps_BxHxWxK1[..., :self.num_maps],
+                         feats_BxHxWxC, preferred_element_type=jnp.float32) / n
+    maps = jnp.transpose(maps_BxHxWxK1, (0, 3, 1, 2)).astype(jnp.float32)
     return vectors.astype(feats_BxHxWxC.dtype), maps
 
 
 class BCNNHead(nn.Module):
-  """The parametric attention baseline: K learned maps, K pooled vectors."""
+  """The parametric attention baseline: K + 1 learned maps (its attention),
+  K pooled vectors."""
   num_maps: int = 3
   dtype: Any = jnp.float32
 

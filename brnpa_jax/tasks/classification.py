@@ -42,14 +42,21 @@ def loss_and_metrics(logits_BxN, aux, batch, context=None, *,
   del context
   labels = batch["label"]
   ce = jnp.mean(cross_entropy(logits_BxN, labels, label_smoothing))
-  metrics = {"ce": ce, "accuracy": jnp.mean(_correct(logits_BxN, labels))}
-  loss = ce
+  aux_loss, metrics = aux_heads_loss(aux, labels, label_smoothing)
+  metrics.update(ce=ce, accuracy=jnp.mean(_correct(logits_BxN, labels)),
+                 loss=ce + aux_loss)
+  return ce + aux_loss, metrics
+
+
+def aux_heads_loss(aux, labels_B, label_smoothing: float = 0.0):
+  """The auxiliary heads' summed cross-entropies (0 without them) and their
+  ``aux_<name>_loss`` / ``aux_<name>_accuracy`` metrics."""
+  loss, metrics = 0.0, {}
   for name, aux_logits in aux.get("aux_logits", {}).items():
-    aux_ce = jnp.mean(cross_entropy(aux_logits, labels, label_smoothing))
+    aux_ce = jnp.mean(cross_entropy(aux_logits, labels_B, label_smoothing))
     loss = loss + aux_ce
     metrics[f"aux_{name}_loss"] = aux_ce
-    metrics[f"aux_{name}_accuracy"] = jnp.mean(_correct(aux_logits, labels))
-  metrics["loss"] = loss
+    metrics[f"aux_{name}_accuracy"] = jnp.mean(_correct(aux_logits, labels_B))
   return loss, metrics
 
 

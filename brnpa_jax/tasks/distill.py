@@ -92,7 +92,9 @@ class DistillationTask(classification.ClassificationTask):
   """Classification whose loss distils a frozen teacher's logits.
 
   Reads ``config.distill.teacher_workdir``, ``temperature`` and ``alpha``.
-  Evaluation and model selection are the student's plain accuracy.
+  With ``model.aux_heads`` the auxiliary heads' cross-entropies are added to
+  the distillation loss, as in the authors' release. Evaluation and model
+  selection are the student's plain accuracy.
   """
 
   def __init__(self, config):
@@ -112,10 +114,11 @@ class DistillationTask(classification.ClassificationTask):
     return self.teacher_variables
 
   def loss_and_metrics(self, logits, aux, batch, context):
-    del aux
     loss, metrics, teacher_logits = teacher_loss_and_metrics(
         self.teacher, context, logits, batch, temperature=self.temperature,
         alpha=self.alpha)
+    aux_loss, aux_metrics = classification.aux_heads_loss(aux, batch["label"])
     agree = jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)
-    metrics["teacher_agreement"] = jnp.mean(agree.astype(jnp.float32))
-    return loss, metrics
+    metrics.update(aux_metrics, loss=loss + aux_loss,
+                   teacher_agreement=jnp.mean(agree.astype(jnp.float32)))
+    return loss + aux_loss, metrics
