@@ -21,6 +21,10 @@ from absl import flags
 
 from brnpa_jax.errors import UserError
 
+# TensorFlow (the data pipeline) logs its start-up at INFO; a tool's output
+# is its progress and results.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 USAGE = 2
 
 
