@@ -1,8 +1,11 @@
 """Config files and their arg strings: switches, typos, types."""
 
+import os
+
 import pytest
 
 from brnpa_jax.config_args import parse_arg
+from brnpa_jax.data import catalog
 from configs import default
 
 
@@ -33,3 +36,14 @@ def test_config_is_locked_against_typos():
 def test_parse_arg_types():
   out = parse_arg("a=3,b=0.5,c,d=x", {"a": 1, "b": 1.0, "c": False, "d": "y"})
   assert out == {"a": 3, "b": 0.5, "c": True, "d": "x"}
+
+
+def test_data_dir_defaults_to_tfds_data_dir(monkeypatch, tmp_path):
+  cfg = default.get_config()
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+  assert catalog.data_dir(cfg.data) == str(tmp_path)
+  monkeypatch.delenv("TFDS_DATA_DIR")
+  assert catalog.data_dir(cfg.data) == os.path.expanduser("~/tensorflow_datasets")
+  with cfg.unlocked():
+    cfg.data.data_dir = str(tmp_path / "x")
+  assert catalog.data_dir(cfg.data) == str(tmp_path / "x")
