@@ -2,10 +2,11 @@ r"""The paper's comparison on a finer variant of the embedded dataset.
 
 The default dataset's 64 px images give 2 x 2 low-resolution and 8 x 8
 high-resolution maps, too coarse to show what the paper is about. This
-variant draws 128 px images with small parts (8-12% of the side, 10-15 px):
-low resolution (output stride 32) gives 4 x 4 maps, high resolution (stride
-8) 16 x 16. One command per row of the table in docs/compare.md (each run
-trains a ResNet-18 layout of width 16 for 10 epochs on 4,000 images):
+variant draws 96 px images: low resolution (output stride 32) gives 3 x 3
+maps of 32 px cells, larger than a part (15-24 px), high resolution (stride
+8) 12 x 12 maps of 8 px cells. One command per row of the table in
+docs/compare.md (each run trains the default ResNet-18 layout of width 16
+for 14 epochs on 6,000 images):
 
   python train.py --config 'configs/parts_compare.py:model=cnn' --workdir runs/cmp_cnn
   python train.py --config 'configs/parts_compare.py:model=bcnn' --workdir runs/cmp_bcnn
@@ -34,7 +35,7 @@ MODELS = {  # model -> (head, resolution, task)
     "brnpa_high": ("brnpa", "high", "classification"),
     "brnpa_distill": ("brnpa", "high", "distill"),
 }
-SWITCHES = {"model": "brnpa_high", "epochs": 10, "teacher": "runs/cmp_brnpa_low",
+SWITCHES = {"model": "brnpa_high", "epochs": 14, "teacher": "runs/cmp_brnpa_low",
             "runlocal": False}
 
 
@@ -45,13 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                          + (",runlocal" if a["runlocal"] else ""))
   c.unlock()
   c.task = task
-  c.data.image_size = 128
-  c.data.parts.glyph_size = (0.08, 0.12)
-  c.data.parts.train_size, c.data.parts.validation_size = 4000, 500
-  c.data.parts.test_size = 500
+  c.data.image_size = 96
+  c.data.parts.validation_size, c.data.parts.test_size = 500, 500
   c.num_epochs = a["epochs"]
-  c.batch_size = 50  # 80 steps per epoch
-  c.eval_batch_size = 100
   if a["runlocal"]:
     c.data.image_size = 64
     c.data.parts.train_size, c.data.parts.validation_size = 64, 32
