@@ -179,6 +179,18 @@ def test_degenerate_inputs_stay_finite(kind):
     np.testing.assert_allclose(out.maps[:, 0, 2, 3], 1.0, rtol=1e-6)
 
 
+def test_picks_repeat_once_everything_is_represented():
+  """One non-zero position p among zeros: p's suppressed score (~2e-5)
+  beats the zeros' 1e-5 once, then a zero position (all-zero map) wins."""
+  feats = jnp.zeros((1, 3, 3, 4)).at[0, 1, 2].set(1.5)
+  out = _brnpa(feats, num_maps=3)
+  np.testing.assert_array_equal(out.indices, [[5, 5, 0]])
+  np.testing.assert_allclose(out.maps[0, :2].reshape(2, -1),
+                             np.eye(9)[[5, 5]], atol=1e-6)
+  np.testing.assert_array_equal(out.maps[0, 2], 0.0)
+  np.testing.assert_array_equal(out.vectors[0, 2], 0.0)
+
+
 def test_bfloat16_input():
   feats = _feats(5)
   out16 = brnpa(feats.astype(jnp.bfloat16), 3)

@@ -8,8 +8,8 @@ one matmul once all maps are known. ``docs/operator.md`` is the user's guide.
 
 Domain. The operator is defined for finite, non-negative features (the
 post-ReLU output of a CNN stage), channels last. There the similarities lie
-in [0, 1], every map is non-negative and sums to 1 (or is all zero when the
-features are), and each round's suppression can only lower the scores.
+in [0, 1], every map is non-negative and sums to 1 (or is all zero, when the
+selected position's features are zero), and suppression only lowers scores.
 Outside it:
 - negative values: the same formulas; a similarity may be negative, so a map
   may hold negative weights and, when its similarities nearly cancel, large
@@ -76,7 +76,7 @@ class BRNPAOutput(NamedTuple):
     vectors: (..., K, C) representative vectors, in the input dtype.
     maps: (..., K, H, W) attention maps in float32 (float64 for float64
       input); on non-negative input each is non-negative and sums to 1, or is
-      all zero when the features are all zero.
+      all zero when the selected position's features are all zero.
     norms: (..., H, W) active level ``||f|| + 1e-5`` of each position, in the
       maps' dtype; non-finite exactly where the features are.
     indices: (..., K) int32 flat index ``h * W + w`` of each selected position.
