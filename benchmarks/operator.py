@@ -2,6 +2,8 @@ r"""Operator benchmark: BR-NPA alone, our JAX operator vs eager PyTorch.
 
   python -m benchmarks.operator                 # the whole table, ~1 minute
   python -m benchmarks.operator --sizes 56 --rounds 2
+  git show main:brnpa_jax/attention/brnpa.py > /tmp/brnpa_main.py
+  python -m benchmarks.operator --no_torch --against /tmp/brnpa_main.py
 
 For K=3 maps on (B=8, S x S x 2048) float32 features (S = 14, 56): ms per
 call of the forward and of forward+backward (the gradient of
@@ -17,6 +19,13 @@ measurements are interleaved over ``--rounds`` rounds; every ratio is taken
 within a round and the median over rounds is printed, because the
 bandwidth of a shared machine drifts by 2x over seconds.
 
+A second table gives the autodiff modes of our operator: forward, forward
+mode (``jax.jvp`` of the vectors along a random tangent) and forward+backward;
+with ``--against FILE`` (another version of ``brnpa_jax/attention/brnpa.py``,
+loaded from that file) it also times that version's forward and
+forward+backward in the same rounds and prints the per-round ratios, so a
+change to the operator is measured side by side on a shared machine.
+
 PyTorch is optional (``pip install -r requirements-bench.txt``); without it
 the PyTorch columns are skipped.
 """
@@ -24,6 +33,7 @@ the PyTorch columns are skipped.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import time
@@ -144,13 +154,26 @@ class Bandwidth:
     return nbytes / read * 1e3, 2 * nbytes / rw * 1e3
 
 
-def _jax_fns(cot):
-  fwd = jax.jit(lambda f: brnpa(f, K)[:2])
-  grad = jax.grad(lambda f: jnp.sum(brnpa(f, K).vectors * cot))
+def _jax_fns(cot, op=brnpa):
+  fwd = jax.jit(lambda f: op(f, K)[:2])
+  grad = jax.grad(lambda f: jnp.sum(op(f, K).vectors * cot))
   # keep_unused so that the donated buffer reaches XLA, which writes the
   # gradient into it: the steady state of a loop that reuses its memory.
   into = jax.jit(lambda buf, f: grad(f), donate_argnums=0, keep_unused=True)
   return fwd, jax.jit(grad), into
+
+
+def _jvp_fn(op=brnpa):
+  """Forward mode: the vectors and their derivative along a tangent."""
+  return jax.jit(lambda f, df: jax.jvp(lambda x: op(x, K).vectors, (f,), (df,)))
+
+
+def _load_operator(path):
+  """``brnpa`` of another copy of brnpa.py (it imports only jax and numpy)."""
+  spec = importlib.util.spec_from_file_location("brnpa_against", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.brnpa
 
 
 def _torch_fns(feats_nhwc, cot):
@@ -209,7 +232,7 @@ def _l3_bytes():
     return 0
 
 
-def _setup(args, have_torch):
+def _setup(args, have_torch, against):
   """One dict per feature size: inputs, jitted/torch callables, the check."""
   cases = []
   for s in (int(v) for v in args.sizes.split(",")):
@@ -217,13 +240,27 @@ def _setup(args, have_torch):
     feats = np.maximum(rng.standard_normal((args.batch, s, s, args.channels),
                                            np.float32), 0)  # post-ReLU
     cot = rng.standard_normal((args.batch, K, args.channels), np.float32)
+    tangent = rng.standard_normal(feats.shape, np.float32)
     x = jnp.asarray(feats)
     jfns = _jax_fns(jnp.asarray(cot))
     tfns = _torch_fns(feats, cot) if have_torch else None
     errs = _check(jfns, tfns, x) if have_torch else None
+    other = _jax_fns(jnp.asarray(cot), against) if against else None
+    other_errs = _check_against(jfns, other, x) if against else None
     cases.append(dict(s=s, x=x, jax=jfns, torch=tfns, errs=errs,
-                      buf=jnp.zeros_like(x), rows={}))
+                      jvp=_jvp_fn(), dx=jnp.asarray(tangent), other=other,
+                      other_errs=other_errs, buf=jnp.zeros_like(x), rows={},
+                      modes={}))
   return cases
+
+
+def _check_against(ours, other, feats):
+  """Both versions give the same vectors and gradients."""
+  errs = (_rel_err(ours[0](feats)[0], other[0](feats)[0]),
+          _rel_err(ours[1](feats), other[1](feats)))
+  if max(errs) > 1e-4:
+    raise AssertionError(f"--against gives other results: relative error {errs}")
+  return errs
 
 
 def _measure(cases, bandwidth, args, have_torch):
@@ -237,7 +274,7 @@ def _measure(cases, bandwidth, args, have_torch):
     return case["buf"].block_until_ready()
 
   bws = []
-  for _ in range(args.rounds):
+  for round_index in range(args.rounds):
     bws.append(bandwidth.measure(args.iters))
     for c in cases:
       fwd, grad, _ = c["jax"]
@@ -251,8 +288,28 @@ def _measure(cases, bandwidth, args, have_torch):
           t_torch = _median_ms(c["torch"][torch_i], args.torch_iters)
         c["rows"].setdefault(name, []).append(
             (_median_ms(fn, args.iters), t_torch, bws[-1]))
+      _measure_modes(c, args.iters, round_index)
   bws.append(bandwidth.measure(args.iters))
   return bws
+
+
+def _measure_modes(c, iters, round_index):
+  """This round's jvp time, and with --against, both versions' fwd and
+  fwd+bwd timed back to back, in alternating order from round to round."""
+  x, dx = c["x"], c["dx"]
+  c["modes"].setdefault("jvp", []).append(
+      (_median_ms(lambda: jax.block_until_ready(c["jvp"](x, dx)), iters),
+       float("nan")))
+  if c["other"] is None:
+    return
+  for i, name in enumerate(("fwd", "fwd+bwd")):
+    fns = [c["jax"][i], c["other"][i]]
+    times = [None, None]
+    order = (0, 1) if round_index % 2 == 0 else (1, 0)
+    for which in order:
+      fn = fns[which]
+      times[which] = _median_ms(lambda: jax.block_until_ready(fn(x)), iters)
+    c["modes"].setdefault(name, []).append(tuple(times))
 
 
 def _print_table(cases, bws, args):
@@ -312,6 +369,34 @@ def _print_table(cases, bws, args):
         "\nover those bytes at this run's bandwidth.")
 
 
+def _print_modes(cases, args):
+  """Autodiff modes, and this version against --against, per round ratios."""
+  print("\nautodiff modes" + (f"; against {args.against}" if args.against else ""))
+  hdr = (f"{'features':>16} {'pass':>9} | {'ours ms':>8} {'x fwd':>6} | "
+         f"{'against ms':>10} {'ours/against':>12}")
+  print(hdr)
+  print("-" * len(hdr))
+  for c in cases:
+    shape = f"{args.batch}x{c['s']}x{c['s']}x{args.channels}"
+    fwd_rows = c["modes"].get("fwd") or c["rows"]["fwd"]
+    fwd_ms = statistics.median(r[0] for r in fwd_rows)
+    for name in ("fwd", "jvp", "fwd+bwd"):
+      rows = c["modes"].get(name) or c["rows"][name]
+      ours = statistics.median(r[0] for r in rows)
+      other_col = f"{'-':>10} {'-':>12}"
+      if name != "jvp" and c["other"] is not None:
+        other_col = (f"{statistics.median(r[1] for r in rows):10.1f} "
+                     f"{statistics.median(r[0] / r[1] for r in rows):11.3f}x")
+      print(f"{shape:>16} {name:>9} | {ours:8.1f} {ours / fwd_ms:5.2f}x | {other_col}")
+    if c["other_errs"]:
+      print(f"{'':>16} check: ours vs against, relative error vectors "
+            f"{c['other_errs'][0]:.1e}, gradient {c['other_errs'][1]:.1e}")
+  print("jvp: jax.jvp of the vectors along a random tangent, jitted (forward "
+        "mode); x fwd: over this table's fwd.\nours/against: median over "
+        "rounds of the per-round ratio, the two timed back to back in "
+        "alternating order.")
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--sizes", default="14,56", help="spatial sizes S, comma-separated")
@@ -321,6 +406,8 @@ def main():
   p.add_argument("--iters", type=int, default=5, help="timed calls per measurement")
   p.add_argument("--torch_iters", type=int, default=3)
   p.add_argument("--no_torch", action="store_true")
+  p.add_argument("--against", default="", help="another brnpa.py to time "
+                 "side by side with this one (e.g. main's, via git show)")
   args = p.parse_args()
 
   threads = len(os.sched_getaffinity(0))
@@ -340,9 +427,11 @@ def main():
   else:
     print("--no_torch: PyTorch column skipped")
 
-  cases = _setup(args, have_torch)
+  against = _load_operator(args.against) if args.against else None
+  cases = _setup(args, have_torch, against)
   bws = _measure(cases, Bandwidth(), args, have_torch)
   _print_table(cases, bws, args)
+  _print_modes(cases, args)
 
 
 if __name__ == "__main__":

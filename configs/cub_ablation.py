@@ -1,7 +1,7 @@
 r"""The BR-NPA ablations on CUB-200-2011, one run per variant.
 
-  random_vectors  the first representative vector is a random position's
-                  instead of the highest-norm one's (init=random)
+  random_vectors  each round selects a uniformly random position, without
+                  suppression, instead of the most active one (init=random)
   no_refine       no refinement of the representative vectors
   both            random_vectors and no_refine together
   aux_heads       five extra stop-gradient heads on slices of the K=3

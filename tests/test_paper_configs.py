@@ -52,13 +52,14 @@ def test_common_switches_and_runlocal(name):
   assert (f.data.name, f.data.data_dir) == ("folder", "/data/cub")
   assert f.data.folder.verify and f.data.folder.on_corrupt == "error"
   tiny = get_config(name, "runlocal")
+  size = 64 if tiny.model.res == "low" or tiny.task == "distill" else 32
   assert (tiny.model.backbone, tiny.data.image_size, tiny.num_epochs) == (
-      "resnet_tiny", 32, 2)
+      "resnet_tiny", size, 2)
   assert (tiny.model.head, tiny.model.res) == HEADS[name]
   # The model the trainer will build from it accepts every field.
   model = build_model(tiny.model, 5, tiny.dtype)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                             jnp.zeros((1, 32, 32, 3)), train=False))
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
   assert "params" in shapes
   with pytest.raises(AttributeError):  # locked: a typo is an error
     tiny.num_epoch = 3

@@ -4,14 +4,38 @@ For one image's feature map ``F`` (H, W, C) the operator repeats K times:
 pick the most active position not yet represented, group the positions
 cosine-similar to it into an attention map, and suppress them. The K refined
 representative vectors are the map-weighted sums of the features, computed in
-one matmul once all maps are known. See ``SPEC.md`` section 1.
+one matmul once all maps are known. ``docs/operator.md`` is the user's guide.
+
+Domain. The operator is defined for finite, non-negative features (the
+post-ReLU output of a CNN stage), channels last. There the similarities lie
+in [0, 1], every map is non-negative and sums to 1 (or is all zero, when the
+selected position's features are zero), and suppression only lowers scores.
+Outside it:
+- negative values: the same formulas; a similarity may be negative, so a map
+  may hold negative weights and, when its similarities nearly cancel, large
+  ones (it still sums to 1 unless the sum is exactly 0, when it is zero);
+- a NaN or Inf at some positions: those positions are never selected and
+  weigh 0 in every map (the maps stay finite), their norms stay non-finite
+  (``~jnp.isfinite(out.norms)`` flags them) and that image's vectors are all
+  NaN, so a loss or a prediction built on them cannot look valid. Other images
+  of the batch are unaffected. The gradient of such an image is not defined;
+- ``checks=True`` reports either case through ``jax.experimental.checkify``.
+Channels-first input cannot be told from channels-last by its shape, so it is
+not detected: transpose it first (``jnp.moveaxis(x, 1, -1)``).
 
 Memory traffic: one pass over the features for the norms, one matrix-vector
 product per round, and one (K, N) x (N, C) matmul at the end, so K + 2 reads
 of the features in all and O(N * C) memory; no (N, N) similarity matrix.
-The gradient is a custom VJP that reads the features three more times and
-writes the result once (``_brnpa_flat_bwd``); as a consequence the operator
-supports reverse-mode autodiff (any order) but not forward mode (``jax.jvp``).
+
+Autodiff: a custom JVP rule (``_brnpa_flat_jvp``) gives the derivative of
+every output with the selection held fixed (the argmax and the suppression
+pass no gradient, as in the paper). Forward mode (``jax.jvp``, ``jacfwd``)
+evaluates it; reverse mode (``jax.grad``, ``vjp``, ``jacrev``) transposes it.
+The tangent map is written so that its transpose is the cheap gradient:
+every feature-sized term is a per-row or per-column product, which transposes
+to one elementwise pass, so the gradient reads the features three times after
+the forward and writes the result once. Higher orders (``jax.hessian``) work
+because the rule itself is plain JAX.
 
 The core works on one example (``brnpa_single``) and is batched with
 ``jax.vmap`` (``brnpa``).
@@ -20,16 +44,29 @@ The core works on one example (``brnpa_single``) and is batched with
 from __future__ import annotations
 
 import functools
+import operator
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
 
 # Added to every norm, as in the reference release: keeps the cosine finite
 # for all-zero feature vectors.
 NORM_EPS = 1e-5
 
+# 'norm': the paper. 'random': the random-vectors ablation as the authors'
+# release runs it: each round selects the argmax of a fresh uniform draw,
+# without suppression, so a position may be selected again.
 _INITS = ("norm", "random")
+
+_HI = jax.lax.Precision.HIGHEST
+
+_TRACED = ("{name} is a traced value here, but it fixes the operator's output "
+           "shapes and must be a Python value at trace time: mark it static, "
+           "e.g. jax.jit(f, static_argnames=('{name}',)), or bind it with "
+           "functools.partial(f, {name}=...).")
 
 
 class BRNPAOutput(NamedTuple):
@@ -37,9 +74,11 @@ class BRNPAOutput(NamedTuple):
 
   Attributes:
     vectors: (..., K, C) representative vectors, in the input dtype.
-    maps: (..., K, H, W) float32 attention maps; each sums to 1 (or is all
-      zero when the features are all zero).
-    norms: (..., H, W) float32 active level ``||f|| + 1e-5`` of each position.
+    maps: (..., K, H, W) attention maps in float32 (float64 for float64
+      input); on non-negative input each is non-negative and sums to 1, or is
+      all zero when the selected position's features are all zero.
+    norms: (..., H, W) active level ``||f|| + 1e-5`` of each position, in the
+      maps' dtype; non-finite exactly where the features are.
     indices: (..., K) int32 flat index ``h * W + w`` of each selected position.
   """
 
@@ -50,203 +89,258 @@ class BRNPAOutput(NamedTuple):
 
 
 def _safe_norm(x_NxC: jax.Array) -> jax.Array:
-  """L2 norm over the last axis whose gradient is 0 (not NaN) at the origin."""
+  """L2 norm over the last axis whose gradient is 0 (not NaN) at the origin.
+
+  A NaN anywhere in a row gives a NaN norm (``!=``, not ``>``), which is what
+  marks the position as non-finite.
+  """
   sq = jnp.sum(jnp.square(x_NxC), axis=-1)
-  nonzero = sq > 0
+  nonzero = sq != 0
   return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
 
 
-def _normalise(s_N: jax.Array) -> jax.Array:
-  """``s / sum(s)``, giving zeros where the sum is exactly zero."""
-  total = jnp.sum(s_N)
+def _normalise(s_xN: jax.Array) -> jax.Array:
+  """``s / sum(s)`` over the last axis, zeros where the sum is exactly zero."""
+  total = jnp.sum(s_xN, axis=-1, keepdims=True)
   safe = jnp.where(total == 0, 1.0, total)
-  return jnp.where(total == 0, 0.0, s_N / safe)
+  return jnp.where(total == 0, 0.0, s_xN / safe)
 
 
-def _check_args(num_maps: int, init: str, rng, refine) -> None:
-  if not isinstance(num_maps, int) or num_maps < 1:
-    raise ValueError(f"num_maps must be a positive int, got {num_maps!r}.")
+# -- arguments -------------------------------------------------------------------
+def _static_num_maps(num_maps) -> int:
+  if isinstance(num_maps, (bool, np.bool_)):
+    raise TypeError(f"num_maps must be an int, got the bool {num_maps!r}.")
+  try:
+    k = operator.index(num_maps)  # int, numpy integers, 0-d integer arrays
+  except jax.errors.TracerIntegerConversionError:
+    raise TypeError(_TRACED.format(name="num_maps")) from None
+  except TypeError:
+    raise TypeError(f"num_maps must be an int, got {num_maps!r} "
+                    f"({type(num_maps).__name__}).") from None
+  if k < 1:
+    raise ValueError(f"num_maps must be a positive int, got {k}.")
+  return k
+
+
+def _static_bool(name: str, value) -> bool:
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  if (isinstance(value, (np.ndarray, jax.Array)) and value.shape == ()
+      and value.dtype == np.bool_):
+    try:
+      return bool(value)
+    except jax.errors.TracerBoolConversionError:
+      raise TypeError(_TRACED.format(name=name)) from None
+  raise TypeError(f"{name} must be a bool, got {value!r} "
+                  f"({type(value).__name__}).")
+
+
+def _check_args(feats, spatial_ndim: int, num_maps, init, rng, refine, fn: str
+                ) -> tuple[int, bool]:
+  """Validates everything known at trace time; returns (K, refine)."""
+  k = _static_num_maps(num_maps)
+  refine = _static_bool("refine", refine)
   if init not in _INITS:
     raise ValueError(f"init must be one of {_INITS}, got {init!r}.")
   if init == "random" and rng is None:
     raise ValueError("init='random' draws the selection scores at random: "
                      "pass rng=jax.random.key(...).")
-  if not isinstance(refine, bool):
-    raise TypeError(f"refine must be a Python bool, got {type(refine)}.")
+  want = "(H, W, C)" if spatial_ndim == 3 else "(B, H, W, C)"
+  if feats.ndim != spatial_ndim:
+    hint = "; use brnpa() for a batch" if spatial_ndim == 3 else ""
+    raise ValueError(f"{fn} expects {want} channels-last features, got shape "
+                     f"{feats.shape}{hint}.")
+  if not jnp.issubdtype(feats.dtype, jnp.floating):
+    raise TypeError(f"features must be floating point, got {feats.dtype}.")
+  h, w = feats.shape[-3:-1]
+  if k > h * w:
+    raise ValueError(f"num_maps={k} is larger than the {h}x{w}={h * w} "
+                     "positions of the feature map, which has no more parts "
+                     f"to rank: use num_maps <= {h * w} (or a larger map).")
+  return k, refine
 
 
-def _select_and_weigh(x_NxC, scores_KxN, num_maps, refine):
-  """The forward pass on flattened features; returns outputs and residuals.
+def _check_domain(feats: jax.Array) -> None:
+  """``checks=True``: finite, non-negative features (checkify checks)."""
+  bad = ~jnp.isfinite(feats)
+  checkify.check(~jnp.any(bad), "brnpa: {n} feature values are NaN or Inf: "
+                 "their positions are left out of the maps and the image's "
+                 "vectors are NaN.", n=jnp.sum(bad))
+  neg = feats < 0
+  checkify.check(~jnp.any(neg), "brnpa: {n} feature values are negative "
+                 "(smallest {m}): the maps are non-negative and sum to 1 only "
+                 "for non-negative (e.g. post-ReLU) features.",
+                 n=jnp.sum(neg), m=jnp.min(jnp.where(neg, feats, 0)))
 
-  ``scores_KxN`` holds the per-round random scores of ``init='random'``, or is
-  None to select by norm.
+
+# -- the operator on one example's flattened features --------------------------------
+def _forward(x_NxC, scores_KxN, num_maps: int, refine: bool):
+  """Outputs and the values the tangent map needs.
+
+  ``scores_KxN`` holds each round's uniform scores for ``init='random'``, or
+  is None to select by the suppressed norm.
   """
-  x32_NxC = x_NxC.astype(jnp.float32)
-  hi = jax.lax.Precision.HIGHEST
-  r_N = _safe_norm(x32_NxC)
+  ct = jnp.promote_types(x_NxC.dtype, jnp.float32)
+  xc_NxC = x_NxC.astype(ct)
+  r_N = _safe_norm(xc_NxC)
   n_N = r_N + NORM_EPS
-  rounds = jnp.arange(num_maps)
+  ok_N = jnp.isfinite(n_N)  # False where any channel is NaN or Inf
 
-  def round_fn(suppress_N, k):
-    base_N = n_N if scores_KxN is None else scores_KxN[k]
-    j = jnp.argmax(suppress_N * base_N)
-    s_N = jnp.dot(x32_NxC, x32_NxC[j], precision=hi) / (n_N * n_N[j])
-    return suppress_N * (1.0 - s_N), (j, s_N)
+  def round_fn(score_N, u_N):
+    # On finite features the scores are >= 0, so -inf only excludes.
+    j = jnp.argmax(jnp.where(ok_N, score_N if u_N is None else u_N, -jnp.inf))
+    s_N = jnp.dot(xc_NxC, xc_NxC[j], precision=_HI) / (n_N * n_N[j])
+    s_N = jnp.where(ok_N, s_N, 0.0)
+    return score_N * (1.0 - s_N), (j, s_N)  # the release's suppression order
 
-  _, (idx_K, s_KxN) = jax.lax.scan(round_fn, jnp.ones_like(n_N), rounds)
+  _, (idx_K, s_KxN) = jax.lax.scan(round_fn, n_N, scores_KxN, length=num_maps)
   total_K = jnp.sum(s_KxN, axis=1)
-  maps_KxN = jax.vmap(_normalise)(s_KxN)
+  maps_KxN = _normalise(s_KxN)
 
   if not refine:
     vectors = x_NxC[idx_K]
-  elif x_NxC.dtype == jnp.float32:
+  elif x_NxC.dtype == ct:
     # One matmul for all K refined vectors: the (K+2)-th and last feature read.
-    vectors = jnp.dot(maps_KxN, x32_NxC, precision=hi)
+    vectors = jnp.dot(maps_KxN, xc_NxC, precision=_HI)
   else:
     vectors = jnp.dot(maps_KxN.astype(x_NxC.dtype), x_NxC,
-                      preferred_element_type=jnp.float32).astype(x_NxC.dtype)
+                      preferred_element_type=ct)
+  vectors = jnp.where(jnp.all(ok_N), vectors, jnp.nan).astype(x_NxC.dtype)
   out = (vectors, maps_KxN, n_N, idx_K.astype(jnp.int32))
-  return out, (x_NxC, r_N, n_N, s_KxN, total_K, maps_KxN, idx_K)
+  return out, (xc_NxC, r_N, n_N, ok_N, s_KxN, total_K, maps_KxN, idx_K)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _brnpa_flat(x_NxC, scores_KxN, num_maps, refine):
-  """(vectors, maps_KxN, norms_N, indices_K) of (N, C) features."""
-  return _select_and_weigh(x_NxC, scores_KxN, num_maps, refine)[0]
+def _tangent(res, dx_NxC, refine: bool, vec_dtype):
+  """The operator's derivative along ``dx`` with the selection fixed.
 
-
-def _brnpa_flat_fwd(x_NxC, scores_KxN, num_maps, refine):
-  out, res = _select_and_weigh(x_NxC, scores_KxN, num_maps, refine)
-  return out, (res, scores_KxN)
-
-
-def _brnpa_flat_bwd(num_maps, refine, saved, cts):
-  """Gradient w.r.t. the features: one write, three reads (two unrefined).
-
-  Autodiff of the forward scan would carry an (N, C) gradient through the K
-  rounds and materialise outer products: several feature-sized reads and
-  writes per round (3-4x slower at 8x56x56x2048 on CPU). Here all (K, N)
-  and (K, C) terms are formed first and every feature-sized term is summed
-  in one elementwise pass. The reads: ``X G^T`` (what the vectors pass back
-  to the maps), ``dS X`` (the selected rows' share of each similarity) and
-  the pass that writes the gradient. As in the paper, the selection
-  (argmax) and the suppression pass no gradient; the random scores get
-  zeros.
+  Linear in ``dx``. Each feature-sized product with ``dx`` is written per
+  row (a sum over channels against a known vector) or per column (a sum over
+  positions with known weights), never as a matmul: its transpose, which
+  reverse mode runs, is then a per-row outer product that XLA fuses into the
+  one pass that writes the gradient. The other reads of the features in the
+  gradient: ``G X^T`` (what the vectors pass back to the maps) and ``dS X``
+  (the selected rows' share of each similarity). The tangent of a non-finite
+  image is not meaningful (its vectors are NaN).
   """
-  del num_maps
-  (x_NxC, r_N, n_N, s_KxN, total_K, maps_KxN, idx_K), scores_KxN = saved
-  g_vec, g_maps_KxN, g_norms_N, _ = cts
-  hi = jax.lax.Precision.HIGHEST
-  x32_NxC = x_NxC.astype(jnp.float32)
-  g_vec32 = g_vec.astype(jnp.float32)
+  xc_NxC, r_N, n_N, ok_N, s_KxN, total_K, maps_KxN, idx_K = res
+  num_maps = idx_K.shape[0]
+  dx_NxC = dx_NxC.astype(xc_NxC.dtype)
+  xj_KxC = xc_NxC[idx_K]
+  nj_K = n_N[idx_K]
 
-  g_a_KxN = g_maps_KxN
-  if refine:  # v_k = sum_i a_ki x_i
-    # A broadcast-and-reduce compiles to one streaming pass on CPU; the
-    # equivalent (K, C) x (C, N) dot packs X first and runs ~2x slower.
-    g_a_KxN = g_a_KxN + jnp.sum(x32_NxC[None] * g_vec32[:, None], axis=-1)
+  # n = ||x|| + eps; the safe norm passes no gradient at the origin.
+  nz_N = r_N > 0
+  inv_r_N = jnp.where(nz_N, 1.0 / jnp.where(nz_N, r_N, 1.0), 0.0)
+  dn_N = jnp.sum(xc_NxC * dx_NxC, axis=-1) * inv_r_N
+  # s_ki = <x_i, x_j> / (n_i n_j), j = j_k: both factors and both norms move.
+  dxj_KxC = dx_NxC[idx_K]
+  ddot_KxN = jnp.stack([jnp.sum(dx_NxC * xj_KxC[k], axis=-1)
+                        for k in range(num_maps)])
+  ddot_KxN = ddot_KxN + jnp.einsum("kc,nc->kn", dxj_KxC, xc_NxC, precision=_HI)
+  ds_KxN = (ddot_KxN / (n_N[None, :] * nj_K[:, None])
+            - s_KxN * (dn_N[None, :] / n_N[None, :] + (dn_N[idx_K] / nj_K)[:, None]))
+  ds_KxN = jnp.where(ok_N[None, :], ds_KxN, 0.0)
   # a = s / sum(s); the guard of _normalise passes no gradient at sum 0.
   ok_K = total_K != 0
-  c_K = jnp.sum(g_a_KxN * maps_KxN, axis=1)
-  g_s_KxN = jnp.where(ok_K[:, None], (g_a_KxN - c_K[:, None])
-                      / jnp.where(ok_K, total_K, 1.0)[:, None], 0.0)
-  # s_ki = <x_i, x_j> / (n_i n_j) with j = j_k: both factors of the dot and
-  # both norms receive gradient (twice over when i == j).
-  nj_K = n_N[idx_K]
-  g_dot_KxN = g_s_KxN / (n_N[None, :] * nj_K[:, None])
-  gs_s_KxN = g_s_KxN * s_KxN
-  g_n_N = g_norms_N - jnp.sum(gs_s_KxN, axis=0) / n_N
-  g_n_N = g_n_N.at[idx_K].add(-jnp.sum(gs_s_KxN, axis=1) / nj_K)
-  g_rows_KxC = jnp.dot(g_dot_KxN, x32_NxC, precision=hi)
-  if not refine:  # v_k = x_jk
-    g_rows_KxC = g_rows_KxC + g_vec32
-  # n = ||x|| + eps; the safe norm has zero gradient at the origin.
-  nz_N = r_N > 0
-  coef_N = jnp.where(nz_N, g_n_N / jnp.where(nz_N, r_N, 1.0), 0.0)
+  da_KxN = ds_KxN - maps_KxN * jnp.sum(ds_KxN, axis=1, keepdims=True)
+  da_KxN = jnp.where(ok_K[:, None],
+                     da_KxN / jnp.where(ok_K, total_K, 1.0)[:, None], 0.0)
 
-  # The pass that writes the gradient, per row i:
-  #   coef_i x_i + sum_k g_dot_ki x_jk + sum_k a_ki g_k,
-  # then the K selected rows get g_rows in place. The per-row weights are
-  # packed as (M, N) so that each is a contiguous row: with an (N, M) layout
-  # XLA transposed them inside the fusion, per element (measured 2x slower).
-  weights_MxN = [coef_N[None], g_dot_KxN]
-  rows_MxC = [x32_NxC[idx_K]]
-  if refine:
-    weights_MxN.append(maps_KxN)
-    rows_MxC.append(g_vec32)
-  w_MxN = jnp.concatenate(weights_MxN, axis=0)
-  u_MxC = jnp.concatenate(rows_MxC, axis=0)
-  g_x_NxC = w_MxN[0][:, None] * x32_NxC
-  for m in range(u_MxC.shape[0]):  # M = 2K or K, static: one loop fusion
-    g_x_NxC = g_x_NxC + w_MxN[m + 1][:, None] * u_MxC[m][None, :]
-  g_x_NxC = g_x_NxC.at[idx_K].add(g_rows_KxC)
-  g_scores = None if scores_KxN is None else jnp.zeros_like(scores_KxN)
-  return g_x_NxC.astype(x_NxC.dtype), g_scores
+  if refine:  # v_k = sum_i a_ki x_i
+    # A broadcast-reduce, X first: its transpose, G X^T, is then one
+    # streaming pass that multiplies X by the broadcast cotangent. As a
+    # (K, C) x (C, N) dot XLA:CPU packs X first, and with the operands the
+    # other way round it streams; both run ~1.8x slower.
+    dv_KxC = jnp.sum(xc_NxC[None] * da_KxN[:, :, None], axis=1)
+    dv_KxC = dv_KxC + jnp.stack([jnp.sum(maps_KxN[k][:, None] * dx_NxC, axis=0)
+                                 for k in range(num_maps)])
+  else:  # v_k = x_jk
+    dv_KxC = dxj_KxC
+  return dv_KxC.astype(vec_dtype), da_KxN, dn_N
 
 
-_brnpa_flat.defvjp(_brnpa_flat_fwd, _brnpa_flat_bwd)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _brnpa_flat(x_NxC, scores_KxN, num_maps, refine):
+  """(vectors, maps_KxN, norms_N, indices_K) of (N, C) features."""
+  return _forward(x_NxC, scores_KxN, num_maps, refine)[0]
 
 
+@_brnpa_flat.defjvp
+def _brnpa_flat_jvp(num_maps, refine, primals, tangents):
+  x_NxC, scores_KxN = primals
+  out, res = _forward(x_NxC, scores_KxN, num_maps, refine)
+  dv, da, dn = _tangent(res, tangents[0], refine, out[0].dtype)
+  d_idx = np.zeros(out[3].shape, jax.dtypes.float0)
+  return out, (dv, da, dn, d_idx)
+
+
+# -- public ------------------------------------------------------------------------
 def brnpa_single(feats_HxWxC: jax.Array, num_maps: int, *, refine: bool = True,
-                 init: str = "norm", rng: jax.Array | None = None
-                 ) -> BRNPAOutput:
+                 init: str = "norm", rng: jax.Array | None = None,
+                 checks: bool = False) -> BRNPAOutput:
   """BR-NPA on one feature map.
 
   Args:
-    feats_HxWxC: feature map of one image, any float dtype (normally the
-      post-ReLU output of a CNN stage). Similarities and maps are computed in
-      float32.
-    num_maps: K, the number of ranked maps (static).
+    feats_HxWxC: feature map of one image, channels last, any float dtype;
+      finite and non-negative (normally a CNN stage's post-ReLU output; see
+      the module docstring for what happens outside that domain).
+      Similarities and maps are computed in float32 (float64 for float64).
+    num_maps: K (static: a Python or numpy int), at most H * W.
     refine: if True the k-th vector is the map-weighted mean of the features;
-      if False it is the selected feature vector itself (ablation).
-    init: 'norm' selects by feature norm; 'random' replaces the norm by a
-      uniform score redrawn each round (ablation; needs ``rng``).
+      if False it is the selected feature vector itself (ablation). Static.
+    init: 'norm' selects by suppressed feature norm (the paper); 'random'
+      selects each round the argmax of a fresh uniform draw, without
+      suppression (the release's random-vectors ablation; needs ``rng``).
     rng: PRNG key, only used by ``init='random'``.
+    checks: add ``jax.experimental.checkify`` checks that the features are
+      finite and non-negative. Eagerly a failed check raises at once; under
+      ``jax.jit`` the function must be functionalised:
+      ``err, out = jax.jit(checkify.checkify(f))(x); err.throw()``.
 
   Returns:
     A ``BRNPAOutput`` without a leading batch axis.
   """
-  _check_args(num_maps, init, rng, refine)
-  if feats_HxWxC.ndim != 3:
-    raise ValueError("brnpa_single expects one (H, W, C) feature map, got shape "
-                     f"{feats_HxWxC.shape}; use brnpa() for a batch.")
+  num_maps, refine = _check_args(feats_HxWxC, 3, num_maps, init, rng, refine,
+                                 "brnpa_single")
+  if checks:
+    _check_domain(feats_HxWxC)
   h, w, c = feats_HxWxC.shape
   scores_KxN = None
   if init == "random":
-    keys = jax.random.split(rng, num_maps)
-    scores_KxN = jax.vmap(lambda k: jax.random.uniform(k, (h * w,)))(keys)
+    scores_KxN = jax.random.uniform(rng, (num_maps, h * w))
   vectors, maps_KxN, n_N, idx_K = _brnpa_flat(
       feats_HxWxC.reshape(h * w, c), scores_KxN, num_maps, refine)
-  return BRNPAOutput(vectors=vectors,
-                     maps=maps_KxN.reshape(num_maps, h, w),
-                     norms=n_N.reshape(h, w),
-                     indices=idx_K)
+  return BRNPAOutput(vectors=vectors, maps=maps_KxN.reshape(num_maps, h, w),
+                     norms=n_N.reshape(h, w), indices=idx_K)
 
 
 def brnpa(feats_BxHxWxC: jax.Array, num_maps: int, *, refine: bool = True,
-          init: str = "norm", rng: jax.Array | None = None) -> BRNPAOutput:
+          init: str = "norm", rng: jax.Array | None = None,
+          checks: bool = False) -> BRNPAOutput:
   """BR-NPA on a batch of feature maps (``brnpa_single`` under ``jax.vmap``).
 
-  Jit-compatible with ``num_maps``, ``refine`` and ``init`` static;
-  differentiable everywhere except through the (argmax) selection.
+  Jit-compatible with ``num_maps``, ``refine`` and ``init`` static
+  (``jax.jit(brnpa, static_argnames=('num_maps', 'refine', 'init'))``);
+  differentiable in forward and reverse mode, to any order, except through
+  the (argmax) selection.
 
   Args:
-    feats_BxHxWxC: (B, H, W, C) feature maps, channels last.
-    num_maps: K, the number of ranked maps.
+    feats_BxHxWxC: (B, H, W, C) feature maps, channels last; finite and
+      non-negative (see ``brnpa_single``).
+    num_maps: K, the number of ranked maps (static), at most H * W.
     refine: refine the representative vectors (False: 'no refine' ablation).
     init: 'norm' (the paper) or 'random' (ablation, needs ``rng``).
     rng: PRNG key for ``init='random'``; split across the batch.
+    checks: checkify checks of the domain (see ``brnpa_single``).
 
   Returns:
     ``BRNPAOutput`` with vectors (B, K, C), maps (B, K, H, W), norms (B, H, W)
     and indices (B, K).
   """
-  _check_args(num_maps, init, rng, refine)
-  if feats_BxHxWxC.ndim != 4:
-    raise ValueError("brnpa expects (B, H, W, C) channels-last features, got "
-                     f"shape {feats_BxHxWxC.shape}.")
-  if not jnp.issubdtype(feats_BxHxWxC.dtype, jnp.floating):
-    raise TypeError(f"features must be floating point, got {feats_BxHxWxC.dtype}.")
+  num_maps, refine = _check_args(feats_BxHxWxC, 4, num_maps, init, rng, refine,
+                                 "brnpa")
+  if checks:
+    _check_domain(feats_BxHxWxC)
   if init == "random":
     keys = jax.random.split(rng, feats_BxHxWxC.shape[0])
     fn = lambda f, k: brnpa_single(f, num_maps, refine=refine, init=init, rng=k)

@@ -92,8 +92,10 @@ class BRNPAHead(nn.Module):
   Attributes:
     num_maps: K.
     refine: False for the 'no refine' ablation.
-    init: 'norm', or 'random' for the random-vectors ablation (it draws from
-      the 'brnpa' rng stream, or a fixed key when none is given).
+    init: 'norm', or 'random' for the random-vectors ablation: each round
+      selects the argmax of a fresh uniform draw, without suppression, as
+      the authors' release does (it draws from the 'brnpa' rng stream, or a
+      fixed key when none is given).
     relu_input: apply a ReLU to the features first. The operator's domain is
       non-negative features (what a CNN stage ending in a ReLU gives);
       ``build_model`` sets this for backbones whose output can be negative.

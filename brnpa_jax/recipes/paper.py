@@ -21,7 +21,8 @@ Every paper config takes these switches (``configs/<file>.py:dataset=cars196``):
   init_from  converted ImageNet weights of the backbone (see below)
   patience   early-stopping patience in epochs (0: off)
   dtype      float32 | bfloat16
-  runlocal   tiny model (resnet_tiny, 32 px), 2 epochs: a smoke test
+  runlocal   a smoke test: tiny model (resnet_tiny), 2 epochs, 32 px (64 px
+             when a model is at low resolution: a 2x2 map, room for K=3)
 
 Pretrained weights: ``python -m brnpa_jax.tools.convert_weights IN OUT``
 turns a torchvision / timm ResNet checkpoint (``.pth``, ``.safetensors``,
@@ -111,10 +112,13 @@ def paper_config(a: Mapping[str, Any], *, head: str,
 
 def finish(c: ml_collections.ConfigDict, a: Mapping[str, Any]
            ) -> ml_collections.ConfigDict:
-  """Applies ``runlocal`` (tiny model, 32 px, 2 epochs) and locks ``c``."""
+  """Applies ``runlocal`` (tiny model, 32 or 64 px, 2 epochs) and locks ``c``."""
   if a["runlocal"]:
     c.model.backbone, c.model.width = "resnet_tiny", 8
-    c.data.image_size = 32
+    # At output stride 32 (the model's, or a distillation teacher's) 32 px
+    # is one position, and BR-NPA needs K of them.
+    low = c.model.res == "low" or c.task == "distill"
+    c.data.image_size = 64 if low else 32
     c.data.shuffle_buffer = 256
     c.batch_size, c.eval_batch_size = 16, 16
     c.num_epochs = a["epochs"] or 2
