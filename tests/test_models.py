@@ -7,16 +7,25 @@ import numpy as np
 import pytest
 
 from brnpa_jax.models import BACKBONES, build_model
-from brnpa_jax.models.resnet import HIGH_RES_STRIDES, LOW_RES_STRIDES
+from brnpa_jax.models.registry import family
+from brnpa_jax.models.resnet12 import ResNet12
+from brnpa_jax.models.vit import VisionTransformer
+
+# Every ResNet; one full-size and the test preset of the other families (the
+# rest share their code; tests/test_timm.py checks all of their layouts).
+STRIDE_CASES = sorted(n for n in BACKBONES if n.startswith("resnet")) + [
+    "convnext_tiny", "convnext_test", "vit_small_patch16_224", "vit_test"]
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONES))
+@pytest.mark.parametrize("name", STRIDE_CASES)
 @pytest.mark.parametrize("res,stride", [("low", 32), ("high", 8)])
 def test_output_stride(name, res, stride):
-  strides = LOW_RES_STRIDES if res == "low" else HIGH_RES_STRIDES
-  if name.startswith("resnet12"):  # no stem: its first pool (2) stands for 4
+  cls = family(name)
+  net = BACKBONES[name](**cls.resolutions[res])
+  if cls is ResNet12:  # no stem: its first pool (2) stands for 4
     stride //= 2
-  net = BACKBONES[name](strides=strides)
+  if cls is VisionTransformer:  # the patch grid; high: overlapping patches
+    stride = net.patch_size // (1 if res == "low" else 2)
   assert net.output_stride == stride
   x = jax.ShapeDtypeStruct((1, 64, 96, 3), jnp.float32)
   feats, _ = jax.eval_shape(
