@@ -12,12 +12,20 @@ Switches go after a colon, comma-separated; a bare switch means true:
       --workdir runs/ablation
   python train.py --config 'configs/default.py:runlocal' --workdir /tmp/smoke
 
-Switches: head (brnpa|bcnn|gap), backbone (resnet18|34|50|101|152|resnet_tiny),
-width (channels of the first stage), res (low: output stride 32, high: 8),
-k (number of maps), refine, init (norm|random), aux_heads, dtype
-(float32|bfloat16), epochs, runlocal (tiny model and data, seconds). Any field
-can also be set with ``--config.<field>=<value>``; an unknown switch or field
-is an error.
+  python train.py --config 'configs/default.py:backbone=convnext_tiny,width=10' \
+      --workdir runs/convnext
+  python train.py --config 'configs/default.py:backbone=vit_tiny_patch16_224,width=22' \
+      --workdir runs/vit
+
+Switches: head (brnpa|bcnn|gap), backbone (resnet18|34|50|101|152, timm's
+convnext_tiny|small|base|large, vit_/deit_tiny|small|base_patch16_224, and
+the test presets resnet_tiny|convnext_test|vit_test), width (channels on the
+ResNet scale: 64 = the published network, 16 = a quarter of its channels),
+res (low: output stride 32, high: 8; for a ViT, low: its patch grid, high:
+patches at half stride), k (number of maps), refine, init (norm|random),
+aux_heads, dtype (float32|bfloat16), epochs, runlocal (tiny model of the
+backbone's family and little data, seconds). Any field can also be set with
+``--config.<field>=<value>``; an unknown switch or field is an error.
 """
 
 import ml_collections
@@ -25,6 +33,7 @@ import ml_collections
 from brnpa_jax.config_args import parse_arg
 from brnpa_jax.data.input_pipeline import default_data_config
 from brnpa_jax.models import BACKBONES, HEADS, STRIDES
+from brnpa_jax.models.registry import tiny_preset
 
 SWITCHES = {
     "head": "brnpa", "backbone": "resnet18", "width": 16, "res": "high", "k": 3,
@@ -75,7 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_overlays = 8
 
   if a["runlocal"]:
-    c.model.backbone, c.model.width = "resnet_tiny", 8
+    c.model.backbone, c.model.width = tiny_preset(a["backbone"]), 8
     c.data.parts.train_size, c.data.parts.validation_size = 256, 64
     c.data.parts.test_size = 64
     c.batch_size, c.eval_batch_size, c.num_epochs = 32, 32, a["epochs"] or 2

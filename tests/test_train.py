@@ -130,3 +130,19 @@ def test_batch_not_divisible_by_devices_is_clear_error(data_dir, tmp_path):
   cfg = tiny_config(data_dir, **{"mesh.num_devices": 8, "batch_size": 12})
   with pytest.raises(ValueError, match="divisible by the 8 devices"):
     Trainer(cfg, str(tmp_path))
+
+
+@pytest.mark.parametrize("backbone,tiny", [("convnext_tiny", "convnext_test"),
+                                           ("vit_small_patch16_224", "vit_test")])
+def test_convnext_and_vit_train_end_to_end(tmp_path, data_dir, backbone, tiny):
+  """The main job on the other families: runlocal keeps the backbone's
+  family (its tiny preset), one epoch trains, evaluates and checkpoints."""
+  cfg = tiny_config(data_dir, f"runlocal,backbone={backbone},epochs=1",
+                    num_overlays=0)
+  assert cfg.model.backbone == tiny
+  summary = train_and_evaluate(cfg, str(tmp_path))
+  assert summary["model"].startswith(f"{tiny} brnpa res=high")
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert all(np.isfinite(r["train_loss"]) for r in rows if "train_loss" in r)
+  assert 0.0 <= summary["test_accuracy"] <= 1.0
+  assert os.listdir(tmp_path / "best")
