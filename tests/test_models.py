@@ -132,3 +132,41 @@ def test_brnpa_head_gets_nonnegative_features(backbone, relu):
   maps = np.asarray(aux["maps"])
   assert maps.min() >= 0
   np.testing.assert_allclose(maps.sum(axis=(2, 3)), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backbone,grid,c", [("convnext_test", 4, 64),
+                                             ("vit_test", 8, 32)])
+def test_heads_and_bfloat16_on_convnext_and_vit(backbone, grid, c):
+  """Every head sits on the other families' grids; BR-NPA rectifies their
+  signed features; ConvNeXt normalises each pooled vector (timm's head.norm);
+  bfloat16 computes with the same float32 parameters."""
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  for head, k in (("gap", 1), ("bcnn", 3)):
+    model = build_model(_model_cfg(backbone=backbone, width=8, head=head), 5)
+    (logits, aux), _ = jax.eval_shape(
+        lambda x: model.init_with_output(jax.random.key(0), x), x)
+    assert logits.shape == (2, 5) and aux["maps"].shape == (2, k, grid, grid)
+  model = build_model(_model_cfg(backbone=backbone, width=8), 5)
+  assert model.head.relu_input and not model.backbone.nonnegative_features
+  # rbg keys: the initialisers compile in a fraction of threefry's time.
+  (_, aux), variables = jax.jit(lambda x: model.init_with_output(
+      jax.random.key(0, impl="rbg"), x))(x)
+  assert aux["features"].shape == (2, grid, grid, c)
+  assert float(jnp.min(aux["features"])) < 0
+  maps = np.asarray(aux["maps"])
+  assert maps.min() >= 0
+  np.testing.assert_allclose(maps.sum(axis=(2, 3)), 1.0, rtol=1e-5)
+  emb = np.asarray(aux["embedding"]).reshape(2, 3, c)
+  if backbone == "convnext_test":
+    scale = variables["params"]["head_norm"]["scale"]
+    np.testing.assert_allclose(scale, 1.0)  # at init: a plain LayerNorm
+    np.testing.assert_allclose(emb.mean(-1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(emb.std(-1), 1.0, rtol=1e-2)
+  else:
+    assert "head_norm" not in variables["params"]
+    np.testing.assert_allclose(emb, aux["vectors"], rtol=1e-6)
+
+  bf16 = build_model(_model_cfg(backbone=backbone, width=8), 5, dtype="bfloat16")
+  logits, aux = jax.jit(bf16.apply)(variables, x)
+  assert aux["features"].dtype == jnp.bfloat16
+  assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
