@@ -80,10 +80,10 @@ def load_teacher(teacher_workdir: str, num_classes: int, dtype: str):
   model = build_model(tcfg.model, num_classes, dtype)
   size = tcfg.data.image_size
   size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-  expected = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, *size, 3)), train=False))
-  want = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)),
-                      dict(expected))
+  expected = dict(jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, *size, 3)), train=False)))
+  expected.setdefault("batch_stats", {})  # models without BatchNorm (ViT)
+  want = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), expected)
   got = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), variables)
   if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
     wl = dict(jax.tree_util.tree_flatten_with_path(want)[0])
