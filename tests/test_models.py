@@ -104,6 +104,9 @@ def test_unknown_names_are_errors():
     build_model(_model_cfg(head="cam"), 3)
   with pytest.raises(ValueError, match="aux_heads"):
     build_model(_model_cfg(head="gap", aux_heads=True), 3)
+  with pytest.raises(ValueError, match=r"'vit_test' has no resolution "
+                     r"'reid_high'; valid: \['high', 'low'\]"):
+    build_model(_model_cfg(backbone="vit_test", res="reid_high"), 3)
 
 
 def test_bfloat16_compute_keeps_float32_params():
