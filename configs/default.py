@@ -12,12 +12,20 @@ Switches go after a colon, comma-separated; a bare switch means true:
       --workdir runs/ablation
   python train.py --config 'configs/default.py:runlocal' --workdir /tmp/smoke
 
-Switches: head (brnpa|bcnn|gap), backbone (resnet18|34|50|101|152|resnet_tiny),
-width (channels of the first stage), res (low: output stride 32, high: 8),
-k (number of maps), refine, init (norm|random), aux_heads, dtype
-(float32|bfloat16), epochs, runlocal (tiny model and data, seconds). Any field
-can also be set with ``--config.<field>=<value>``; an unknown switch or field
-is an error.
+  python train.py --config 'configs/default.py:backbone=convnext_tiny,width=10' \
+      --workdir runs/convnext
+  python train.py --config 'configs/default.py:backbone=vit_tiny_patch16_224,width=22' \
+      --workdir runs/vit
+
+Switches: head (brnpa|bcnn|gap), backbone (resnet18|34|50|101|152, timm's
+convnext_tiny|small|base|large, vit_/deit_tiny|small|base_patch16_224, and
+the test presets resnet_tiny|convnext_test|vit_test), width (channels on the
+ResNet scale: 64 = the published network, 16 = a quarter of its channels),
+res (low: output stride 32, high: 8; for a ViT, low: its patch grid, high:
+patches at half stride), k (number of maps), refine, init (norm|random),
+aux_heads, dtype (float32|bfloat16), epochs, runlocal (tiny model of the
+backbone's family and little data, seconds). Any field can also be set with
+``--config.<field>=<value>``; an unknown switch or field is an error.
 """
 
 from brnpa_jax.recipes.embedded import CHOICES, SWITCHES, default_config

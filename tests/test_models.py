@@ -7,16 +7,25 @@ import numpy as np
 import pytest
 
 from brnpa_jax.models import BACKBONES, build_model
-from brnpa_jax.models.resnet import HIGH_RES_STRIDES, LOW_RES_STRIDES
+from brnpa_jax.models.registry import family
+from brnpa_jax.models.resnet12 import ResNet12
+from brnpa_jax.models.vit import VisionTransformer
+
+# Every ResNet; one full-size and the test preset of the other families (the
+# rest share their code; tests/test_timm.py checks all of their layouts).
+STRIDE_CASES = sorted(n for n in BACKBONES if n.startswith("resnet")) + [
+    "convnext_tiny", "convnext_test", "vit_small_patch16_224", "vit_test"]
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONES))
+@pytest.mark.parametrize("name", STRIDE_CASES)
 @pytest.mark.parametrize("res,stride", [("low", 32), ("high", 8)])
 def test_output_stride(name, res, stride):
-  strides = LOW_RES_STRIDES if res == "low" else HIGH_RES_STRIDES
-  if name.startswith("resnet12"):  # no stem: its first pool (2) stands for 4
+  cls = family(name)
+  net = BACKBONES[name](**cls.resolutions[res])
+  if cls is ResNet12:  # no stem: its first pool (2) stands for 4
     stride //= 2
-  net = BACKBONES[name](strides=strides)
+  if cls is VisionTransformer:  # the patch grid; high: overlapping patches
+    stride = net.patch_size // (1 if res == "low" else 2)
   assert net.output_stride == stride
   x = jax.ShapeDtypeStruct((1, 64, 96, 3), jnp.float32)
   feats, _ = jax.eval_shape(
@@ -99,6 +108,9 @@ def test_unknown_names_are_errors():
     build_model(_model_cfg(head="cam"), 3)
   with pytest.raises(ValueError, match="aux_heads"):
     build_model(_model_cfg(head="gap", aux_heads=True), 3)
+  with pytest.raises(ValueError, match=r"'vit_test' has no resolution "
+                     r"'reid_high'; valid: \['high', 'low'\]"):
+    build_model(_model_cfg(backbone="vit_test", res="reid_high"), 3)
 
 
 def test_bfloat16_compute_keeps_float32_params():
@@ -127,3 +139,41 @@ def test_brnpa_head_gets_nonnegative_features(backbone, relu):
   maps = np.asarray(aux["maps"])
   assert maps.min() >= 0
   np.testing.assert_allclose(maps.sum(axis=(2, 3)), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backbone,grid,c", [("convnext_test", 4, 64),
+                                             ("vit_test", 8, 32)])
+def test_heads_and_bfloat16_on_convnext_and_vit(backbone, grid, c):
+  """Every head sits on the other families' grids; BR-NPA rectifies their
+  signed features; ConvNeXt normalises each pooled vector (timm's head.norm);
+  bfloat16 computes with the same float32 parameters."""
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  for head, k in (("gap", 1), ("bcnn", 3)):
+    model = build_model(_model_cfg(backbone=backbone, width=8, head=head), 5)
+    (logits, aux), _ = jax.eval_shape(
+        lambda x: model.init_with_output(jax.random.key(0), x), x)
+    assert logits.shape == (2, 5) and aux["maps"].shape == (2, k, grid, grid)
+  model = build_model(_model_cfg(backbone=backbone, width=8), 5)
+  assert model.head.relu_input and not model.backbone.nonnegative_features
+  # rbg keys: the initialisers compile in a fraction of threefry's time.
+  (_, aux), variables = jax.jit(lambda x: model.init_with_output(
+      jax.random.key(0, impl="rbg"), x))(x)
+  assert aux["features"].shape == (2, grid, grid, c)
+  assert float(jnp.min(aux["features"])) < 0
+  maps = np.asarray(aux["maps"])
+  assert maps.min() >= 0
+  np.testing.assert_allclose(maps.sum(axis=(2, 3)), 1.0, rtol=1e-5)
+  emb = np.asarray(aux["embedding"]).reshape(2, 3, c)
+  if backbone == "convnext_test":
+    scale = variables["params"]["head_norm"]["scale"]
+    np.testing.assert_allclose(scale, 1.0)  # at init: a plain LayerNorm
+    np.testing.assert_allclose(emb.mean(-1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(emb.std(-1), 1.0, rtol=1e-2)
+  else:
+    assert "head_norm" not in variables["params"]
+    np.testing.assert_allclose(emb, aux["vectors"], rtol=1e-6)
+
+  bf16 = build_model(_model_cfg(backbone=backbone, width=8), 5, dtype="bfloat16")
+  logits, aux = jax.jit(bf16.apply)(variables, x)
+  assert aux["features"].dtype == jnp.bfloat16
+  assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()

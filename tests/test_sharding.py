@@ -21,9 +21,9 @@ CLASSIFY = dict(loss_fn=classification.loss_and_metrics,
                 metrics_fn=classification.eval_metrics)
 
 
-def _model(dtype="float32", freeze_bn=False, head="gap"):
+def _model(dtype="float32", freeze_bn=False, head="gap", backbone="resnet_tiny"):
   cfg = ml_collections.ConfigDict(dict(
-      backbone="resnet_tiny", res="high", head=head, num_maps=3, refine=True,
+      backbone=backbone, width=8, res="high", head=head, num_maps=3, refine=True,
       init="norm", aux_heads=False, dropout=0.0, use_bias=True, freeze_bn=freeze_bn))
   return build_model(cfg, num_classes=5, dtype=dtype)
 
@@ -92,6 +92,24 @@ def test_sharded_brnpa_step_equals_single_device():
                                num_steps=1)
   np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
   _assert_same_params(sharded, single)
+
+
+def test_sharded_vit_step_equals_single_device():
+  """The ViT under fsdp=2: its attention and MLP matrices are split in two,
+  and the steps give the single-device parameters."""
+  single, losses1, _ = _train(shd.make_mesh(1), _model(backbone="vit_test"),
+                              num_steps=2)
+  sharded, losses8, steps = _train(shd.make_mesh(8, fsdp=2),
+                                   _model(backbone="vit_test"), num_steps=2)
+  np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
+  _assert_same_params(sharded, single)
+  block = steps.state_sharding.params["backbone"]["blocks_0"]
+  shapes = jax.tree.map(np.shape, sharded.params["backbone"]["blocks_0"])
+  for path in (("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2")):
+    sharding = block[path[0]][path[1]]["kernel"]
+    shape = shapes[path[0]][path[1]]["kernel"]  # e.g. qkv (32, 96)
+    assert shd.FSDP_AXIS in sharding.spec, path
+    assert np.prod(sharding.shard_shape(shape)) * 2 == np.prod(shape), path
 
 
 def test_fsdp_spec_picks_largest_divisible_dim():

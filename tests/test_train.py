@@ -8,6 +8,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -154,3 +155,47 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tfds_dir, tmp_path
   state, step, _ = restore_variables(str(tmp_path / "stopped"), "latest")
   assert step <= 6
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))
+
+
+def _check_finished(workdir, summary, model):
+  assert summary["model"].startswith(model), summary["model"]
+  rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+  assert all(np.isfinite(r["train_loss"]) for r in rows if "train_loss" in r)
+  assert 0.0 <= summary["test_accuracy"] <= 1.0
+  assert os.listdir(workdir / "best")
+
+
+@pytest.fixture(scope="module")
+def vit_teacher(tmp_path_factory, tfds_dir):
+  """One epoch of the tiny ViT at low resolution (runlocal keeps the family)."""
+  workdir = tmp_path_factory.mktemp("vit_low")
+  cfg = tiny_config(tfds_dir, "runlocal,backbone=vit_small_patch16_224,res=low,"
+                    "epochs=1", num_overlays=0)
+  assert cfg.model.backbone == "vit_test"
+  return workdir, train_and_evaluate(cfg, str(workdir))
+
+
+def test_convnext_trains_end_to_end(tmp_path, tfds_dir):
+  cfg = tiny_config(tfds_dir, "runlocal,backbone=convnext_tiny,epochs=1",
+                    num_overlays=0)
+  assert cfg.model.backbone == "convnext_test"
+  summary = train_and_evaluate(cfg, str(tmp_path))
+  _check_finished(tmp_path, summary, "convnext_test brnpa res=high")
+
+
+def test_vit_trains_and_distils_into_a_high_res_student(tmp_path, tfds_dir,
+                                                        vit_teacher):
+  """The low-resolution ViT run, then a student with overlapping patches
+  (res=high) distilled from it."""
+  teacher_dir, summary = vit_teacher
+  _check_finished(teacher_dir, summary, "vit_test brnpa res=low")
+  cfg = tiny_config(tfds_dir, "runlocal,backbone=vit_test,epochs=1",
+                    num_overlays=0, task="distill")
+  cfg.unlock()
+  cfg.distill = ml_collections.ConfigDict(dict(
+      teacher_workdir=str(teacher_dir), temperature=6.0, alpha=0.5))
+  cfg.lock()
+  summary = train_and_evaluate(cfg, str(tmp_path))
+  _check_finished(tmp_path, summary, "vit_test brnpa res=high")
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert all(r["train_kl"] >= 0 for r in rows if "train_kl" in r)

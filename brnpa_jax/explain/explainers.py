@@ -38,6 +38,14 @@ Conventions (those of pytorch-grad-cam, captum and the papers):
   colour) or an array; map = sum over channels of ``|attribution|``.
   ``raw=True`` returns the signed per-pixel sum over channels, unnormalised:
   it sums to ``f(x) - f(x0)`` (completeness).
+- ``rollout`` (Abnar & Zuidema 2020), transformers only: per block, the
+  attention weights averaged over heads (``head_fusion='max'``: their
+  maximum), plus the identity for the residual path, rows renormalised to
+  sum to 1; the product over the blocks, first block rightmost, is the
+  rollout matrix. The map is its row of the output token over the patch
+  tokens: ``token='mean'`` averages the patch tokens' rows (the tokens every
+  head of ours pools; the default), ``token='cls'`` takes the class token's
+  row (the paper's choice for class-token classifiers). Class-independent.
 - ``own``: the model's own map, ``own_saliency`` upsampled and normalised.
 
 Perturbations act in the model's input space (normalised images), so a masked
@@ -342,6 +350,49 @@ def integrated_gradients(model, variables, images, labels, rng, *,
   return normalize_maps(jnp.abs(attr).sum(-1))
 
 
+# -- attention rollout -------------------------------------------------------------
+def attention_weights(model, variables, images) -> tuple[list[jax.Array], tuple]:
+  """Each block's attention weights (B, heads, N, N), first block first, as
+  the ViT backbone records them (``sow``), and the patch grid (h, w)."""
+  (_, aux), state = model.apply(variables, images, mutable=["intermediates"])
+  recorded = state.get("intermediates", {}).get("backbone", {})
+  blocks = sorted((k for k in recorded if k.startswith("blocks_")),
+                  key=lambda k: int(k.rsplit("_", 1)[1]))
+  if not blocks:
+    raise ValueError(
+        f"attention rollout needs a transformer backbone (vit_*, deit_*); "
+        f"{type(getattr(model, 'backbone', model)).__name__} records no "
+        "attention weights.")
+  return ([recorded[b]["attn"]["attention"][0] for b in blocks],
+          aux["features"].shape[1:3])
+
+
+def attention_rollout(model, variables, images, labels, rng, *,
+                      head_fusion: str = "mean", token: str = "mean"):
+  """Attention rollout (Abnar & Zuidema 2020); see the module docstring.
+
+  Args:
+    head_fusion: ``'mean'`` (the paper) or ``'max'`` over heads.
+    token: ``'mean'`` (the patch tokens' mean row) or ``'cls'``.
+  """
+  del labels, rng
+  if head_fusion not in ("mean", "max") or token not in ("mean", "cls"):
+    raise ValueError(f"head_fusion must be 'mean' or 'max' and token 'mean' "
+                     f"or 'cls', got {head_fusion!r}, {token!r}.")
+  attentions, (h, w) = attention_weights(model, variables, images)
+  rollout = None
+  for attn_BxHxNxN in attentions:
+    a = attn_BxHxNxN.astype(_F32)
+    a = a.mean(axis=1) if head_fusion == "mean" else a.max(axis=1)
+    a = 0.5 * a + 0.5 * jnp.eye(a.shape[-1], dtype=_F32)
+    a = a / a.sum(axis=-1, keepdims=True)
+    rollout = a if rollout is None else a @ rollout
+  prefix = rollout.shape[-1] - h * w  # the class token
+  rows = rollout[:, 0] if token == "cls" else rollout[:, prefix:].mean(axis=1)
+  sal = rows[:, prefix:].reshape(-1, h, w)
+  return normalize_maps(upsample(sal, images.shape[1:3]))
+
+
 # -- the model's own map ---------------------------------------------------------
 _HEAD_NAMES = {cls: name for name, cls in HEADS.items()}
 
@@ -396,11 +447,13 @@ EXPLAINERS: dict[str, Callable[..., jax.Array]] = {
     "rise": rise,
     "smoothgrad": smoothgrad,
     "integrated_gradients": integrated_gradients,
+    "rollout": attention_rollout,
 }
 DISPLAY_NAMES = {
     "own": "own map", "gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++",
     "scorecam": "Score-CAM", "ablationcam": "Ablation-CAM", "rise": "RISE",
     "smoothgrad": "SmoothGrad", "integrated_gradients": "Integrated Gradients",
+    "rollout": "attention rollout",
 }
 
 

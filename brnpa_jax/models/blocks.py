@@ -1,8 +1,10 @@
-"""Layers shared by the model zoo: convolution, BatchNorm and residual blocks.
+"""Layers shared by the model zoo: convolution, BatchNorm, residual blocks, and
+the LayerNorm and MLP of the ConvNeXt and ViT blocks.
 
 Parameter names follow torchvision (``conv1..3``, ``bn1..3``,
-``downsample_conv`` / ``downsample_bn``), so that importing its weights is a
-key mapping (``models/weights.py``).
+``downsample_conv`` / ``downsample_bn``) and timm (``mlp/fc1``, ``mlp/fc2``),
+so that importing their weights is a key mapping (``models/weights.py``,
+``models/timm_names.py``).
 """
 
 from __future__ import annotations
@@ -76,3 +78,23 @@ class Bottleneck(ResidualBlock):
     y = nn.relu(norm(name="bn2")(y))
     y = norm(name="bn3", scale_init=last_scale)(conv(out, (1, 1), name="conv3")(y))
     return nn.relu(self._shortcut(x, out, conv, norm) + y)
+
+
+# -- pieces of the timm-layout families (ConvNeXt, ViT) ---------------------------
+# timm's LayerNorm (ConvNeXt and ViT): eps 1e-6, statistics in float32.
+LayerNorm = functools.partial(nn.LayerNorm, epsilon=1e-6)
+# timm's default initialisation of their linear layers.
+trunc_normal_init = nn.initializers.truncated_normal(0.02)
+
+
+class Mlp(nn.Module):
+  """``fc1`` -> exact GELU -> ``fc2`` on the last axis (timm's ``Mlp``)."""
+  hidden: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    dense = functools.partial(nn.Dense, dtype=self.dtype,
+                              kernel_init=trunc_normal_init)
+    y = nn.gelu(dense(self.hidden, name="fc1")(x), approximate=False)
+    return dense(x.shape[-1], name="fc2")(y)

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from brnpa_jax.models.blocks import LayerNorm
+
 # The auxiliary-heads ablation (K = 3): which ranked vectors each extra head
 # sees, by 0-based rank.
 AUX_HEAD_SLICES = {"v12": (0, 1), "v23": (1, 2), "v1": (0,), "v2": (1,), "v3": (2,)}
@@ -64,10 +66,18 @@ class Classifier(nn.Module):
     """Head, dropout and the linear layer(s): features -> ``(logits, aux)``.
 
     ``__call__(x)`` equals ``classify_features(features(x))``; aux is as in
-    ``__call__`` (its ``features`` are the given ones).
+    ``__call__`` (its ``features`` are the given ones). Backbones with
+    ``pooled_norm`` (ConvNeXt) get a LayerNorm (``head_norm``) on each of
+    the head's vectors before dropout and the linear layer, as timm's head
+    normalises its pooled vector.
     """
     feats = feats_BxHxWxC
     pooled, aux = self.head(feats, train=train)
+    if getattr(self.backbone, "pooled_norm", False):
+      # The family's own norm of the pooled vector (timm ConvNeXt's
+      # head.norm), applied to each of the head's K vectors.
+      vectors = LayerNorm(dtype=self.dtype, name="head_norm")(aux["vectors"])
+      pooled = vectors.reshape(vectors.shape[0], -1)
     aux = dict(aux, features=feats, embedding=pooled)
     pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)
     dense: Callable[..., nn.Module] = lambda name: nn.Dense(

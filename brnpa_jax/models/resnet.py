@@ -23,6 +23,10 @@ from brnpa_jax.models.conv import max_pool
 LOW_RES_STRIDES = (1, 2, 2, 2)
 HIGH_RES_STRIDES = (1, 2, 1, 1)
 REID_HIGH_RES_STRIDES = (1, 1, 1, 1)
+# What a config's ``res`` means for the ResNet families.
+RESOLUTIONS = {"low": {"strides": LOW_RES_STRIDES},
+               "high": {"strides": HIGH_RES_STRIDES},
+               "reid_high": {"strides": REID_HIGH_RES_STRIDES}}
 
 class ResNet(nn.Module):
   """ResNet feature extractor (no pooling, no classifier).
@@ -44,6 +48,7 @@ class ResNet(nn.Module):
 
   # The last stage ends in a ReLU: the features BR-NPA receives are >= 0.
   nonnegative_features = True
+  resolutions = RESOLUTIONS
 
   @property
   def num_features(self) -> int:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from brnpa_jax.models.blocks import ResidualBlock
 from brnpa_jax.models.conv import max_pool
-from brnpa_jax.models.resnet import LOW_RES_STRIDES
+from brnpa_jax.models.resnet import LOW_RES_STRIDES, RESOLUTIONS
 
 LEAKY_SLOPE = 0.1
 WIDE_WIDTHS = (64, 160, 320, 640)
@@ -79,6 +79,7 @@ class ResNet12(nn.Module):
   # The last activation is a leaky ReLU: features can be negative, so the
   # BR-NPA head puts a ReLU before the operator (``registry.build_model``).
   nonnegative_features = False
+  resolutions = RESOLUTIONS
 
   @property
   def widths(self) -> tuple[int, ...]:

@@ -1,19 +1,23 @@
-"""Pretrained ResNet weights: read torchvision / timm checkpoints, load strictly.
+"""Pretrained weights: read torchvision / timm checkpoints, load strictly.
 
-torchvision's and timm's ResNets share one key layout (``conv1.weight``,
+ResNets: torchvision's and timm's share one key layout (``conv1.weight``,
 ``bn1.running_mean``, ``layer2.0.downsample.1.weight``, ``fc.bias``, ...).
 ``torch_to_flat`` renames those keys into the ``Classifier``'s variable tree
 (``params/backbone/layer2_0/downsample_bn/scale``, ``params/classifier/kernel``)
 and lays the arrays out for Flax: conv kernels OIHW -> HWIO, dense (out, in) ->
-(in, out), BatchNorm statistics into ``batch_stats``. ``load_pretrained`` then
-checks the result against a model's variables and refuses any missing,
-unexpected or mis-shaped key, listing all of them.
+(in, out), BatchNorm statistics into ``batch_stats``. timm's ``convnext_*``
+and ``vit_*`` / ``deit_*`` state dicts are recognised by their keys and
+renamed by ``models/timm_names.py`` (``stages.1.blocks.0.conv_dw.weight`` ->
+``params/backbone/stages_1/blocks_0/conv_dw/kernel``, ConvNeXt's
+``head.norm`` -> ``params/head_norm``). ``load_pretrained`` then checks the
+result against a model's variables and refuses any missing, unexpected or
+mis-shaped key, listing all of them.
 
 Files: ``.safetensors`` and ``.npz`` are read without PyTorch; ``.pth``,
 ``.pt`` and ``.bin`` need it. A ``.npz`` written by
 ``python -m brnpa_jax.tools.convert_weights`` already holds our names.
-Strides are not weights, so one checkpoint loads into both the low- and the
-high-resolution backbone.
+Strides, ViT patch overlap and the input size are not weights, so one
+checkpoint loads into every resolution of its backbone.
 """
 
 from __future__ import annotations
@@ -26,7 +30,11 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-BACKBONE = ("backbone",)
+from brnpa_jax.models import timm_names
+
+# Top-level modules a checkpoint supplies besides the classifier: the
+# backbone and ConvNeXt's norm of the pooled vector.
+PRETRAINED = ("backbone", "head_norm")
 CLASSIFIER = "params/classifier/"
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 # BatchNorm's update counter: torchvision stores it, nothing reads it.
@@ -76,7 +84,7 @@ def flat_name_to_torch(flat: str) -> str:
   return f"{module}.{names.get((collection, leaf), leaf)}"
 
 
-def _to_flax_layout(flat: str, array: np.ndarray) -> np.ndarray:
+def to_flax_layout(flat: str, array: np.ndarray) -> np.ndarray:
   if flat.endswith("/kernel") and array.ndim == 4:
     return array.transpose(2, 3, 1, 0)  # OIHW -> HWIO
   if flat.endswith("/kernel") and array.ndim == 2:
@@ -85,25 +93,27 @@ def _to_flax_layout(flat: str, array: np.ndarray) -> np.ndarray:
 
 
 def torch_to_flat(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Renames and re-lays a torchvision/timm ResNet state dict.
+  """Renames and re-lays a torchvision / timm state dict (module docstring).
 
   Args:
-    state_dict: torchvision key -> array (numpy or anything ``np.asarray``
+    state_dict: PyTorch key -> array (numpy or anything ``np.asarray``
       takes). Keys may carry the ``module.`` prefix of ``DataParallel``.
 
   Returns:
     Our flat name -> float32 array. Keys without a counterpart keep their
-    torchvision name, so the strict loader reports them as unexpected.
+    PyTorch name, so the strict loader reports them as unexpected.
   """
+  state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+  family = timm_names.source_family(state_dict)
   out = {}
   for key, value in state_dict.items():
-    key = key.removeprefix("module.")
     if key.rsplit(".", 1)[-1] in _IGNORED:
       continue
-    flat = torch_name_to_flat(key)
+    flat = (timm_names.timm_name_to_flat(family, key) if family
+            else torch_name_to_flat(key))
     array = np.asarray(value, np.float32)
     out[key if flat is None else flat] = (
-        array if flat is None else _to_flax_layout(flat, array))
+        array if flat is None else to_flax_layout(flat, array))
   return out
 
 
@@ -165,15 +175,28 @@ def read_checkpoint(path: str) -> dict[str, np.ndarray]:
   return torch_to_flat(raw)
 
 
-def _listing(kind: str, keys, detail=lambda k: "", torch_names: bool = True
-             ) -> list[str]:
+def top_module(flat: str) -> str:
+  """``backbone`` for ``params/backbone/...``."""
+  return flat.split("/")[1] if flat.count("/") >= 2 else ""
+
+
+def source_name(flat: str, family: str | None) -> str:
+  """The PyTorch key of one of our flat names in a ``family`` layout
+  (``timm_names.flat_family``; None: torchvision ResNet)."""
+  return (timm_names.flat_name_to_timm(family, flat) if family
+          else flat_name_to_torch(flat))
+
+
+def _listing(kind: str, keys, family: str | None = None, detail=lambda k: "",
+             torch_names: bool = True) -> list[str]:
   if not keys:
     return []
   keys = sorted(keys)
   lines = [f"  {kind} ({len(keys)}):"]
   for k in keys:
-    ours = torch_names and ("/backbone/" in k or k.startswith(CLASSIFIER))
-    torch_name = f" [{flat_name_to_torch(k)}]" if ours else ""
+    ours = torch_names and (top_module(k) in PRETRAINED
+                            or k.startswith(CLASSIFIER))
+    torch_name = f" [{source_name(k, family)}]" if ours else ""
     lines.append(f"    {k}{torch_name}{detail(k)}")
   return lines
 
@@ -193,7 +216,11 @@ def layout(flat: Mapping[str, Any]) -> tuple[int, tuple[int, ...], int | None]:
 
 
 def describe(flat: Mapping[str, Any]) -> str:
-  """E.g. 'bottleneck blocks (3, 4, 6, 3), width 64, 1000 classes'."""
+  """E.g. 'bottleneck blocks (3, 4, 6, 3), width 64, 1000 classes' (ResNets;
+  ConvNeXt and ViT: ``timm_names.describe``)."""
+  family = timm_names.flat_family(flat)
+  if family:
+    return timm_names.describe(family, flat)
   expansion, stages, width = layout(flat)
   fc = flat.get(CLASSIFIER + "kernel")
   return (f"{'bottleneck' if expansion == 4 else 'basic'} blocks {stages}, "
@@ -233,18 +260,19 @@ def check_same_tree(loaded, target, *, what: str, hint: str = "") -> None:
     listing = lambda *a: _listing(*a, torch_names=False)
     lines = ([f"The variables in {what} do not fit the model."]
              + listing("missing", missing) + listing("unexpected", unexpected)
-             + listing("mis-shaped", misshaped, shapes))
+             + listing("mis-shaped", misshaped, None, shapes))
     raise ValueError("\n".join(lines + ([f"  {hint}"] if hint else [])))
 
 
 def load_pretrained(variables: Mapping[str, Any], source, *,
                     skip_classifier: bool = False) -> dict[str, Any]:
-  """Loads a ResNet checkpoint into a ``Classifier``'s variables, strictly.
+  """Loads a checkpoint into a ``Classifier``'s variables, strictly.
 
-  Every backbone parameter and BatchNorm statistic must come from the
-  checkpoint, with the model's shape, and the checkpoint may hold nothing
-  else; otherwise a ``ValueError`` lists every missing, unexpected and
-  mis-shaped key (our name, then torchvision's in brackets).
+  Every backbone parameter and BatchNorm statistic (and ConvNeXt's
+  ``head_norm``) must come from the checkpoint, with the model's shape, and
+  the checkpoint may hold nothing else; otherwise a ``ValueError`` lists
+  every missing, unexpected and mis-shaped key (our name, then the PyTorch
+  key in brackets).
 
   Args:
     variables: the model's ``{'params': ..., 'batch_stats': ...}`` (arrays or
@@ -262,8 +290,9 @@ def load_pretrained(variables: Mapping[str, Any], source, *,
   flat_src = read_checkpoint(source) if isinstance(source, str) else dict(source)
   flat_dst = traverse_util.flatten_dict(dict(variables), keep_empty_nodes=True,
                                        sep="/")
-  wanted = {k for k in flat_dst if k.split("/")[1:2] == list(BACKBONE)
+  wanted = {k for k in flat_dst if top_module(k) in PRETRAINED
             or (k.startswith(CLASSIFIER) and not skip_classifier)}
+  family = timm_names.flat_family(flat_dst)
   about_src = describe(flat_src)
   if skip_classifier:
     flat_src = {k: v for k, v in flat_src.items() if not k.startswith(CLASSIFIER)}
@@ -273,9 +302,9 @@ def load_pretrained(variables: Mapping[str, Any], source, *,
     shapes = lambda k: (f": checkpoint {tuple(flat_src[k].shape)}, "
                         f"model {tuple(flat_dst[k].shape)}")
     lines = ([f"Weights in {where} do not fit the model."]
-             + _listing("missing", missing)
-             + _listing("unexpected", unexpected)
-             + _listing("mis-shaped", misshaped, shapes)
+             + _listing("missing", missing, family)
+             + _listing("unexpected", unexpected, family)
+             + _listing("mis-shaped", misshaped, family, shapes)
              + [f"  checkpoint: {about_src}; model: {describe(flat_dst)}."])
     if any(k.startswith(CLASSIFIER) for k in missing | misshaped):
       lines.append("  To fine-tune on other classes, skip the classifier "

@@ -10,6 +10,7 @@ import ml_collections
 from brnpa_jax.config_args import parse_arg
 from brnpa_jax.data.catalog import default_data_config
 from brnpa_jax.models import BACKBONES, HEADS, STRIDES
+from brnpa_jax.models.registry import tiny_preset
 
 SWITCHES = {
     "head": "brnpa", "backbone": "resnet18", "width": 16, "res": "high", "k": 3,
@@ -63,7 +64,7 @@ def default_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_overlays = 8
 
   if a["runlocal"]:
-    c.model.backbone, c.model.width = "resnet_tiny", 8
+    c.model.backbone, c.model.width = tiny_preset(a["backbone"]), 8
     c.data.parts.train_size, c.data.parts.validation_size = 256, 64
     c.data.parts.test_size = 64
     c.batch_size, c.eval_batch_size, c.num_epochs = 32, 32, a["epochs"] or 2

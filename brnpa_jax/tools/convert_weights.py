@@ -1,11 +1,12 @@
-r"""Converts a torchvision / timm ResNet checkpoint into a file our configs load.
+r"""Converts a torchvision / timm checkpoint into a file our configs load.
 
   python -m brnpa_jax.tools.convert_weights resnet50-11ad3fa6.pth resnet50.npz
-  python -m brnpa_jax.tools.convert_weights model.safetensors resnet50.npz
+  python -m brnpa_jax.tools.convert_weights model.safetensors convnext_tiny.npz
 
 IN is ``.pth`` / ``.pt`` / ``.bin`` (needs PyTorch), ``.safetensors`` or
-``.npz``, in torchvision's key layout (timm's ResNets share it). OUT is a
-``.npz`` of our variable tree (``params/backbone/conv1/kernel``, ...,
+``.npz``: a ResNet in torchvision's key layout (timm's ResNets share it), or
+timm's ``convnext_*``, ``vit_*`` or ``deit_*`` (non-distilled) layout. OUT
+is a ``.npz`` of our variable tree (``params/backbone/conv1/kernel``, ...,
 ``batch_stats/...``, ``params/classifier/...``), float32, kernels already in
 Flax's layout: numpy reads it with no PyTorch or safetensors installed, and
 its names are ours, so loading it is a lookup. The tool recognises the
@@ -23,10 +24,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax import traverse_util
+
+from brnpa_jax.models import timm_names, weights
 from brnpa_jax.models.classifier import Classifier
+from brnpa_jax.models.convnext import ConvNeXt
 from brnpa_jax.models.heads import GAPHead
-from brnpa_jax.models.registry import BACKBONES
-from brnpa_jax.models import weights
+from brnpa_jax.models.registry import BACKBONES, family
+from brnpa_jax.models.vit import VisionTransformer
+
+TIMM_FAMILIES = {timm_names.CONVNEXT: ConvNeXt, timm_names.VIT: VisionTransformer}
 
 
 def _structure(arch: str):
@@ -38,16 +45,38 @@ def _structure(arch: str):
   return kw["block"].expansion, tuple(kw["stage_sizes"]), kw.get("width", 64)
 
 
+def _pretrained_shapes(arch: str) -> dict[str, tuple[int, ...]]:
+  """Flat name -> shape of what a checkpoint supplies to ``arch`` (its
+  backbone and ``head_norm``), from the model's abstract variables."""
+  model = Classifier(backbone=BACKBONES[arch](), head=GAPHead(), num_classes=1)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                               jnp.zeros((1, 64, 64, 3))))
+  flat = traverse_util.flatten_dict(abstract, sep="/")
+  return {k: tuple(v.shape) for k, v in flat.items()
+          if weights.top_module(k) in weights.PRETRAINED}
+
+
 def infer_arch(flat) -> str:
-  """The ``BACKBONES`` name whose layout a flat checkpoint has."""
-  found = weights.layout(flat)
-  for arch in BACKBONES:
-    if _structure(arch) == found:
-      return arch
+  """The ``BACKBONES`` name whose layout a flat checkpoint has (the first
+  one, for presets of one layout such as ``vit_small_patch16_224`` and
+  ``deit_small_patch16_224``)."""
+  timm_family = timm_names.flat_family(flat)
+  if timm_family is None:
+    found = weights.layout(flat)
+    fits = lambda arch: _structure(arch) == found
+  else:
+    shapes = {k: tuple(v.shape) for k, v in flat.items()
+              if weights.top_module(k) in weights.PRETRAINED}
+    fits = lambda arch: (family(arch) is TIMM_FAMILIES[timm_family]
+                         and _pretrained_shapes(arch) == shapes)
+  arch = next(filter(fits, BACKBONES), None)
+  if arch is not None:
+    return arch
   raise ValueError(f"No backbone in {sorted(BACKBONES)} has the checkpoint's "
-                   f"layout ({weights.describe(flat)}). Only torchvision-layout "
-                   "ResNets (timm's plain resnetNN) convert; variants such as "
-                   "timm's resnet50d (deep stem) do not.")
+                   f"layout ({weights.describe(flat)}). ResNets in "
+                   "torchvision's layout (timm's plain resnetNN; not variants "
+                   "such as resnet50d's deep stem) and timm's convnext_*, "
+                   "vit_* and deit_* of the registered sizes convert.")
 
 
 def check(flat) -> str:
@@ -77,7 +106,7 @@ def convert(src: str, dst: str) -> str:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
-      description="Convert a torchvision/timm ResNet checkpoint into the .npz "
+      description="Convert a torchvision/timm checkpoint into the .npz "
                   "that config.init_from loads.")
   parser.add_argument("src", metavar="IN", help=".pth/.pt/.bin, .safetensors or .npz")
   parser.add_argument("dst", metavar="OUT", help="the .npz to write")

@@ -1,0 +1,155 @@
+"""ConvNeXt (Liu et al. 2022) in Flax Linen, channels last, timm's layout.
+
+A 4x4 stride-4 patchify stem (``stem_0`` conv, ``stem_1`` LayerNorm), then
+four stages. Stages 2-4 open with a downsampling layer (``downsample_0``
+LayerNorm, ``downsample_1`` 2x2 conv); every stage stacks blocks of a 7x7
+depthwise conv (``conv_dw``), a LayerNorm over channels (``norm``), an MLP
+with 4x expansion and exact GELU (``mlp/fc1``, ``mlp/fc2``) and a learned
+per-channel layer scale (``gamma``), added to the block's input. Names are
+timm's ``convnext_*`` keys with ``stages.1`` written ``stages_1``
+(``models/timm_names.py`` maps one onto the other).
+
+Resolution: ``strides`` are the downsampling strides of stages 2-4. ``low``
+(2, 2, 2) is the standard output stride 32 (224 px -> 7x7); ``high``
+(2, 1, 1) runs the last two downsampling layers at stride 1 (output stride
+8, 224 px -> 28x28), as the ResNets' ``high`` does. A stride-1 2x2
+convolution pads one zero row and column at the bottom and right (PyTorch's
+and timm's ``'same'`` padding of an even kernel), so the grid stays exactly
+H/8 x W/8. No dilation is added: the last stages see fewer input pixels, as
+in the ResNets' ``high``. Strides are not weights, so one checkpoint loads
+into every resolution.
+
+The last stage's output can be negative (no final ReLU), so
+``nonnegative_features = False`` makes ``build_model`` rectify it before the
+BR-NPA operator. timm's classifier normalises the pooled vector
+(``head.norm``) before its linear layer; ``pooled_norm = True`` makes the
+``Classifier`` normalise each pooled vector the same way (``head_norm``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from brnpa_jax.models.blocks import LayerNorm, Mlp, trunc_normal_init
+
+LOW_RES_STRIDES = (2, 2, 2)
+HIGH_RES_STRIDES = (2, 1, 1)
+REID_HIGH_RES_STRIDES = (1, 1, 1)
+
+
+class ConvNeXtBlock(nn.Module):
+  """Depthwise 7x7 conv, LayerNorm, MLP, layer scale, residual sum."""
+  ls_init: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    y = nn.Conv(c, (7, 7), padding=3, feature_group_count=c, dtype=self.dtype,
+                kernel_init=trunc_normal_init, name="conv_dw")(x)
+    y = LayerNorm(dtype=self.dtype, name="norm")(y)
+    y = Mlp(4 * c, dtype=self.dtype, name="mlp")(y)
+    gamma = self.param("gamma", nn.initializers.constant(self.ls_init), (c,))
+    return x + y * gamma.astype(y.dtype)
+
+
+class ConvNeXtStage(nn.Module):
+  """An optional downsampling layer (LayerNorm, 2x2 conv), then the blocks."""
+  features: int
+  depth: int
+  stride: int | None  # None: no downsampling layer (the first stage)
+  ls_init: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.stride is not None:
+      x = LayerNorm(dtype=self.dtype, name="downsample_0")(x)
+      pad = "VALID" if self.stride == 2 else ((0, 1), (0, 1))
+      x = nn.Conv(self.features, (2, 2), (self.stride, self.stride),
+                  padding=pad, dtype=self.dtype, kernel_init=trunc_normal_init,
+                  name="downsample_1")(x)
+    for i in range(self.depth):
+      x = ConvNeXtBlock(self.ls_init, dtype=self.dtype, name=f"blocks_{i}")(x)
+    return x
+
+
+class ConvNeXt(nn.Module):
+  """ConvNeXt feature extractor (no pooling, no classifier).
+
+  Attributes:
+    depths: blocks per stage, e.g. (3, 3, 9, 3) for ConvNeXt-T.
+    dims: channels per stage at ``width`` 64, e.g. (96, 192, 384, 768).
+    strides: downsampling strides of stages 2-4, each 1 or 2 (module docstring).
+    width: channel scale on the ResNets' scale: 64 gives ``dims`` (the
+      published network), 16 a quarter of its channels.
+    ls_init: initial layer scale (timm's 1e-6).
+    dtype: computation dtype; parameters stay float32.
+  """
+  depths: Sequence[int] = (3, 3, 9, 3)
+  dims: Sequence[int] = (96, 192, 384, 768)
+  strides: Sequence[int] = LOW_RES_STRIDES
+  width: int = 64
+  ls_init: float = 1e-6
+  dtype: Any = jnp.float32
+
+  # The last stage has no ReLU: BR-NPA rectifies (``registry.build_model``).
+  nonnegative_features = False
+  # timm's head normalises the pooled vector (``Classifier``'s ``head_norm``).
+  pooled_norm = True
+  # What a config's ``res`` means for this family.
+  resolutions = {"low": {"strides": LOW_RES_STRIDES},
+                 "high": {"strides": HIGH_RES_STRIDES},
+                 "reid_high": {"strides": REID_HIGH_RES_STRIDES}}
+
+  @property
+  def channels(self) -> tuple[int, ...]:
+    return tuple(max(1, round(d * self.width / 64)) for d in self.dims)
+
+  @property
+  def num_features(self) -> int:
+    return self.channels[-1]
+
+  @property
+  def output_stride(self) -> int:
+    return 4 * math.prod(self.strides)
+
+  @nn.compact
+  def __call__(self, x_BxHxWx3, train: bool = False):
+    """Returns the last stage's feature map (B, H/os, W/os, C)."""
+    del train  # no BatchNorm, no dropout
+    if len(self.strides) != len(self.depths) - 1 or not set(self.strides) <= {1, 2}:
+      raise ValueError(f"ConvNeXt strides {tuple(self.strides)}: one stride, "
+                       f"1 or 2, per downsampling layer ({len(self.depths) - 1}).")
+    h, w = x_BxHxWx3.shape[1:3]
+    if min(h, w) < self.output_stride:
+      raise ValueError(f"Input {h}x{w} is smaller than ConvNeXt's output "
+                       f"stride {self.output_stride}; use larger images.")
+    x = x_BxHxWx3.astype(self.dtype)
+    x = nn.Conv(self.channels[0], (4, 4), (4, 4), padding="VALID",
+                dtype=self.dtype, kernel_init=trunc_normal_init, name="stem_0")(x)
+    x = LayerNorm(dtype=self.dtype, name="stem_1")(x)
+    for i, (depth, c) in enumerate(zip(self.depths, self.channels)):
+      stride = None if i == 0 else self.strides[i - 1]
+      x = ConvNeXtStage(c, depth, stride, self.ls_init, dtype=self.dtype,
+                        name=f"stages_{i}")(x)
+    return x
+
+
+ConvNeXtTiny = functools.partial(ConvNeXt, depths=(3, 3, 9, 3),
+                                 dims=(96, 192, 384, 768))
+ConvNeXtSmall = functools.partial(ConvNeXt, depths=(3, 3, 27, 3),
+                                  dims=(96, 192, 384, 768))
+ConvNeXtBase = functools.partial(ConvNeXt, depths=(3, 3, 27, 3),
+                                 dims=(128, 256, 512, 1024))
+ConvNeXtLarge = functools.partial(ConvNeXt, depths=(3, 3, 27, 3),
+                                  dims=(192, 384, 768, 1536))
+# One block per stage, the ResNets' stage widths: compiles in seconds, for
+# tests (``runlocal``'s width 8 gives 8-16-32-64 channels).
+ConvNeXtTest = functools.partial(ConvNeXt, depths=(1, 1, 1, 1),
+                                 dims=(64, 128, 256, 512))

@@ -1,0 +1,149 @@
+"""ConvNeXt and ViT against timm: layouts, golden outputs, weight import.
+
+The golden outputs in tests/golden come from timm's models run on the same
+random weights (``python -m brnpa_jax.tools.timm_golden``), so this test
+needs neither PyTorch nor timm; the ``.pth`` case is skipped without torch.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from brnpa_jax.models import build_model, timm_names, weights
+from brnpa_jax.tools import convert_weights
+from brnpa_jax.tools.timm_golden import (CASES, TIMM_NAMES, golden_input,
+                                         grid_step, random_state_dict,
+                                         timm_shapes)
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+TOLERANCE = 1e-4  # max |ours - timm| / max |timm|, float32
+
+
+def _model(arch, res="low", num_classes=1000, head="gap"):
+  cfg = ml_collections.ConfigDict(dict(
+      backbone=arch, head=head, res=res, num_maps=3, refine=True, init="norm",
+      aux_heads=False, dropout=0.0, use_bias=True))
+  return build_model(cfg, num_classes)
+
+
+def _abstract(model, size=64):
+  return jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                           jnp.zeros((1, size, size, 3))))
+
+
+def _rel_err(ours, ref):
+  return float(np.max(np.abs(np.asarray(ours) - ref)) / np.max(np.abs(ref)))
+
+
+def _torch_shape(flat, shape):
+  if flat.endswith("/kernel") and len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])  # HWIO -> OIHW
+  if flat.endswith("/kernel") and len(shape) == 2:
+    return (shape[1], shape[0])
+  return tuple(shape)
+
+
+@pytest.fixture(scope="module")
+def timm_layouts():
+  with open(os.path.join(GOLDEN, "timm_layouts.json")) as f:
+    return json.load(f)
+
+
+@pytest.mark.parametrize("arch", TIMM_NAMES)
+def test_parameter_layout_is_timms(arch, timm_layouts):
+  """Every variable of our model is one key of timm's model, with its shape
+  (full-size architectures, checked without weights), and the random-weight
+  generator writes exactly timm's keys."""
+  timm_sd = {k: tuple(s) for k, s in timm_layouts[arch]}
+  flat = traverse_util.flatten_dict(_abstract(_model(arch)), sep="/")
+  family = timm_names.flat_family(flat)
+  ours = {timm_names.flat_name_to_timm(family, k): _torch_shape(k, v.shape)
+          for k, v in flat.items()}
+  assert ours == timm_sd
+  assert timm_shapes(arch) == timm_sd
+  assert list(timm_shapes(arch)) == list(timm_sd)  # timm's order, too
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_equals_timm_forward(case):
+  """Features and logits of timm's model on the same weights, relative error
+  <= 1e-4: low and high resolution ConvNeXt, ViT at its native size, at a
+  larger input (resampled position embeddings) and with stride-8 patches."""
+  c = CASES[case]
+  golden = np.load(os.path.join(GOLDEN, f"timm_{case}.npz"))
+  model = _model(c.arch, c.res)
+  variables = weights.load_pretrained(
+      _abstract(model), weights.torch_to_flat(random_state_dict(c.arch)))
+  logits, aux = jax.jit(model.apply)(variables, golden_input(c))
+  feats = np.asarray(aux["features"])
+  assert feats.shape[1:3] == tuple(golden["features_grid_shape"])
+  step = grid_step(feats.shape[1:3])
+  assert _rel_err(feats[:, ::step, ::step], golden["features"]) <= TOLERANCE
+  assert _rel_err(logits, golden["logits"]) <= TOLERANCE
+
+
+def test_vit_base_weights_into_vit_small_list_misshaped_keys():
+  # Zero-copy arrays: only shapes matter to the loader.
+  vit_b = {k: np.broadcast_to(np.float32(0), s)
+           for k, s in timm_shapes("vit_base_patch16_224").items()}
+  target = _abstract(_model("vit_small_patch16_224"))
+  with pytest.raises(ValueError) as err:
+    weights.load_pretrained(target, weights.torch_to_flat(vit_b))
+  msg = str(err.value)
+  assert "missing" not in msg and "unexpected" not in msg
+  n = len(timm_shapes("vit_small_patch16_224"))
+  assert f"mis-shaped ({n - 1}):" in msg  # all but head.bias: 768 vs 384 wide
+  assert ("params/backbone/blocks_0/attn/qkv/kernel [blocks.0.attn.qkv.weight]: "
+          "checkpoint (768, 2304), model (384, 1152)") in msg
+  assert "params/backbone/pos_embed [pos_embed]: checkpoint (1, 197, 768)" in msg
+  assert ("checkpoint: ViT 12 blocks, width 768, 16-pixel patches, 197 position "
+          "tokens, 1000 classes; model: ViT 12 blocks, width 384") in msg
+
+
+def test_unknown_timm_keys_are_listed_under_their_names():
+  sd = random_state_dict("convnext_test", num_classes=10)
+  sd["norm_pre.weight"] = np.ones(64, np.float32)  # head_norm_first variant
+  del sd["head.norm.bias"]
+  with pytest.raises(ValueError) as err:
+    weights.load_pretrained(_abstract(_model("convnext_test", num_classes=10)),
+                            weights.torch_to_flat(sd))
+  msg = str(err.value)
+  assert "missing (1):\n    params/head_norm/bias [head.norm.bias]" in msg
+  assert "unexpected (1):\n    norm_pre.weight" in msg
+
+
+@pytest.mark.parametrize("arch", ["convnext_test", "vit_test"])
+def test_convert_recognises_timm_checkpoints(tmp_path, arch, capsys):
+  sd = random_state_dict(arch, num_classes=10, seed=3)
+  safetensors = pytest.importorskip("safetensors.numpy")
+  safetensors.save_file(sd, str(tmp_path / "timm.safetensors"))
+  assert convert_weights.main([str(tmp_path / "timm.safetensors"),
+                               str(tmp_path / "ours.npz")]) == 0
+  assert f"{arch}:" in capsys.readouterr().out
+  ref = weights.torch_to_flat(sd)
+  got = weights.read_checkpoint(str(tmp_path / "ours.npz"))
+  assert sorted(got) == sorted(ref)
+  for k in ref:
+    np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+  # What init_from does: the backbone (and ConvNeXt's head_norm) load into a
+  # model of other classes at high resolution.
+  loaded = weights.load_pretrained(_abstract(_model(arch, "high", 5)),
+                                   str(tmp_path / "ours.npz"),
+                                   skip_classifier=True)
+  assert loaded["params"]["classifier"]["kernel"].shape[-1] == 5
+
+
+def test_pth_of_timm_layout(tmp_path):
+  torch = pytest.importorskip("torch")
+  sd = random_state_dict("vit_test", num_classes=10)
+  torch.save({"state_dict_ema": {k: torch.from_numpy(v) for k, v in sd.items()}},
+             tmp_path / "vit.pth")
+  got = weights.read_checkpoint(str(tmp_path / "vit.pth"))
+  assert got["params/backbone/patch_embed/proj/kernel"].shape == (8, 8, 3, 256)
+  assert convert_weights.infer_arch(got) == "vit_test"
