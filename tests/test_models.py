@@ -148,7 +148,7 @@ def test_heads_and_bfloat16_on_convnext_and_vit(backbone, grid, c):
   signed features; ConvNeXt normalises each pooled vector (timm's head.norm);
   bfloat16 computes with the same float32 parameters."""
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-  for head, k in (("gap", 1), ("bcnn", 3)):
+  for head, k in (("gap", 1), ("bcnn", 4)):  # B-CNN: K=3 maps and the K+1-th
     model = build_model(_model_cfg(backbone=backbone, width=8, head=head), 5)
     (logits, aux), _ = jax.eval_shape(
         lambda x: model.init_with_output(jax.random.key(0), x), x)
