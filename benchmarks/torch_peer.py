@@ -110,6 +110,7 @@ def _images(batch, size, fmt):
 
 def _reset_peak():
   if torch.cuda.is_available():
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
 
 

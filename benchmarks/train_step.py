@@ -301,7 +301,7 @@ def main():
                  help="input size of the head comparison (high resolution); 0: skip it")
   p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                  help="compute dtype of both sides (PyTorch: autocast)")
-  p.add_argument("--peers", default="eager",
+  p.add_argument("--peers", default="eager+nchw",
                  help="PyTorch ways, comma-separated: eager, compiled, max-autotune "
                       "(+nchw: without channels-last); empty: none")
   p.add_argument("--no_torch", action="store_true", help="same as --peers ''")
