@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.train_step import random_state
 from brnpa_jax.explain import metrics
 from brnpa_jax.models import BACKBONES, STRIDES, Classifier
 from brnpa_jax.models.heads import BRNPAHead
@@ -60,8 +61,8 @@ def build(backbone: str, width: int, size: int, dtype: str = "float32",
       backbone=BACKBONES[backbone](strides=STRIDES["high"], width=width,
                                    dtype=dt, **kwargs),
       head=BRNPAHead(num_maps=3, dtype=dt), num_classes=200, dtype=dt)
-  variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 3))))(
-      jax.random.key(0))
+  variables = random_state(jax.eval_shape(
+      lambda r: model.init(r, jnp.zeros((1, size, size, 3))), jax.random.key(0)))
   apply_fn = lambda v, x: model.apply(v, x, train=False)[0]
   return apply_fn, variables
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.train_step import ModelConfig
+from benchmarks.train_step import ModelConfig, random_state
 from brnpa_jax.data.fewshot import EpisodeSampler, episode_layout
 from brnpa_jax.models import build_model
 from brnpa_jax.tasks import fewshot
@@ -56,8 +56,8 @@ def step_seconds(args, head, res, episodic):
   model = build_model(cfg, NUM_BASE, args.dtype)
   tx = optax.sgd(1e-3, momentum=0.9)
   s = args.size
-  state = jax.jit(lambda r: create_state(model, tx, r, (1, s, s, 3)))(
-      jax.random.key(0))
+  state = random_state(jax.eval_shape(
+      lambda r: create_state(model, tx, r, (1, s, s, 3)), jax.random.key(0)))
   if episodic:
     layout = episode_layout(args.ways, args.shots, args.queries)
     labels = jnp.asarray(layout)

@@ -253,6 +253,10 @@ class Suite:
     env = dict(os.environ)
     if side == "jax":
       env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+      if self.args.smoke:  # code paths, not speed: XLA's cheapest compilation
+        env["XLA_FLAGS"] = " ".join(
+            [env.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
+             "--xla_llvm_disable_expensive_passes=true"]).strip()
     with open(path + ".log", "w") as log:
       proc = subprocess.Popen(
           [sys.executable, "-m", "benchmarks.gpu_suite", "--worker", side,
@@ -416,7 +420,9 @@ def main(argv=None):
   suite.run(jobs)
   report = suite_report.write(suite.out, info, jobs, suite.records, suite.ctx,
                               suite.sizes, time.time() - suite.t0, args)
-  suite.log(f"wrote {report}")
+  with open(report) as f:
+    print("\n" + f.read(), flush=True)
+  suite.log(f"wrote {report} and suite.json")
   return report
 
 

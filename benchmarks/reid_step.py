@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from benchmarks.train_step import ModelConfig, step_flops
+from benchmarks.train_step import ModelConfig, random_state, step_flops
 from brnpa_jax.models.registry import DTYPES
 from brnpa_jax.models.reid import build_reid_model, reid_loss
 from brnpa_jax.models import BACKBONES, STRIDES
@@ -64,10 +64,11 @@ def measure(res: str, batch: int, steps: int, dtype: str, backbone: str,
   k = 4 if batch % 4 == 0 and batch >= 8 else 2
   images = jax.random.normal(jax.random.key(1), (batch, *size, 3))
   labels = jnp.arange(batch) // k  # P = batch / K identities, K images each
-  variables = jax.jit(model.init)(jax.random.key(0), images[:1])
+  variables = random_state(jax.eval_shape(model.init, jax.random.key(0),
+                                          images[:1]))
   tx = optax.adam(3.5e-4)
   params, batch_stats = variables["params"], variables["batch_stats"]
-  opt_state = jax.jit(tx.init)(params)
+  opt_state = tx.init(params)
   step = make_step(model, tx)
   t0 = time.perf_counter()
   lowered = step.lower(params, batch_stats, opt_state, images, labels)
