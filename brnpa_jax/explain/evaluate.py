@@ -11,6 +11,7 @@ once per workdir, in the same order). ``--methods`` is given once (for every
 run) or once per workdir; ``own`` is the model's own map (SPEC section 6:
 BR-NPA map 1 x norm, bcnn mean of its maps x norm, gap the norm map), the
 others are post-hoc explainers of the class the model predicts.
+``--dtype bfloat16`` runs the deletion and insertion forwards in bfloat16.
 
 Per image and per (run, method): accuracy, sparsity, deletion and insertion
 AUC (``--protocol release``: feature-map cells, one step per cell;
@@ -41,6 +42,7 @@ import tensorflow_datasets as tfds
 from brnpa_jax import predict
 from brnpa_jax.data import input_pipeline
 from brnpa_jax.explain import metrics
+from brnpa_jax.models import build_model
 
 LOWER_IS_BETTER = ("sparsity", "dauc", "dauc_std")
 METRIC_NAMES = {
@@ -95,19 +97,26 @@ class Evaluator:
     run: the restored run.
     protocols: a subset of ('release', 'standard').
     chunk_size: perturbed images per forward.
+    dtype: compute dtype of the deletion/insertion forwards (None: the
+      run's); the accuracy, the maps and the tracked classes come from the
+      run's own forward whatever it is.
   """
 
   def __init__(self, run: Run, protocols, chunk_size: int, mask_key: str,
                seed: int = 0, options: dict[str, dict[str, Any]] | None = None,
                steps: int | None = None, pixels_per_step: int | None = None,
-               tolerance: float = metrics.POINTING_TOLERANCE):
+               tolerance: float = metrics.POINTING_TOLERANCE,
+               dtype: str | None = None):
     self.run, self.protocols, self.mask_key = run, tuple(protocols), mask_key
     self.options = options or {}
     self.steps, self.pixels_per_step = steps, pixels_per_step
     self.tolerance = tolerance
     model = run.model
-    apply_fn = lambda v, x: model.apply(v, x, train=False)[0]
     self.forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    perturbed = model
+    if dtype and dtype != run.config.get("dtype", "float32"):
+      perturbed = build_model(run.config.model, model.num_classes, dtype)
+    apply_fn = lambda v, x: perturbed.apply(v, x, train=False)[0]
     self.curves = metrics.PerturbationCurves(apply_fn, chunk_size=chunk_size)
     self.rng = jax.random.key(seed)
 
@@ -338,7 +347,7 @@ def evaluate(workdirs, *, split="test", methods=None, configs=None,
              num_images=None, protocol="release", batch_size=50,
              chunk_size=64, mask_key="part_mask", reference=None, out_dir,
              seed=0, options=None, steps=None, pixels_per_step=None,
-             tolerance=metrics.POINTING_TOLERANCE, figures=True
+             tolerance=metrics.POINTING_TOLERANCE, figures=True, dtype=None
              ) -> dict[str, Any]:
   """Evaluates runs and writes the tables; returns the summary and paths."""
   methods = [m.split(",") for m in _per_workdir(methods, workdirs, "--methods", "own")]
@@ -349,7 +358,7 @@ def evaluate(workdirs, *, split="test", methods=None, configs=None,
   for workdir, config_arg, run_methods in zip(workdirs, configs, methods):
     run = load_run(workdir, config_arg)
     evaluator = Evaluator(run, protocols, chunk_size, mask_key, seed, options,
-                          steps, pixels_per_step, tolerance)
+                          steps, pixels_per_step, tolerance, dtype)
     for batch, n in iterate_split(run.config, split, batch_size, num_images,
                                   mask_key):
       if examples is None:
@@ -372,6 +381,7 @@ def evaluate(workdirs, *, split="test", methods=None, configs=None,
           "options": options or {}, "release_steps": steps or "one per cell",
           "pixels_per_step": pixels_per_step or "image width",
           "pointing_tolerance_px": tolerance,
+          "perturbation_dtype": dtype or "the run's",
           "ci": "95% t interval", "paired_test": "two-sided Wilcoxon signed-rank"}
   paths = write_tables(summary, per_image, out_dir, reference, info)
   if figures:
@@ -417,6 +427,10 @@ def main(argv=None):
                       "e.g. rise.num_masks=1000")
   p.add_argument("--no_figures", action="store_true",
                  help="tables only (no method grid or curve plots)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                 help="compute dtype of the deletion/insertion forwards "
+                      "(default: the run's); with bfloat16 the DAUC/IAUC means "
+                      f"stay within {metrics.BF16_AUC_TOLERANCE} of float32")
   args = p.parse_args(argv)
   result = evaluate(
       args.workdir, split=args.split, methods=args.methods, configs=args.config,
@@ -425,7 +439,7 @@ def main(argv=None):
       mask_key=args.mask_key, reference=args.reference, out_dir=args.out,
       seed=args.seed, options=parse_options(args.option), steps=args.steps,
       pixels_per_step=args.pixels_per_step, tolerance=args.tolerance,
-      figures=not args.no_figures)
+      figures=not args.no_figures, dtype=args.dtype)
   with open(result["paths"]["md"]) as f:
     print("\n" + f.read())
   print("Wrote", ", ".join(str(v) for v in result["paths"].values()))
