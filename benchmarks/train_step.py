@@ -244,12 +244,27 @@ class JaxSetting:
         except Exception as e:  # pylint: disable=broad-except
           out[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
           del compiled[name]
+    self.compiled_train = compiled
     for name in compiled:
       step_s = statistics.median(times[name])
       out[name].update(step_s=step_s, img_s=self.batch / step_s,
                        flops=self.train_flops,
                        flops_per_s=self.train_flops / step_s)
     return out
+
+  def retime_train(self, iters: int, name: str = "") -> float:
+    """Images/s of an already compiled train step (``train_sets``' name),
+    timed again: for ratios against a peer measured just after."""
+    def once():
+      self.state, m = self.compiled_train[name](self.state, self.data, self.rng)
+      jax.block_until_ready(m)
+    return self.batch / _timed(once, iters)
+
+  def retime_infer(self, iters: int) -> float:
+    """Images/s of the inference compiled by ``infer``, timed again."""
+    images = self.data["image"]
+    return self.batch / _timed(
+        lambda: jax.block_until_ready(self.compiled_infer(self.state, images)), iters)
 
   def infer(self, iters: int, warmup: int = 1, compiler_options=None) -> dict:
     """Compiles and times inference (probabilities and maps) on the batch."""
@@ -259,6 +274,7 @@ class JaxSetting:
     compiled = lowered.compile(compiler_options=compiler_options)
     compile_s = time.perf_counter() - t0
     flops = step_flops(lowered)
+    self.compiled_infer = compiled
     once = lambda: jax.block_until_ready(compiled(self.state, images))
     for _ in range(warmup):
       once()
@@ -267,9 +283,10 @@ class JaxSetting:
             "flops": flops, "flops_per_s": flops / step_s}
 
 
-def jax_figures(head, size, res, batch, iters, dtype="float32", **kwargs) -> dict:
+def jax_figures(head, size, res, batch, iters, dtype="float32", setting=None,
+                **kwargs) -> dict:
   """Train and inference figures of one setting (see ``JaxSetting``)."""
-  setting = JaxSetting(head, size, res, batch, dtype, **kwargs)
+  setting = setting or JaxSetting(head, size, res, batch, dtype, **kwargs)
   train = setting.train(iters)
   infer = setting.infer(iters)
   return {"train": train["img_s"], "infer": infer["img_s"],
@@ -317,7 +334,7 @@ def main():
   print(f"jax {jax.__version__} on {kind}; {args.dtype} matmul peak (measured) "
         f"{peak / 1e9:.1f} GFLOP/s"
         + (f", published {published / 1e12:.0f} TFLOP/s" if published else "")
-        + f"; compute dtype {args.dtype}"
+        + f"; compute dtype {args.dtype}; load average {os.getloadavg()[0]:.1f}"
         + (f"; {torch_peer.describe()}" if peers else ""))
   print(f"\nResNet-50 + BR-NPA (K={K}), batch {args.batch}, images/s "
         "(median of %d steps)" % args.iters)
@@ -327,21 +344,29 @@ def main():
         + (f" {'MFU':>6}" if published else ""))
   for size in map(int, args.sizes.split(",")):
     for res in args.res.split(","):
-      r = jax_figures("brnpa", size, res, args.batch, args.iters, args.dtype)
+      setting = JaxSetting("brnpa", size, res, args.batch, args.dtype)
+      r = jax_figures("brnpa", size, res, args.batch, args.iters, args.dtype,
+                      setting=setting)
       train_cols = infer_cols = ""
       for peer in peers:
         spec = dict(head="brnpa", size=size, strides=STRIDES[res],
                     batch=args.batch, dtype=args.dtype, iters=args.iters)
+        # Ours is timed again just before each peer: the ratio is side by
+        # side even when a shared machine's speed drifts during compiles.
+        ours = setting.retime_train(args.iters)
         t = torch_peer.train_figures(torch_peer.recipe(peer), **spec)["img_s"]
+        ours_infer = setting.retime_infer(args.iters)
         i = torch_peer.infer_figures(torch_peer.recipe(peer), **spec)["img_s"]
-        train_cols += f" {t:>12.2f} {r['train'] / t:>5.2f}x"
-        infer_cols += f" {i:>12.2f} {r['infer'] / i:>5.2f}x"
+        train_cols += f" {t:>12.2f} {ours / t:>5.2f}x"
+        infer_cols += f" {i:>12.2f} {ours_infer / i:>5.2f}x"
       print(f"{size:>4} {res:>4} | {r['train']:>7.2f}{train_cols} | "
             f"{r['infer']:>7.2f}{infer_cols} | {r['compile']:>6.1f}s "
             f"{r['mib']:>7.0f} {r['flops_per_s'] / 1e9:>8.1f} "
             f"{r['flops_per_s'] / peak:>6.0%}"
             + (f" {r['flops_per_s'] / published:>5.1%}" if published else ""),
             flush=True)
+  print(f"load average at the end: {os.getloadavg()[0]:.1f} (1 min); ratios "
+        "use ours timed again just before each peer")
 
   if not args.head_size:
     return

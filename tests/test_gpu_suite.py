@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import gpu_suite, suite_jax, train_step
+from benchmarks import gpu_suite, suite_jax, suite_plan, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
@@ -48,7 +48,7 @@ def test_smoke_runs_every_job(smoke):
     want |= {("torch", k) for k in ("train", "infer", "deletion")}
   assert want <= ran
   sweep = next(j for j in jobs if j.get("option_sets"))
-  assert set(sweep["result"]["by_options"]) == set(gpu_suite.SIZES["smoke"]["options"])
+  assert set(sweep["result"]["by_options"]) == set(suite_plan.SIZES["smoke"]["options"])
   assert sweep["options_kept"] in sweep["result"]["by_options"]
   table = (out / "suite.md").read_text()
   assert "| 32 | high | 2 | bfloat16 | **" in table  # the headline row
@@ -63,26 +63,26 @@ def test_smoke_runs_every_job(smoke):
 
 
 def test_plan_order_and_skips():
-  jobs = gpu_suite.plan(gpu_suite.SIZES["gpu"], torch_ok=True, compile_ok=True)
+  jobs = suite_plan.plan(suite_plan.SIZES["gpu"], torch_ok=True, compile_ok=True)
   ids = [j["id"] for j in jobs]
   assert len(ids) == len(set(ids))
   head = "448/high/b64/bfloat16"
   assert ids[:5] == ["ours/peaks", f"ours/train/{head}", f"torch compiled/train/{head}",
                      f"torch eager/train/{head}", f"torch max-autotune/train/{head}"]
   assert all(j["cap_s"] for j in jobs if j.get("recipe") in ("compiled", "max-autotune"))
-  assert set(gpu_suite.OPTION_SETS) == set(suite_jax.XLA_OPTION_SETS)
-  no_compile = gpu_suite.plan(gpu_suite.SIZES["gpu"], torch_ok=True, compile_ok=False)
+  assert set(suite_plan.OPTION_SETS) == set(suite_jax.XLA_OPTION_SETS)
+  no_compile = suite_plan.plan(suite_plan.SIZES["gpu"], torch_ok=True, compile_ok=False)
   skipped = {j["id"] for j in no_compile if j.get("skip")}
   assert f"torch compiled/train/{head}" in skipped
   assert f"torch eager/train/{head}" not in skipped
-  no_torch = gpu_suite.plan(gpu_suite.SIZES["gpu"], torch_ok=False, compile_ok=False)
+  no_torch = suite_plan.plan(suite_plan.SIZES["gpu"], torch_ok=False, compile_ok=False)
   assert all(j.get("skip") for j in no_torch if j["side"] == "torch")
 
 
 def test_budget_and_option_choice(tmp_path):
   assert gpu_suite.fits({"est_s": 40}, now=100.0, deadline=150.0, est_scale=1.0)
   assert not gpu_suite.fits({"est_s": 60}, now=100.0, deadline=150.0, est_scale=1.0)
-  choose = gpu_suite.choose_options
+  choose = suite_plan.choose_options
   assert choose({"default": {"img_s": 100.0}, "a": {"img_s": 101.0}}) == "default"
   assert choose({"default": {"img_s": 100.0}, "a": {"img_s": 103.0}}) == "a"
   assert choose({"default": {"error": "x"}, "a": {"img_s": 1.0}}) == "a"
