@@ -71,7 +71,7 @@ def main():
   args = p.parse_args()
   try:
     from benchmarks import torch_peer  # pylint: disable=import-outside-toplevel
-    torch_peer.setup(os.cpu_count())
+    torch_peer.setup(len(os.sched_getaffinity(0)))
   except ImportError:
     torch_peer = None
     print("torch is not installed: no PyTorch reference (requirements-bench.txt)")

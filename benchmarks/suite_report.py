@@ -42,6 +42,9 @@ def summary(record: dict) -> str:
         f", compile {r['compile_s']:.1f} s" if _num(r.get("compile_s")) else "")
   if "s_per_image" in r:
     return f"{r['s_per_image']:.3f} s/image"
+  if "matmul_bfloat16" in r:
+    return (f"matmul bfloat16 {r['matmul_bfloat16'] / 1e12:.1f} TFLOP/s, "
+            f"float32 {r['matmul_float32'] / 1e12:.1f} TFLOP/s")
   return f"done in {record.get('seconds', 0):.0f} s"
 
 

@@ -50,7 +50,9 @@ def _spec(job, ctx) -> dict:
 
 
 def _setup(ctx):
-  torch_peer.setup(None if torch.cuda.is_available() else os.cpu_count())
+  del ctx
+  cpus = len(os.sched_getaffinity(0))  # the cores this process may use
+  torch_peer.setup(None if torch.cuda.is_available() else cpus)
 
 
 def train(job, ctx) -> dict:

@@ -304,7 +304,7 @@ def _torch_or_none(peers: list[str]):
     print("torch is not installed: PyTorch columns skipped "
           "(pip install -r requirements-bench.txt)")
     return None
-  torch_peer.setup(os.cpu_count())
+  torch_peer.setup(len(os.sched_getaffinity(0)))
   return torch_peer
 
 
