@@ -19,6 +19,8 @@ import os
 import subprocess
 import sys
 
+from brnpa_jax.models import STRIDES
+
 # (name, XLA flags, compute dtype, 1x1 convolutions as matmuls). Without the
 # last, the zoo's 1x1-convolutions-as-matmuls (brnpa_jax/models/conv.py) is
 # off in that process: what the step costs with XLA:CPU's own convolution for
@@ -40,10 +42,10 @@ size, res, batch, iters, dtype, matmul_1x1 = sys.argv[1:7]
 if matmul_1x1 == "0":
   from brnpa_jax.models import conv
   conv._pointwise = lambda *args: False
-tr, inf, comp, mib, fl = jax_figures("brnpa", int(size), res, int(batch),
-                                     int(iters), dtype)
-print("RESULT " + json.dumps(dict(train=tr, infer=inf, compile=comp, mib=mib,
-                                  flops=fl)))
+r = jax_figures("brnpa", int(size), res, int(batch), int(iters), dtype)
+print("RESULT " + json.dumps(dict(train=r["train"], infer=r["infer"],
+                                  compile=r["compile"], mib=r["mib"],
+                                  flops=r["flops_per_s"])))
 """
 
 
@@ -68,19 +70,23 @@ def main():
   p.add_argument("--iters", type=int, default=3)
   args = p.parse_args()
   try:
-    import torch  # pylint: disable=import-outside-toplevel
-    from benchmarks.train_step import torch_figures  # pylint: disable=import-outside-toplevel
-    torch.set_num_threads(os.cpu_count())
+    from benchmarks import torch_peer  # pylint: disable=import-outside-toplevel
+    torch_peer.setup(len(os.sched_getaffinity(0)))
   except ImportError:
-    torch_figures = None
+    torch_peer = None
     print("torch is not installed: no PyTorch reference (requirements-bench.txt)")
-  ref = []
-  if torch_figures:
-    ref.append(torch_figures("brnpa", args.size, args.res, args.batch, args.iters)[0])
+
+  def eager_torch():
+    return torch_peer.train_figures(
+        torch_peer.recipe("eager+nchw"), head="brnpa", size=args.size,
+        strides=STRIDES[args.res], batch=args.batch, dtype="float32",
+        iters=args.iters)["img_s"]
+
+  ref = [eager_torch()] if torch_peer else []
   rows = [(name, flags, dtype, run_setting(flags, dtype, matmul_1x1, args))
           for name, flags, dtype, matmul_1x1 in SETTINGS]
-  if torch_figures:
-    ref.append(torch_figures("brnpa", args.size, args.res, args.batch, args.iters)[0])
+  if torch_peer:
+    ref.append(eager_torch())
   torch_ips = sum(ref) / len(ref) if ref else float("nan")
   print(f"ResNet-50 + BR-NPA train step, {args.size}px {args.res} res, batch "
         f"{args.batch}, {os.cpu_count()} CPU cores; eager PyTorch "

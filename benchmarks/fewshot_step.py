@@ -24,10 +24,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
+from benchmarks.train_step import ModelConfig, random_state
 from brnpa_jax.data.fewshot import EpisodeSampler, episode_layout
 from brnpa_jax.models import build_model
 from brnpa_jax.tasks import fewshot
@@ -50,14 +50,14 @@ def _median_seconds(fn, iters):
 
 def step_seconds(args, head, res, episodic):
   """(median step seconds, first-call seconds) of one train step."""
-  cfg = ml_collections.ConfigDict(dict(
+  cfg = ModelConfig(
       backbone=args.backbone, res=res, head=head, num_maps=3, refine=True,
-      init="norm", aux_heads=False, dropout=0.0, use_bias=True, width=args.width))
-  model = build_model(cfg, NUM_BASE)
+      init="norm", aux_heads=False, dropout=0.0, use_bias=True, width=args.width)
+  model = build_model(cfg, NUM_BASE, args.dtype)
   tx = optax.sgd(1e-3, momentum=0.9)
   s = args.size
-  state = jax.jit(lambda r: create_state(model, tx, r, (1, s, s, 3)))(
-      jax.random.key(0))
+  state = random_state(jax.eval_shape(
+      lambda r: create_state(model, tx, r, (1, s, s, 3)), jax.random.key(0)))
   if episodic:
     layout = episode_layout(args.ways, args.shots, args.queries)
     labels = jnp.asarray(layout)
@@ -114,12 +114,14 @@ def main():
   p.add_argument("--res", default="low,high")
   p.add_argument("--phases", default="episodic,pretrain")
   p.add_argument("--iters", type=int, default=3)
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="compute dtype (parameters stay float32)")
   args = p.parse_args()
   print(f"{jax.devices()[0].device_kind} ({jax.default_backend()}), "
         f"{args.backbone} width {args.width}, {args.size} px, episode "
         f"{args.ways}-way {args.shots}-shot {args.queries}-query "
         f"({args.ways * (args.shots + args.queries)} images), pretrain batch "
-        f"{args.batch}")
+        f"{args.batch}, {args.dtype}")
   rows = []
   for phase in args.phases.split(","):
     for res in args.res.split(","):

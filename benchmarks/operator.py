@@ -9,9 +9,9 @@ For K=3 maps on (B=8, S x S x 2048) float32 features (S = 14, 56): ms per
 call of the forward and of forward+backward (the gradient of
 ``sum(vectors * cotangent)`` w.r.t. the features), for our jitted operator
 and for a PyTorch port written the way the authors' release writes it
-(``torch_brnpa``: NCHW, per-round gathers, broadcast products summed over
-channels, eager, no ``torch.compile``). Both are checked to give the same
-vectors and gradients before anything is timed.
+(``benchmarks.torch_models.torch_brnpa``: NCHW, per-round gathers, broadcast
+products summed over channels, eager, no ``torch.compile``). Both are
+checked to give the same vectors and gradients before anything is timed.
 
 The same run measures this machine's memory bandwidth and prints what the
 operator achieves against the memory-traffic bound (see ``_traffic``). All
@@ -46,52 +46,14 @@ from brnpa_jax import brnpa
 
 try:
   import torch
+
+  from benchmarks.torch_models import device as _torch_device
+  from benchmarks.torch_models import sync as _torch_sync
+  from benchmarks.torch_models import torch_brnpa
 except ImportError:  # optional: only the PyTorch column needs it
   torch = None
 
 K = 3
-NORM_EPS = 1e-5
-
-
-def torch_brnpa(feats_BxCxHxW, num_maps: int):
-  """BR-NPA as the authors' release computes it, in eager PyTorch.
-
-  Features stay NCHW; each round gathers the selected vector, forms the
-  similarity map with a broadcast product summed over channels, and the
-  refined vector with a map-weighted sum over space. Suppression multiplies
-  the score. Same maths as ``brnpa_jax.brnpa`` (docs/method.md#the-operator).
-
-  Returns:
-    (vectors (B, K, C), maps (B, K, H, W)).
-  """
-  b, _, _, w = feats_BxCxHxW.shape
-  x = feats_BxCxHxW
-  norm = torch.sqrt((x * x).sum(1)) + NORM_EPS  # (B, H, W)
-  score = norm.clone()
-  batch = torch.arange(b)
-  vectors, maps = [], []
-  for _ in range(num_maps):
-    ind = score.flatten(1).argmax(1)
-    row, col = ind // w, ind % w
-    v = x[batch, :, row, col]  # (B, C)
-    v_norm = norm[batch, row, col]
-    sim = (x * v[:, :, None, None]).sum(1) / (norm * v_norm[:, None, None])
-    a = sim / sim.sum((1, 2), keepdim=True)
-    vectors.append((x * a[:, None]).sum((2, 3)))
-    maps.append(a)
-    score = (1 - sim) * score
-  return torch.stack(vectors, 1), torch.stack(maps, 1)
-
-
-def _torch_device() -> str:
-  return "cuda" if torch is not None and torch.cuda.is_available() else "cpu"
-
-
-def _torch_sync(out):
-  """Waits for the GPU (a no-op on CPU) so that timings cover the work."""
-  if torch is not None and torch.cuda.is_available():
-    torch.cuda.synchronize()
-  return out
 
 
 def _median_ms(fn, iters: int) -> float:
@@ -420,7 +382,7 @@ def main():
     torch.set_num_threads(threads)
     print(f"torch {torch.__version__} on {_torch_device()}: "
           f"torch.set_num_threads({threads}), eager, "
-          "reference-style operator (benchmarks/operator.py:torch_brnpa)")
+          "reference-style operator (benchmarks/torch_models.py:torch_brnpa)")
   elif torch is None:
     print("PyTorch is not importable: PyTorch column skipped "
           "(pip install -r requirements-bench.txt)")

@@ -25,13 +25,12 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
-from benchmarks.train_step import step_flops
+from benchmarks.train_step import ModelConfig, random_state, step_flops
 from brnpa_jax.models.registry import DTYPES
 from brnpa_jax.models.reid import build_reid_model, reid_loss
-from brnpa_jax.models.registry import BACKBONES, STRIDES
+from brnpa_jax.models import BACKBONES, STRIDES
 
 REAL_BATCH = 64  # P=16 identities x K=4 images
 NUM_CLASSES = 751  # Market-1501 training identities
@@ -55,19 +54,21 @@ def make_step(model, tx):
   return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
-def measure(res: str, batch: int, steps: int, dtype: str, backbone: str) -> dict:
+def measure(res: str, batch: int, steps: int, dtype: str, backbone: str,
+            size: tuple[int, int] = (256, 128), width: int = 0) -> dict:
   """Compile and time one setting; returns its figures."""
-  model = build_reid_model(ml_collections.ConfigDict(dict(
-      backbone=backbone, width=0, res=res, head="brnpa", num_maps=3,
+  model = build_reid_model(ModelConfig(
+      backbone=backbone, width=width, res=res, head="brnpa", num_maps=3,
       refine=True, init="norm", aux_heads=False, dropout=0.0, use_bias=False,
-      zero_init_residual=False, freeze_bn=False)), NUM_CLASSES, dtype)
+      zero_init_residual=False, freeze_bn=False), NUM_CLASSES, dtype)
   k = 4 if batch % 4 == 0 and batch >= 8 else 2
-  images = jax.random.normal(jax.random.key(1), (batch, 256, 128, 3))
+  images = jax.random.normal(jax.random.key(1), (batch, *size, 3))
   labels = jnp.arange(batch) // k  # P = batch / K identities, K images each
-  variables = jax.jit(model.init)(jax.random.key(0), images[:1])
+  variables = random_state(jax.eval_shape(model.init, jax.random.key(0),
+                                          images[:1]))
   tx = optax.adam(3.5e-4)
   params, batch_stats = variables["params"], variables["batch_stats"]
-  opt_state = jax.jit(tx.init)(params)
+  opt_state = tx.init(params)
   step = make_step(model, tx)
   t0 = time.perf_counter()
   lowered = step.lower(params, batch_stats, opt_state, images, labels)

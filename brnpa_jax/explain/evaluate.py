@@ -11,6 +11,7 @@ once (for every run) or once per workdir; ``own`` is the model's own map
 (BR-NPA map 1 x norm, bcnn mean of its maps x norm, gap the norm map; see
 docs/method.md#own-maps), the others are post-hoc explainers of the class
 the model predicts.
+``--dtype bfloat16`` runs the deletion and insertion forwards in bfloat16.
 
 Per image and per (run, method): accuracy, sparsity, deletion and insertion
 AUC (``--protocol release``: feature-map cells, one step per cell;
@@ -47,6 +48,7 @@ from brnpa_jax.data import input_pipeline
 from brnpa_jax.errors import ConfigError
 from brnpa_jax.explain import metrics
 from brnpa_jax.runs import load_run as restore_run
+from brnpa_jax.models import build_model
 
 LOWER_IS_BETTER = ("sparsity", "dauc", "dauc_std")
 # The ground truth of the pointing games, per dataset (data.name).
@@ -98,21 +100,27 @@ class Evaluator:
     run: the restored run.
     protocols: a subset of ('release', 'standard').
     chunk_size: perturbed images per forward.
+    dtype: compute dtype of the deletion/insertion forwards (None: the
+      run's); the accuracy, the maps and the tracked classes come from the
+      run's own forward whatever it is.
   """
 
   def __init__(self, run: Run, protocols, chunk_size: int, ground_truth: str,
                seed: int = 0, options: dict[str, dict[str, Any]] | None = None,
                steps: int | None = None, pixels_per_step: int | None = None,
                tolerance: float = metrics.POINTING_TOLERANCE,
-               energy_protocol: str = "mask"):
+               energy_protocol: str = "mask", dtype: str | None = None):
     self.run, self.protocols = run, tuple(protocols)
     self.ground_truth, self.energy_protocol = ground_truth, energy_protocol
     self.options = options or {}
     self.steps, self.pixels_per_step = steps, pixels_per_step
     self.tolerance = tolerance
     model = run.model
-    apply_fn = lambda v, x: model.apply(v, x, train=False)[0]
     self.forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    perturbed = model
+    if dtype and dtype != run.config.get("dtype", "float32"):
+      perturbed = build_model(run.config.model, model.num_classes, dtype)
+    apply_fn = lambda v, x: perturbed.apply(v, x, train=False)[0]
     self.curves = metrics.PerturbationCurves(apply_fn, chunk_size=chunk_size)
     self.rng = jax.random.key(seed)
 
@@ -370,7 +378,7 @@ def evaluate(workdirs, *, split="test", methods=None, num_images=None, protocol=
              chunk_size=64, ground_truth=None, energy_protocol=None,
              reference=None, out_dir,
              seed=0, options=None, steps=None, pixels_per_step=None,
-             tolerance=metrics.POINTING_TOLERANCE, figures=True
+             tolerance=metrics.POINTING_TOLERANCE, figures=True, dtype=None
              ) -> dict[str, Any]:
   """Evaluates runs and writes the tables; returns the summary and paths."""
   methods = [m.split(",") for m in _per_workdir(methods, workdirs, "--methods", "own")]
@@ -385,7 +393,7 @@ def evaluate(workdirs, *, split="test", methods=None, num_images=None, protocol=
       raise ConfigError(f"--energy_protocol={energy!r}: use one of "
                         f"{ENERGY_PROTOCOLS}.")
     evaluator = Evaluator(run, protocols, chunk_size, key, seed, options,
-                          steps, pixels_per_step, tolerance, energy)
+                          steps, pixels_per_step, tolerance, energy, dtype)
     for batch, n in iterate_split(run.config, split, batch_size, num_images,
                                   key):
       if examples is None:
@@ -409,6 +417,7 @@ def evaluate(workdirs, *, split="test", methods=None, num_images=None, protocol=
           "options": options or {}, "release_steps": steps or "one per cell",
           "pixels_per_step": pixels_per_step or "image width",
           "pointing_tolerance_px": tolerance,
+          "perturbation_dtype": dtype or "the run's",
           "ci": "95% t interval", "paired_test": "two-sided Wilcoxon signed-rank"}
   paths = write_tables(summary, per_image, out_dir, reference, info)
   if figures:
@@ -448,6 +457,10 @@ def _define(fv: flags.FlagValues, argv) -> None:
   d("multi_string", "option", None, "An explainer option METHOD.NAME=VALUE "
     "(repeatable), e.g. rise.num_masks=1000.")
   d("bool", "figures", True, "Also draw the method grid and the curves.")
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype of "
+                    "the deletion/insertion forwards (default: the run's); with "
+                    "bfloat16 the DAUC/IAUC means stay within "
+                    f"{metrics.BF16_AUC_TOLERANCE} of float32.", flag_values=fv)
   flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
 
 
@@ -459,7 +472,7 @@ def _main(fv: flags.FlagValues) -> dict[str, Any]:
       reference=fv.reference, out_dir=fv.out,
       seed=fv.seed, options=parse_options(fv.option), steps=fv.steps,
       pixels_per_step=fv.pixels_per_step, tolerance=fv.tolerance,
-      figures=fv.figures)
+      figures=fv.figures, dtype=fv.dtype)
   with open(result["paths"]["md"]) as f:
     print("\n" + f.read())
   print("Wrote", ", ".join(str(v) for v in result["paths"].values()))

@@ -1,0 +1,98 @@
+"""The JAX side of ``benchmarks.gpu_suite``: one function per kind of job.
+
+Each takes the job (a dict from the suite's plan) and the run's context
+(model family, timing counts, the XLA options chosen so far) and returns a
+JSON-able dict. Everything is built from random data: no dataset, no
+TensorFlow, no ml_collections.
+"""
+
+from __future__ import annotations
+
+import platform
+import types
+
+import flax
+import jax
+import optax
+
+from benchmarks import deletion, fewshot_step, reid_step, train_step
+
+# XLA options compared on the headline train step (passed per compilation,
+# ``Lowered.compile(compiler_options=...)``, so one process measures them
+# all); the fastest is kept for every later JAX measurement of the run.
+XLA_OPTION_SETS = {
+    "default": {},
+    "latency-hiding scheduler": {"xla_gpu_enable_latency_hiding_scheduler": True},
+    "no command buffers": {"xla_gpu_enable_command_buffer": ""},
+}
+
+
+def probe() -> dict:
+  """Versions and the device; imports every module the jobs use."""
+  dev = jax.devices()[0]
+  return {"python": platform.python_version(), "jax": jax.__version__,
+          "flax": flax.__version__, "optax": optax.__version__,
+          "platform": dev.platform, "device_kind": dev.device_kind,
+          "num_devices": jax.device_count()}
+
+
+def peaks(job, ctx) -> dict:
+  """Measured matmul rates, and the published peaks of this device."""
+  kind = jax.devices()[0].device_kind
+  out = {"device_kind": kind}
+  for dtype in ("bfloat16", "float32"):
+    out[f"matmul_{dtype}"] = train_step.matmul_peak_flops(job["n"], ctx["iters"],
+                                                          dtype)
+    out[f"published_{dtype}"] = train_step.published_peak(kind, dtype)
+  return out
+
+
+def train(job, ctx) -> dict:
+  """The train step under each of ``job['option_sets']`` (default: the
+  run's chosen options), and inference at the same batch if asked."""
+  setting = train_step.JaxSetting(
+      job["head"], job["size"], job["res"], job["batch"], job["dtype"],
+      remat=job.get("remat"), stage_sizes=ctx["stage_sizes"], width=ctx["width"])
+  names = job.get("option_sets") or [ctx["options_name"]]
+  # Several sets: medians of 3 interleaved rounds (drift hits all alike).
+  rounds = 3 if len(names) > 1 else 1
+  out = {"flops": setting.train_flops, "by_options": setting.train_sets(
+      {name: XLA_OPTION_SETS[name] for name in names},
+      max(1, ctx["iters"] // rounds), ctx["warmup"], rounds)}
+  if job.get("infer"):
+    out["infer"] = setting.infer(ctx["iters"], ctx["warmup"],
+                                 XLA_OPTION_SETS[ctx["options_name"]] or None)
+  return out
+
+
+def deletion_curves(job, ctx) -> dict:
+  """Batched vs looped deletion (``benchmarks.deletion``), both protocols."""
+  opts = dict(job["opts"], stage_sizes=ctx["stage_sizes"], width=ctx["width"])
+  return {"rows": deletion.measure(opts, job["dtype"])}
+
+
+def fewshot(job, ctx) -> dict:
+  """Episodic and pretraining steps of ResNet-12 + BR-NPA."""
+  args = types.SimpleNamespace(**job["args"], iters=ctx["iters"],
+                               dtype=job["dtype"])
+  rows = []
+  for phase in job["phases"]:
+    for res in job["res"]:
+      sec, first = fewshot_step.step_seconds(args, "brnpa", res,
+                                             phase == "episodic")
+      images = (args.ways * (args.shots + args.queries) if phase == "episodic"
+                else args.batch)
+      rows.append({"phase": phase, "res": res, "step_s": sec, "first_s": first,
+                   "img_s": images / sec, "images": images})
+  return {"rows": rows}
+
+
+def reid(job, ctx) -> dict:
+  """The re-id train step (``benchmarks.reid_step``)."""
+  r = reid_step.measure(job["res"], job["batch"], ctx["iters"], job["dtype"],
+                        job["backbone"], tuple(job["size"]), job.get("width", 0))
+  return {k: v for k, v in r.items() if k != "cpu_s"}
+
+
+JOBS = {"peaks": peaks, "train": train, "deletion": deletion_curves,
+        "fewshot": fewshot, "reid": reid}
