@@ -30,7 +30,7 @@ import optax
 from benchmarks.train_step import ModelConfig, random_state
 from brnpa_jax.data.fewshot import EpisodeSampler, episode_layout
 from brnpa_jax.models import build_model
-from brnpa_jax.tasks import fewshot
+from brnpa_jax.tasks import prototypes as fewshot
 from brnpa_jax.train.state import create_state
 
 NUM_BASE = 64  # mini-ImageNet's base classes (CUB: 100; the cost barely moves)

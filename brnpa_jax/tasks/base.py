@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from brnpa_jax.models import build_model
-from brnpa_jax.runs import Workdir
+
+if TYPE_CHECKING:  # only named in annotations: the losses of the tasks stay
+  # importable where ml_collections is not installed (the GPU benchmarks).
+  from brnpa_jax.runs import Workdir
 
 
 @dataclasses.dataclass(frozen=True)
