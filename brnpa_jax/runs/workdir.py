@@ -1,0 +1,208 @@
+"""The workdir's layout, its config guard and its summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Mapping
+
+import ml_collections
+
+from brnpa_jax.errors import UserError
+
+CONFIG_FILE = "config.json"
+CONFIG_HISTORY_FILE = "config_history.jsonl"
+SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.jsonl"
+
+# Fields a run may be resumed with other values of: they change when and
+# where things happen, not what is trained.
+RESUME_SAFE_FIELDS = (
+    "log_every_steps",         # how often training metrics are written
+    "checkpoint_every_steps",  # how often the newest state is saved
+    "max_to_keep",             # how many newest states are kept
+    "num_overlays",            # images in the final picture
+    "eval_batch_size",         # evaluation sums are the same for any batch
+    "mesh.num_devices",        # a resumed run may move to another slice...
+    "mesh.fsdp",               # ...or layout: the state is resharded
+    "data.data_dir",           # where the (same) prepared data is found
+)
+_ABSENT = "<absent>"
+
+
+class RunError(UserError, ValueError):
+  """A workdir cannot be used as asked; the message says how to proceed."""
+
+
+class ConfigMismatchError(RunError):
+  """The requested config differs from the run's ``config.json``.
+
+  Attributes:
+    differences: ``(field, stored, requested)`` per differing field.
+  """
+
+  def __init__(self, workdir: str, differences, *, finished: bool):
+    self.differences = list(differences)
+    lines = [f"  {f}: stored {_show(a)}, requested {_show(b)}"
+             for f, a, b in self.differences]
+    n = len(self.differences)
+    what = (f"{workdir} is a finished run whose config.json differs from the "
+            f"requested config in {n} field{'s' * (n > 1)}:" if finished else
+            f"{workdir} holds a run whose config.json differs from the "
+            f"requested config in {n} field{'s' * (n > 1)}:")
+    how = ("A finished run is never changed: start the new config in a new "
+           "--workdir." if finished else
+           "Start the new config in a new --workdir, or resume this run under "
+           "it with --allow_config_change (recorded in "
+           f"{CONFIG_HISTORY_FILE}).")
+    super().__init__("\n".join([what, *lines, how]))
+
+
+def _show(value) -> str:
+  return value if value is _ABSENT else json.dumps(value)
+
+
+def config_dict(config) -> dict[str, Any]:
+  """A config as plain JSON types (tuples become lists), as stored."""
+  if isinstance(config, ml_collections.ConfigDict):
+    return json.loads(config.to_json_best_effort())
+  return json.loads(json.dumps(dict(config)))
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_differences(stored: Mapping[str, Any], requested: Mapping[str, Any],
+                       ignore=RESUME_SAFE_FIELDS) -> list[tuple[str, Any, Any]]:
+  """``(field, stored, requested)`` for each dotted field that differs."""
+  a, b = _flatten(config_dict(stored)), _flatten(config_dict(requested))
+  return [(k, a.get(k, _ABSENT), b.get(k, _ABSENT))
+          for k in sorted(a.keys() | b.keys())
+          if k not in ignore and a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+
+
+def _write_atomic(path: str, text: str) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workdir:
+  """A run's directory (see the package docstring for its layout)."""
+  path: str
+
+  def __post_init__(self):
+    object.__setattr__(self, "path",
+                       os.path.abspath(os.path.expanduser(str(self.path))))
+
+  def file(self, name: str) -> str:
+    return os.path.join(self.path, name)
+
+  @property
+  def config_file(self) -> str:
+    return self.file(CONFIG_FILE)
+
+  @property
+  def summary_file(self) -> str:
+    return self.file(SUMMARY_FILE)
+
+  @property
+  def metrics_file(self) -> str:
+    return self.file(METRICS_FILE)
+
+  @property
+  def checkpoints_dir(self) -> str:
+    return self.file("checkpoints")
+
+  @property
+  def best_dir(self) -> str:
+    return self.file("best")
+
+  @property
+  def overlays_dir(self) -> str:
+    return self.file("overlays")
+
+  # -- state of the run ----------------------------------------------------------
+  def has_config(self) -> bool:
+    return os.path.isfile(self.config_file)
+
+  def is_finished(self) -> bool:
+    return os.path.isfile(self.summary_file)
+
+  def check_is_directory(self) -> None:
+    """Raises RunError when the path exists but is not a directory."""
+    if os.path.exists(self.path) and not os.path.isdir(self.path):
+      raise RunError(f"--workdir {self.path} is a file, not a directory: "
+                     "pass a directory (it is created if missing).")
+
+  # -- config --------------------------------------------------------------------
+  def read_config(self) -> ml_collections.ConfigDict:
+    """The config the run was started with."""
+    if not self.has_config():
+      raise RunError(f"{self.path} is not a training workdir (it has no "
+                     f"{CONFIG_FILE}): pass the --workdir of a run that "
+                     "train.py has started.")
+    with open(self.config_file) as f:
+      return ml_collections.ConfigDict(json.load(f))
+
+  def check_config(self, config, *, allow_change: bool = False
+                   ) -> list[tuple[str, Any, Any]]:
+    """Compares ``config`` with the stored one, if any.
+
+    Fields in ``RESUME_SAFE_FIELDS`` may differ. Returns the other
+    differences when ``allow_change`` accepts them (an unfinished run only).
+
+    Raises:
+      ConfigMismatchError: fields differ and the change is not allowed, or
+        the run is finished.
+    """
+    if not self.has_config():
+      return []
+    with open(self.config_file) as f:
+      stored = json.load(f)
+    differences = config_differences(stored, config)
+    if differences and (self.is_finished() or not allow_change):
+      raise ConfigMismatchError(self.path, differences,
+                                finished=self.is_finished())
+    return differences
+
+  def write_config(self, config, changes=()) -> None:
+    """Writes ``config.json`` when the run starts, or when ``changes`` (from
+    ``check_config(allow_change=True)``) were accepted: the old config and the
+    changes are then appended to ``config_history.jsonl``."""
+    if self.has_config() and not changes:
+      return
+    os.makedirs(self.path, exist_ok=True)
+    if changes:
+      with open(self.config_file) as f:
+        previous = json.load(f)
+      record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "changes": [{"field": f, "stored": a, "requested": b}
+                            for f, a, b in changes],
+                "previous_config": previous}
+      with open(self.file(CONFIG_HISTORY_FILE), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    _write_atomic(self.config_file, json.dumps(config_dict(config), indent=2))
+
+  # -- summary -------------------------------------------------------------------
+  def read_summary(self) -> dict[str, Any] | None:
+    if not self.is_finished():
+      return None
+    with open(self.summary_file) as f:
+      return json.load(f)
+
+  def write_summary(self, summary: Mapping[str, Any]) -> None:
+    _write_atomic(self.summary_file, json.dumps(dict(summary), indent=2))
