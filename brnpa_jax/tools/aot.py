@@ -159,10 +159,11 @@ def _main(fv: flags.FlagValues) -> int:
                                 step=fv.fit_step, start=fv.fit_start,
                                 max_compiles=fv.fit_max_compiles)
         best, limit = result.best, result.limit
-        edge = "" if limit is None else (
-            f"; {limit.batch_per_device} " + ("rematerialises" if
-                                              limit.rematerialised
-                                              else "does not fit"))
+        edge = (f"; larger batches not tried (--fit_max_compiles="
+                f"{fv.fit_max_compiles})" if limit is None else
+                f"; {limit.batch_per_device} " + ("rematerialises" if
+                                                  limit.rematerialised
+                                                  else "does not fit"))
         print(f"{topo} {dtype}: largest batch per device that fits: "
               f"{best.batch_per_device if best else 0}"
               + (f" ({_gib(best.report.total_bytes)} GiB)" if best else "")

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import topologies
 
 from brnpa_jax.errors import UserError
 from brnpa_jax.models import build_model
@@ -90,8 +91,6 @@ def topology(name: str):
     raise UserError(str(e)) from None
   if not libtpu_installed():
     raise UserError(LIBTPU_MISSING)
-  # pylint: disable=g-import-not-at-top
-  from jax.experimental import topologies
   with _captured_stderr() as log:
     try:
       devices, err = topologies.get_topology_desc(
