@@ -188,3 +188,11 @@ def test_fit_search_finds_the_edge_in_few_compiles(monkeypatch):
   assert result.limit.batch_per_device == 24 and result.limit.rematerialised
   assert len(compiled_batches) <= 4, compiled_batches
   assert result.bytes_per_image == pytest.approx(0.56 * gib)
+  # One compile's conservative line: everything but arguments, outputs,
+  # code and a state-sized gradient counts per image.
+  fixed, per_image, batch = fit.estimate(result.best.report)
+  assert fixed == pytest.approx((0.3 + 0.05 + 0.2) * gib)
+  assert per_image == pytest.approx((2.1 + 0.56 * 20 - 0.55) * gib / 20)
+  # Below where memory runs out (24.8), but blind to rematerialisation:
+  # an estimate for choosing --fit_start, not an answer.
+  assert batch == 24

@@ -192,6 +192,13 @@ def _main(fv: flags.FlagValues) -> int:
         print(format_report(report), flush=True)
         if report.note:
           print(f"  {report.note}", flush=True)
+        if kind == "train" and report.batch_per_device >= 1:
+          fixed, per_image, batch = fit_lib.estimate(report)
+          print(f"  memory line from this compile: {_gib(fixed)} GiB + "
+                f"{_gib(per_image)} GiB per image: at most {batch} images "
+                "per device before the HBM is full (an estimate; XLA may "
+                "rematerialise earlier: --fit compiles to find the edge)",
+                flush=True)
         out.append(dict(dataclasses.asdict(report), fits=True))
   print("Times are roofline lower bounds from the compiled program "
         "(collectives and input not modelled), not measurements.")

@@ -104,6 +104,19 @@ def line(tries) -> tuple[float, float]:
   return a.total_bytes - slope * fits[-2].batch_per_device, slope
 
 
+def estimate(report) -> tuple[float, float, int]:
+  """``(fixed bytes, bytes per image, batch)`` predicted from one compiled
+  train step: its non-activation bytes as fixed (``line``), the rest per
+  image; the batch where that line meets the HBM. The temporaries not
+  proportional to the batch count as per image, so the line overstates the
+  bytes per image; but XLA starts rematerialising before the HBM is full,
+  so the estimate is a starting point (``--fit_start``), not an answer."""
+  fixed, slope = line([Try(int(report.batch_per_device), report)])
+  if not slope > 0:
+    return fixed, slope, 0
+  return fixed, slope, int((report.hbm_bytes - fixed) // slope)
+
+
 def search(config, devices, chip, topology: str, *, num_classes: int,
            dtype: str, step: int = 4, start: int = 0, max_compiles: int = 4,
            log: Callable[[str], None] = print) -> FitResult:
