@@ -95,9 +95,15 @@ class DistillationTask(classification.ClassificationTask):
   With ``model.aux_heads`` the auxiliary heads' cross-entropies are added to
   the distillation loss, as in the authors' release. Evaluation and model
   selection are the student's plain accuracy.
+
+  Args:
+    config: the student's config.
+    teacher: ``(model, variables, config)`` of the teacher; None restores
+      it from ``teacher_workdir``. Compiling ahead of time passes the
+      variables' ShapeDtypeStructs (``brnpa_jax.train.aot``).
   """
 
-  def __init__(self, config):
+  def __init__(self, config, teacher=None):
     super().__init__(config)
     d = config.get("distill")
     if d is None:
@@ -107,8 +113,9 @@ class DistillationTask(classification.ClassificationTask):
       raise ValueError(f"distill.temperature must be > 0 and alpha in [0, 1]; "
                        f"got T={d.temperature}, alpha={d.alpha}.")
     self.temperature, self.alpha = float(d.temperature), float(d.alpha)
-    self.teacher, self.teacher_variables, self.teacher_config = load_teacher(
-        d.teacher_workdir, self.num_classes(), config.dtype)
+    if teacher is None:
+      teacher = load_teacher(d.teacher_workdir, self.num_classes(), config.dtype)
+    self.teacher, self.teacher_variables, self.teacher_config = teacher
 
   def train_context(self):
     return self.teacher_variables

@@ -29,9 +29,8 @@ from brnpa_jax.models.weights import load_into_state
 from brnpa_jax.runs import Checkpointer, Workdir, abstract_like
 from brnpa_jax.tasks import get_task
 from brnpa_jax.tasks.base import RunContext, Visual
+from brnpa_jax.train import program as program_lib
 from brnpa_jax.train import sharding as shd
-from brnpa_jax.train import steps as steps_lib
-from brnpa_jax.train.optim import make_optimizer
 from brnpa_jax.train.writers import create_writer
 
 # Training steps with a non-finite loss or gradient (not applied) that a run
@@ -100,13 +99,12 @@ class Trainer:
     self.workdir = Workdir(workdir).path
     self.draw = draw
     self.task = get_task(config)
-    self.mesh = shd.make_mesh(config.mesh.num_devices, config.mesh.fsdp)
+    self.layout = program_lib.make_layout(config)
+    self.mesh = self.layout.mesh
     self.global_batch = config.batch_size
-    self.grad_accum_steps = config.get("grad_accum_steps", 1)
-    self.local_batch = shd.check_batch_size(config.batch_size, self.mesh,
-                                            micro_batches=self.grad_accum_steps)
-    self.local_eval_batch = shd.check_batch_size(config.eval_batch_size, self.mesh,
-                                                 "eval_batch_size")
+    self.grad_accum_steps = self.layout.grad_accum_steps
+    self.local_batch = self.layout.local_batch
+    self.local_eval_batch = self.layout.local_eval_batch
     if jax.process_count() > 1:
       # One process builds a generated dataset; the others then find it.
       if jax.process_index() == 0:
@@ -125,9 +123,6 @@ class Trainer:
           "training examples: lower it with --config.batch_size (or the "
           "config's batch= switch), or add data.")
     self.total_steps = self.steps_per_epoch * config.num_epochs
-    self.model = self.task.build_model(self.num_classes)
-    self.tx, self.schedule = make_optimizer(config.optim, self.steps_per_epoch,
-                                            config.num_epochs)
     self._build_steps()
     self.context = RunContext(
         forward=self.forward, predict=self.predict, eval_step=self.eval_step,
@@ -141,21 +136,17 @@ class Trainer:
     context = self.task.train_context()
     self._context = () if context is None else (jax.device_put(
         context, shd.replicated(self.mesh)),)
-    steps = steps_lib.jit_steps(
-        self.model, self.tx, self.mesh, (1, *self._image_hw(), 3),
-        loss_fn=self.task.loss_and_metrics,
-        metrics_fn=getattr(self.task, "eval_metrics", None),
-        grad_accum_steps=self.grad_accum_steps,
-        with_context=context is not None)
+    # The same program ahead-of-time compilation builds (train/program.py).
+    program = program_lib.build_program(
+        cfg, self.task, self.layout, num_classes=self.num_classes,
+        steps_per_epoch=self.steps_per_epoch, with_context=context is not None)
+    self.model, self.tx, self.schedule = program.model, program.tx, program.schedule
+    steps = program.steps
     self._init, self.train_step = steps.init, steps.train
     self.eval_step, self.predict = steps.eval, steps.predict
     self.forward = steps.forward
     self.state_shapes, self.state_sharding = steps.state_shapes, steps.state_sharding
     self.data_sharding = steps.data_sharding
-
-  def _image_hw(self) -> tuple[int, int]:
-    size = self.config.data.image_size
-    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
   def to_global(self, batch):
     """Global arrays, sharded on the data axes, from this process's batch."""
