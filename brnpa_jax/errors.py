@@ -18,3 +18,8 @@ class ConfigError(UserError, ValueError):
 
 class InputNotFoundError(UserError, FileNotFoundError):
   """A file or folder the user named is missing or holds nothing usable."""
+
+
+class BadInputError(UserError, ValueError):
+  """A file the user named exists but cannot be read (corrupt, truncated or
+  in another format than its name says)."""

@@ -9,7 +9,9 @@ from PIL import Image
 
 import train
 from brnpa_jax import cli, export, predict, sweep
+from brnpa_jax.data import image_folder
 from brnpa_jax.explain import evaluate
+from brnpa_jax.tools import aot, convert_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(REPO, "configs", "default.py")
@@ -103,6 +105,24 @@ def test_predict_export_evaluate_name_what_is_missing(tmp_path, capsys):
   status = sweep.main(["--config", DEFAULT, "--workdir", str(tmp_path / "s"),
                        "--batch_sizes=8,x"])
   _expect_user_error(capsys, status, "--batch_sizes")
+
+
+def test_weight_conversion_cub_arrangement_and_aot_mistakes(tmp_path, capsys):
+  status = convert_weights.main([f"--weights={tmp_path}/resnet50.pth",
+                                 f"--out={tmp_path}/r.npz"])
+  _expect_user_error(capsys, status, "resnet50.pth: no such file")
+  status = convert_weights.main([f"--weights={tmp_path}/x.pth"])
+  _expect_user_error(capsys, status, "--out")
+  (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+  status = convert_weights.main([f"--weights={tmp_path}/junk.safetensors",
+                                 f"--out={tmp_path}/r.npz"])
+  _expect_user_error(capsys, status, "junk.safetensors", "truncated, corrupt")
+  assert not os.path.exists(tmp_path / "r.npz")
+  status = image_folder.main([f"--cub_dir={tmp_path}/CUB_200_2011",
+                              f"--out={tmp_path}/cub"])
+  _expect_user_error(capsys, status, "CUB_200_2011: no such folder")
+  status = aot.main(["--config", f"{DEFAULT}:runlocal", "--topology=v9z:2x2"])
+  _expect_user_error(capsys, status, "v9z")
 
 
 def test_verbose_shows_the_traceback(tmp_path, capsys):

@@ -123,8 +123,8 @@ def test_convert_recognises_timm_checkpoints(tmp_path, arch, capsys):
   sd = random_state_dict(arch, num_classes=10, seed=3)
   safetensors = pytest.importorskip("safetensors.numpy")
   safetensors.save_file(sd, str(tmp_path / "timm.safetensors"))
-  assert convert_weights.main([str(tmp_path / "timm.safetensors"),
-                               str(tmp_path / "ours.npz")]) == 0
+  assert convert_weights.main([f"--weights={tmp_path / 'timm.safetensors'}",
+                               f"--out={tmp_path / 'ours.npz'}"]) == 0
   assert f"{arch}:" in capsys.readouterr().out
   ref = weights.torch_to_flat(sd)
   got = weights.read_checkpoint(str(tmp_path / "ours.npz"))

@@ -78,8 +78,8 @@ def test_file_formats_round_trip(tmp_path, tiny_sd, capsys):
   safetensors.save_file(tiny_sd, str(tmp_path / "tv.safetensors"))
   _assert_same(weights.read_checkpoint(str(tmp_path / "tv.safetensors")), ref)
   # The converted file holds our names and loads to the same arrays.
-  assert convert_weights.main([str(tmp_path / "tv.safetensors"),
-                               str(tmp_path / "ours.npz")]) == 0
+  assert convert_weights.main([f"--weights={tmp_path / 'tv.safetensors'}",
+                               f"--out={tmp_path / 'ours.npz'}"]) == 0
   assert "resnet_tiny" in capsys.readouterr().out
   with np.load(tmp_path / "ours.npz") as f:
     assert "batch_stats/backbone/layer2_0/downsample_bn/mean" in f.files

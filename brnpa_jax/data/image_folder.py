@@ -14,7 +14,7 @@ Instead of ``train/`` (``validation/``, ``test/``), a split may be the one
 folder of ``root`` whose name ends in ``_train`` (``_val``, ``_test``): the
 authors' release reads ``data/CUB-200-2011_train`` and ``..._test``, so
 ``data_dir=data`` works on their layout as it is. ``python -m
-brnpa_jax.data.image_folder CUB_200_2011 OUT`` arranges the official CUB
+brnpa_jax.data.image_folder --cub_dir CUB_200_2011 --out OUT`` arranges the CUB
 archive (``images/``, ``images.txt``, ``train_test_split.txt``) into
 ``OUT/train`` and ``OUT/test`` with symbolic links.
 
@@ -55,9 +55,12 @@ import os
 from typing import Sequence
 
 import numpy as np
+from absl import flags
 from PIL import Image
 import tensorflow as tf
 
+from brnpa_jax import cli
+from brnpa_jax.errors import InputNotFoundError
 from brnpa_jax.data.catalog import VALIDATION_PERCENT, DatasetNotPreparedError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm",
@@ -380,20 +383,37 @@ def arrange_cub(cub_dir: str, out: str, copy: bool = False) -> dict[str, int]:
   return counts
 
 
-def main(argv=None) -> None:
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(
-      description="Arrange the extracted CUB_200_2011 archive into the image "
-      "folder layout (OUT/train/<class>/, OUT/test/<class>/) that "
-      "dataset=folder,data_dir=OUT reads.")
-  parser.add_argument("cub_dir", help="the extracted CUB_200_2011 folder")
-  parser.add_argument("out", help="the folder to create")
-  parser.add_argument("--copy", action="store_true",
-                      help="copy the images instead of symbolic links")
-  args = parser.parse_args(argv)
-  counts = arrange_cub(args.cub_dir, args.out, args.copy)
-  print(f"{args.out}: {counts['train']} train and {counts['test']} test images.")
+ARRANGE_DOC = """Arranges the extracted CUB_200_2011 archive into the image folder layout
+(OUT/train/<class>/, OUT/test/<class>/) that dataset=folder,data_dir=OUT reads.
+
+  python -m brnpa_jax.data.image_folder --cub_dir CUB_200_2011 --out data/cub_folder
+"""
+
+
+def _define(fv: flags.FlagValues, argv) -> None:
+  del argv
+  flags.DEFINE_string("cub_dir", None, "The extracted CUB_200_2011 folder.",
+                      flag_values=fv)
+  flags.DEFINE_string("out", None, "The folder to create.", flag_values=fv)
+  flags.DEFINE_bool("copy", False, "Copy the images instead of symbolic links.",
+                    flag_values=fv)
+  flags.mark_flags_as_required(["cub_dir", "out"], flag_values=fv)
+
+
+def _main(fv: flags.FlagValues) -> None:
+  if not os.path.isdir(fv.cub_dir):
+    raise InputNotFoundError(
+        f"--cub_dir={fv.cub_dir}: no such folder; give the extracted "
+        "CUB_200_2011 archive (the folder holding images.txt).")
+  counts = arrange_cub(fv.cub_dir, fv.out, fv.copy)
+  print(f"{fv.out}: {counts['train']} train and {counts['test']} test images.")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command line: ``python -m brnpa_jax.data.image_folder --cub_dir DIR --out OUT``."""
+  return cli.run(_define, _main, doc=ARRANGE_DOC, argv=argv,
+                 prog="python -m brnpa_jax.data.image_folder")
 
 
 if __name__ == "__main__":
-  main()
+  raise SystemExit(main())

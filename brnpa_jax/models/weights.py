@@ -30,6 +30,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from brnpa_jax.errors import BadInputError, InputNotFoundError
 from brnpa_jax.models import timm_names
 
 # Top-level modules a checkpoint supplies besides the classifier: the
@@ -128,7 +129,7 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
     raise ImportError(
         f"Reading {path} needs PyTorch (pip install torch). Without it, convert "
         "the checkpoint once where PyTorch is installed (python -m "
-        "brnpa_jax.tools.convert_weights IN OUT.npz) or use its .safetensors "
+        "brnpa_jax.tools.convert_weights --weights IN --out OUT.npz) or use its .safetensors "
         "version.") from e
   obj = torch.load(path, map_location="cpu", weights_only=True)
   # Training checkpoints wrap the weights (timm: state_dict / state_dict_ema).
@@ -137,7 +138,7 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
       obj = obj[wrapper]
       break
   if not isinstance(obj, Mapping):
-    raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict "
+    raise BadInputError(f"{path} holds a {type(obj).__name__}, not a state dict "
                      "(save model.state_dict(), not the model).")
   return {k: v.detach().float().cpu().numpy() for k, v in obj.items()
           if isinstance(v, torch.Tensor)}
@@ -154,22 +155,31 @@ def read_checkpoint(path: str) -> dict[str, np.ndarray]:
     Flat name -> float32 array, ready for ``load_pretrained``.
   """
   if not os.path.exists(path):
-    raise FileNotFoundError(f"No weights file at {path!r}.")
+    raise InputNotFoundError(f"No weights file at {path!r}.")
+  if not path.endswith((".safetensors", ".npz") + TORCH_SUFFIXES):
+    raise BadInputError(f"Unknown weights format {path!r}: use .safetensors, "
+                        f".npz, or {'/'.join(TORCH_SUFFIXES)} (PyTorch).")
   if path.endswith(".safetensors"):
     try:
       from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     except ImportError as e:
       raise ImportError(f"Reading {path} needs safetensors "
                         "(pip install safetensors).") from e
-    raw = load_file(path)
-  elif path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as f:
-      raw = {k: f[k] for k in f.files}
-  elif path.endswith(TORCH_SUFFIXES):
-    raw = _read_torch(path)
-  else:
-    raise ValueError(f"Unknown weights format {path!r}: use .safetensors, .npz, "
-                     f"or {'/'.join(TORCH_SUFFIXES)} (PyTorch).")
+  try:
+    if path.endswith(".safetensors"):
+      raw = load_file(path)
+    elif path.endswith(".npz"):
+      with np.load(path, allow_pickle=False) as f:
+        raw = {k: f[k] for k in f.files}
+    else:
+      raw = _read_torch(path)
+  except (ImportError, BadInputError):
+    raise
+  except Exception as e:  # each reader has its own error types
+    raise BadInputError(
+        f"Cannot read {path} as a {os.path.splitext(path)[1]} checkpoint "
+        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
+        "the file is truncated, corrupt or in another format.") from e
   if _is_ours(raw):
     return {k: np.asarray(v, np.float32) for k, v in raw.items()}
   return torch_to_flat(raw)

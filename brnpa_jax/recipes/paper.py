@@ -24,7 +24,7 @@ Every paper config takes these switches (``configs/<file>.py:dataset=cars196``):
   runlocal   a smoke test: tiny model (resnet_tiny), 2 epochs, 32 px (64 px
              when a model is at low resolution: a 2x2 map, room for K=3)
 
-Pretrained weights: ``python -m brnpa_jax.tools.convert_weights IN OUT``
+Pretrained weights: ``python -m brnpa_jax.tools.convert_weights --weights IN --out OUT``
 turns a torchvision / timm ResNet checkpoint (``.pth``, ``.safetensors``,
 ``.npz``) into the file ``init_from`` reads; the classifier is not loaded.
 """

@@ -1,31 +1,32 @@
 r"""Converts a torchvision / timm checkpoint into a file our configs load.
 
-  python -m brnpa_jax.tools.convert_weights resnet50-11ad3fa6.pth resnet50.npz
-  python -m brnpa_jax.tools.convert_weights model.safetensors convnext_tiny.npz
+  python -m brnpa_jax.tools.convert_weights --weights resnet50-11ad3fa6.pth --out resnet50.npz
+  python -m brnpa_jax.tools.convert_weights --weights model.safetensors --out convnext_tiny.npz
 
-IN is ``.pth`` / ``.pt`` / ``.bin`` (needs PyTorch), ``.safetensors`` or
+``--weights`` is ``.pth`` / ``.pt`` / ``.bin`` (needs PyTorch), ``.safetensors`` or
 ``.npz``: a ResNet in torchvision's key layout (timm's ResNets share it), or
-timm's ``convnext_*``, ``vit_*`` or ``deit_*`` (non-distilled) layout. OUT
-is a ``.npz`` of our variable tree (``params/backbone/conv1/kernel``, ...,
+timm's ``convnext_*``, ``vit_*`` or ``deit_*`` (non-distilled) layout.
+``--out`` is a ``.npz`` of our variable tree (``params/backbone/conv1/kernel``, ...,
 ``batch_stats/...``, ``params/classifier/...``), float32, kernels already in
 Flax's layout: numpy reads it with no PyTorch or safetensors installed, and
 its names are ours, so loading it is a lookup. The tool recognises the
 architecture (one of ``BACKBONES``) and checks the weights load strictly into
-it before writing; ``config.init_from = OUT`` then starts a run from them.
+it before writing; ``config.init_from`` set to that file then starts a run from them.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from flax import traverse_util
 
+from brnpa_jax import cli
+from brnpa_jax.errors import InputNotFoundError, UserError
 from brnpa_jax.models import timm_names, weights
 from brnpa_jax.models.classifier import Classifier
 from brnpa_jax.models.convnext import ConvNeXt
@@ -104,21 +105,31 @@ def convert(src: str, dst: str) -> str:
   return summary
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      description="Convert a torchvision/timm checkpoint into the .npz "
-                  "that config.init_from loads.")
-  parser.add_argument("src", metavar="IN", help=".pth/.pt/.bin, .safetensors or .npz")
-  parser.add_argument("dst", metavar="OUT", help="the .npz to write")
-  args = parser.parse_args(argv)
+def _define(fv: flags.FlagValues, argv) -> None:
+  del argv
+  flags.DEFINE_string("weights", None, "The checkpoint to convert: .pth/.pt/.bin, "
+                      ".safetensors or .npz.", flag_values=fv)
+  flags.DEFINE_string("out", None, "The .npz to write.", flag_values=fv)
+  flags.mark_flags_as_required(["weights", "out"], flag_values=fv)
+
+
+def _main(fv: flags.FlagValues) -> None:
+  if not os.path.isfile(fv.weights):
+    raise InputNotFoundError(f"--weights={fv.weights}: no such file.")
+  if os.path.isdir(fv.out):
+    raise UserError(f"--out={fv.out} is a folder; give the .npz file to write.")
   try:
-    summary = convert(args.src, args.dst)
-  except (ValueError, ImportError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(f"Wrote {args.dst} ({summary}).")
-  return 0
+    summary = convert(fv.weights, fv.out)
+  except (ValueError, ImportError) as e:
+    raise UserError(str(e)) from e
+  print(f"Wrote {fv.out} ({summary}).")
+
+
+def main(argv=None) -> int:
+  """Command line: ``python -m brnpa_jax.tools.convert_weights --weights IN --out OUT``."""
+  return cli.run(_define, _main, doc=__doc__, argv=argv,
+                 prog="python -m brnpa_jax.tools.convert_weights")
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  raise SystemExit(main())

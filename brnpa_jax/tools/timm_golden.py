@@ -21,13 +21,14 @@ mean of the normalised patch tokens), ConvNeXt's head is timm's own.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import NamedTuple
 
 import numpy as np
+from absl import flags
 
+from brnpa_jax import cli
 from brnpa_jax.models.convnext import ConvNeXt
 from brnpa_jax.models.registry import BACKBONES, TINY_PRESETS, family
 from brnpa_jax.models.vit import VisionTransformer
@@ -212,18 +213,21 @@ def timm_layouts() -> dict[str, list]:
   return out
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--out", default=os.path.join("tests", "golden"))
-  args = parser.parse_args(argv)
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, "timm_layouts.json")
+def _define(fv: flags.FlagValues, argv) -> None:
+  del argv
+  flags.DEFINE_string("out", os.path.join("tests", "golden"),
+                      "Folder for the golden files.", flag_values=fv)
+
+
+def _main(fv: flags.FlagValues) -> None:
+  os.makedirs(fv.out, exist_ok=True)
+  path = os.path.join(fv.out, "timm_layouts.json")
   with open(path, "w") as f:
     json.dump(timm_layouts(), f, separators=(",", ":"))
   print(f"{path}: {len(TIMM_NAMES)} architectures")
   for name, case in CASES.items():
     outputs = timm_outputs(case)
-    path = os.path.join(args.out, f"timm_{name}.npz")
+    path = os.path.join(fv.out, f"timm_{name}.npz")
     np.savez_compressed(path, **outputs)
     grid = tuple(int(n) for n in outputs["features_grid_shape"])
     print(f"{path}: grid {grid}, stored "
@@ -232,5 +236,10 @@ def main(argv=None):
           f"{np.abs(outputs['logits']).max():.3g}")
 
 
+def main(argv=None) -> int:
+  return cli.run(_define, _main, doc=__doc__, argv=argv,
+                 prog="python -m brnpa_jax.tools.timm_golden")
+
+
 if __name__ == "__main__":
-  main()
+  raise SystemExit(main())

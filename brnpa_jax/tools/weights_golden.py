@@ -15,11 +15,12 @@ the logits of the same weights with stages 3 and 4 at stride 1 (our
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
+from absl import flags
 
+from brnpa_jax import cli
 from brnpa_jax.models.registry import BACKBONES
 
 GOLDEN_ARCHS = ("resnet18", "resnet50")
@@ -155,14 +156,17 @@ def torchvision_outputs(arch: str) -> dict[str, np.ndarray]:
           "torchvision_version": np.array(torchvision.__version__)}
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--out", default=os.path.join("tests", "golden"))
-  args = parser.parse_args(argv)
-  os.makedirs(args.out, exist_ok=True)
+def _define(fv: flags.FlagValues, argv) -> None:
+  del argv
+  flags.DEFINE_string("out", os.path.join("tests", "golden"),
+                      "Folder for the golden files.", flag_values=fv)
+
+
+def _main(fv: flags.FlagValues) -> None:
+  os.makedirs(fv.out, exist_ok=True)
   for arch in GOLDEN_ARCHS:
     outputs = torchvision_outputs(arch)
-    path = os.path.join(args.out, f"{arch}.npz")
+    path = os.path.join(fv.out, f"{arch}.npz")
     np.savez_compressed(path, **outputs)
     print(f"{path}: features {outputs['features'].shape}, logits "
           f"{outputs['logits'].shape}, |features| max "
@@ -170,5 +174,10 @@ def main(argv=None):
           f"{np.abs(outputs['logits']).max():.3g}")
 
 
+def main(argv=None) -> int:
+  return cli.run(_define, _main, doc=__doc__, argv=argv,
+                 prog="python -m brnpa_jax.tools.weights_golden")
+
+
 if __name__ == "__main__":
-  main()
+  raise SystemExit(main())

@@ -97,11 +97,10 @@ def peak_flops(chip: Chip, dtype: str, precision: str | None) -> float:
 
 
 def accepted_names() -> str:
-  """The topology names to suggest, one generation per line."""
-  lines = [f"  {g}:{'|'.join(shapes)}" for g, shapes in KNOWN_TOPOLOGIES.items()]
-  lines.append("  or a slice name: v5e-16, v5e-256, v4-8, v5p-8 (cores for "
-               "v4/v5p, chips for v5e)")
-  return "\n".join(lines)
+  """The topology names to suggest, on one line."""
+  spans = [f"{g}:{shapes[0]}..{shapes[-1]}" for g, shapes in KNOWN_TOPOLOGIES.items()]
+  return (", ".join(spans) + ", or a slice name such as v5e-16, v4-8, v5p-8 "
+          "(chips for v5e, TensorCores for v4/v5p)")
 
 
 def _slice_to_topology(generation: str, count: int) -> str | None:
@@ -130,12 +129,12 @@ def parse_topology(name: str) -> tuple[Chip, str]:
   if m:
     topology = _slice_to_topology(m.group(1), int(m.group(2)))
     if topology is None:
-      raise ValueError(f"unknown TPU slice {name!r}; accepted:\n{accepted_names()}")
+      raise ValueError(f"unknown TPU slice {name!r}; use {accepted_names()}.")
     name = topology
   m = re.fullmatch(r"(v\d+[a-z]*):(\d+(?:x\d+){1,2})", name)
   if not m or m.group(1) not in CHIPS:
-    raise ValueError(f"unknown TPU topology {name!r}; accepted:\n{accepted_names()}")
+    raise ValueError(f"unknown TPU topology {name!r}; use {accepted_names()}.")
   chip = CHIPS[m.group(1)]
   if not chip.compilable:
-    raise ValueError(f"{name}: {chip.note}; use one of:\n{accepted_names()}")
+    raise ValueError(f"{name}: {chip.note}; use {accepted_names()}.")
   return chip, name
