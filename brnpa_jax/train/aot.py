@@ -103,8 +103,8 @@ def topology(name: str):
       raise UserError(
           "libtpu is in use by another process (one process at a time); "
           "wait for it, or set ALLOW_MULTIPLE_LIBTPU_LOAD=1.") from err
-    raise UserError(f"libtpu cannot build topology {topo!r} ({msg[:200]}); "
-                    f"accepted:\n{chips_lib.accepted_names()}") from err
+    raise UserError(f"libtpu cannot build topology {topo!r} ({msg[:200]});\n"
+                    f"use {chips_lib.accepted_names()}.") from err
   return chip, topo, list(devices)
 
 
