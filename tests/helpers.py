@@ -1,5 +1,10 @@
-"""Shared by the tests: tiny configs of the real ones."""
+"""Shared by the tests: tiny configs of the real ones, models for weight import."""
 
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from brnpa_jax.models import build_model
 from configs import default
 
 
@@ -20,3 +25,17 @@ def tiny_config(data_dir, arg="runlocal", **overrides):
     node[leaf] = value
   c.lock()
   return c
+
+
+def weights_model(arch, res="low", num_classes=1000, head="gap"):
+  """A ``Classifier`` of backbone ``arch`` as the weight-import tests load it."""
+  cfg = ml_collections.ConfigDict(dict(
+      backbone=arch, head=head, res=res, num_maps=3, refine=True, init="norm",
+      aux_heads=False, dropout=0.0, use_bias=True))
+  return build_model(cfg, num_classes)
+
+
+def abstract_variables(model, size=64):
+  """The shapes of ``model``'s variables on ``size`` x ``size`` images."""
+  return jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                           jnp.zeros((1, size, size, 3))))

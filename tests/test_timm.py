@@ -9,32 +9,19 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
 
-from brnpa_jax.models import build_model, timm_names, weights
+from brnpa_jax.models import timm_names, weights
 from brnpa_jax.tools import convert_weights
 from brnpa_jax.tools.timm_golden import (CASES, TIMM_NAMES, golden_input,
                                          grid_step, random_state_dict,
                                          timm_shapes)
+from helpers import abstract_variables, weights_model
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 TOLERANCE = 1e-4  # max |ours - timm| / max |timm|, float32
-
-
-def _model(arch, res="low", num_classes=1000, head="gap"):
-  cfg = ml_collections.ConfigDict(dict(
-      backbone=arch, head=head, res=res, num_maps=3, refine=True, init="norm",
-      aux_heads=False, dropout=0.0, use_bias=True))
-  return build_model(cfg, num_classes)
-
-
-def _abstract(model, size=64):
-  return jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                           jnp.zeros((1, size, size, 3))))
 
 
 def _rel_err(ours, ref):
@@ -61,7 +48,7 @@ def test_parameter_layout_is_timms(arch, timm_layouts):
   (full-size architectures, checked without weights), and the random-weight
   generator writes exactly timm's keys."""
   timm_sd = {k: tuple(s) for k, s in timm_layouts[arch]}
-  flat = traverse_util.flatten_dict(_abstract(_model(arch)), sep="/")
+  flat = traverse_util.flatten_dict(abstract_variables(weights_model(arch)), sep="/")
   family = timm_names.flat_family(flat)
   ours = {timm_names.flat_name_to_timm(family, k): _torch_shape(k, v.shape)
           for k, v in flat.items()}
@@ -77,9 +64,9 @@ def test_equals_timm_forward(case):
   larger input (resampled position embeddings) and with stride-8 patches."""
   c = CASES[case]
   golden = np.load(os.path.join(GOLDEN, f"timm_{case}.npz"))
-  model = _model(c.arch, c.res)
+  model = weights_model(c.arch, c.res)
   variables = weights.load_pretrained(
-      _abstract(model), weights.torch_to_flat(random_state_dict(c.arch)))
+      abstract_variables(model), weights.torch_to_flat(random_state_dict(c.arch)))
   logits, aux = jax.jit(model.apply)(variables, golden_input(c))
   feats = np.asarray(aux["features"])
   assert feats.shape[1:3] == tuple(golden["features_grid_shape"])
@@ -92,7 +79,7 @@ def test_vit_base_weights_into_vit_small_list_misshaped_keys():
   # Zero-copy arrays: only shapes matter to the loader.
   vit_b = {k: np.broadcast_to(np.float32(0), s)
            for k, s in timm_shapes("vit_base_patch16_224").items()}
-  target = _abstract(_model("vit_small_patch16_224"))
+  target = abstract_variables(weights_model("vit_small_patch16_224"))
   with pytest.raises(ValueError) as err:
     weights.load_pretrained(target, weights.torch_to_flat(vit_b))
   msg = str(err.value)
@@ -111,7 +98,7 @@ def test_unknown_timm_keys_are_listed_under_their_names():
   sd["norm_pre.weight"] = np.ones(64, np.float32)  # head_norm_first variant
   del sd["head.norm.bias"]
   with pytest.raises(ValueError) as err:
-    weights.load_pretrained(_abstract(_model("convnext_test", num_classes=10)),
+    weights.load_pretrained(abstract_variables(weights_model("convnext_test", num_classes=10)),
                             weights.torch_to_flat(sd))
   msg = str(err.value)
   assert "missing (1):\n    params/head_norm/bias [head.norm.bias]" in msg
@@ -133,7 +120,7 @@ def test_convert_recognises_timm_checkpoints(tmp_path, arch, capsys):
     np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
   # What init_from does: the backbone (and ConvNeXt's head_norm) load into a
   # model of other classes at high resolution.
-  loaded = weights.load_pretrained(_abstract(_model(arch, "high", 5)),
+  loaded = weights.load_pretrained(abstract_variables(weights_model(arch, "high", 5)),
                                    str(tmp_path / "ours.npz"),
                                    skip_classifier=True)
   assert loaded["params"]["classifier"]["kernel"].shape[-1] == 5

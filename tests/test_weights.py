@@ -8,34 +8,20 @@ test needs no PyTorch; the ``.pth`` cases are skipped without it.
 import os
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
 
-from brnpa_jax.models import build_model
 from brnpa_jax.models import weights
 from brnpa_jax.tools import convert_weights
 from brnpa_jax.tools.weights_golden import (GOLDEN_ARCHS, golden_input,
                                             random_state_dict)
 from brnpa_jax.runs import abstract_like
 from brnpa_jax.train.trainer import Trainer, train_and_evaluate
+from helpers import abstract_variables, weights_model
 from configs import default
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
-
-
-def _model(arch, res="low", num_classes=1000, head="gap"):
-  cfg = ml_collections.ConfigDict(dict(
-      backbone=arch, head=head, res=res, num_maps=3, refine=True, init="norm",
-      aux_heads=False, dropout=0.0, use_bias=True))
-  return build_model(cfg, num_classes)
-
-
-def _abstract(model, size=64):
-  return jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                           jnp.zeros((1, size, size, 3))))
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +36,8 @@ def test_equals_torchvision_forward(arch):
   golden = np.load(os.path.join(GOLDEN, f"{arch}.npz"))
   flat = weights.torch_to_flat(random_state_dict(arch))
   for res, key in (("low", "logits"), ("high", "logits_high")):
-    model = _model(arch, res)
-    variables = weights.load_pretrained(_abstract(model), flat)
+    model = weights_model(arch, res)
+    variables = weights.load_pretrained(abstract_variables(model), flat)
     logits, aux = jax.jit(model.apply)(variables, golden_input())
     np.testing.assert_allclose(logits, golden[key], rtol=0, atol=1e-4)
     if res == "low":
@@ -120,7 +106,7 @@ def test_strict_loader_lists_every_problem(tiny_sd):
   del sd["layer2.0.bn1.running_var"]
   sd["conv1.0.weight"] = np.zeros((8, 3, 3, 3), np.float32)  # timm deep stem
   sd["layer1.0.conv2.weight"] = np.zeros((8, 4, 3, 3), np.float32)
-  target = _abstract(_model("resnet_tiny", num_classes=10))
+  target = abstract_variables(weights_model("resnet_tiny", num_classes=10))
   with pytest.raises(ValueError) as err:
     weights.load_pretrained(target, weights.torch_to_flat(sd))
   msg = str(err.value)
@@ -133,7 +119,7 @@ def test_strict_loader_lists_every_problem(tiny_sd):
 
 
 def test_classifier_can_be_skipped(tiny_sd):
-  variables = _abstract(_model("resnet_tiny", num_classes=5), 32)
+  variables = abstract_variables(weights_model("resnet_tiny", num_classes=5), 32)
   flat = weights.torch_to_flat(tiny_sd)
   with pytest.raises(ValueError, match=r"(?s)mis-shaped.*classifier/kernel.*"
                      "skip_classifier=True"):
