@@ -80,7 +80,8 @@ def test_other_fine_grained_datasets_under_mock_data(name, classes, extra):
   assert set(batch) == {"image", "label", "mask", "id"} | extra
   if name == "stanford_dogs":  # the box enclosing both dogs
     enclosing = transforms.eval_box(tf.constant([0.1, 0.1, 0.9, 0.4]),
-                                    tf.constant([H, W]), size=32)
+                                    tf.constant([H, W]), size=32,
+                                    resize_mode=cfg.resize)
     np.testing.assert_allclose(batch["bbox"][0], enclosing.numpy(), atol=1e-6)
   if name == "oxford_iiit_pet":  # pet and outline, not background
     ys, xs = np.nonzero(batch["object_mask"][0])
