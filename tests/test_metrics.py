@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from brnpa_jax.errors import ConfigError
 from brnpa_jax.explain import evaluate, metrics
 
 # An 8x8 image seen as a 4x4 feature map (2x2-pixel cells). The toy model
@@ -204,3 +205,11 @@ def test_to_cells_block_means():
   cells = np.asarray(metrics.to_cells(sal, (4, 4)))
   np.testing.assert_allclose(cells[1, 2, 3], sal[1, 4:6, 6:8].mean())
   assert metrics.to_cells(sal, (3, 3)).shape == (2, 3, 3)
+
+
+def test_release_protocol_steps_beyond_the_cells_is_a_config_error():
+  sal = np.random.default_rng(0).random((2, 3, 3)).astype(np.float32)
+  ranks, thresholds = metrics.release_order(sal, (96, 96), 9)
+  assert ranks.shape == (2, 96, 96) and thresholds[-1] == 9
+  with pytest.raises(ConfigError, match=r"\[1, 9\] \(cells of the 3x3 map\); got 36.*--steps"):
+    metrics.release_order(sal, (96, 96), 36)

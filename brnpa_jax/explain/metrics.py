@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from brnpa_jax.errors import ConfigError
+
 # apply_fn(variables, images (B, H, W, 3)) -> logits (B, num_classes).
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -169,8 +171,9 @@ def release_order(saliency_Bxhxw, size: tuple[int, int], steps: int | None
   n = h * w
   steps = n if steps is None else steps
   if not 1 <= steps <= n:
-    raise ValueError(f"steps must be in [1, {n}] (cells of the {h}x{w} map);"
-                     f" got {steps}.")
+    raise ConfigError(f"steps must be in [1, {n}] (cells of the {h}x{w} map);"
+                      f" got {steps}. The release protocol takes at most one "
+                      "step per cell: lower --steps, or leave it out.")
   cell_rank = descending_rank(sal.reshape(b, n)).reshape(b, h, w)
   ranks = cell_rank[:, _cell_of_pixel(h, size[0])][:, :, _cell_of_pixel(w, size[1])]
   return ranks, (np.arange(1, steps + 1) * n) // steps
