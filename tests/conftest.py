@@ -5,8 +5,14 @@ persistent compilation cache must be set before JAX or TensorFlow start,
 hence here. The cache lives in a fresh directory per pytest run: a program
 that several tests (or the training processes some tests start and restart)
 compile is compiled once. The expensive fixtures are built once per pytest
-run and shared by every module: one TFDS data directory (each parts-dataset
-config in it is generated once) and one finished tiny training run.
+process and shared by every module: one TFDS data directory (each
+parts-dataset config in it is generated once) and one finished tiny training
+run.
+
+CI runs the files in two processes (pytest-xdist, ``-n 2 --dist loadfile``:
+every file in one process, so module fixtures are built once). They share
+the compilation cache (the workers inherit this process's environment) and,
+compiling for TPU only, libtpu.
 """
 
 import dataclasses
@@ -20,6 +26,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       tempfile.mkdtemp(prefix="brnpa_jax_test_jit_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# libtpu takes a machine-wide lock; the tests only compile for TPU, so test
+# processes (and a sizing run of the AOT tool) may hold it together.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import chex  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position

@@ -2,8 +2,8 @@
 
 Needs the ``tpu`` extra (libtpu, XLA's TPU compiler); skipped without it.
 Compiles the train step of ``configs/default.py:runlocal`` (resnet_tiny,
-64 px) once per layout for v5e slices of 4, 8 and 16 chips, data parallel
-and fsdp=2. The model is widened from 8 to 64 channels: the TPU lays arrays
+64 px) once per layout: v5e slices of 4 chips (data parallel and fsdp=2) and
+8 chips (data parallel, two hosts). The model is widened from 8 to 64 channels: the TPU lays arrays
 out in tiles of 128 lanes, so at width 8 a kernel and its half are padded to
 the same tiles and sharding saves a third of the state, not half.
 """
@@ -32,7 +32,7 @@ def libtpu():
     mp.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     yield
 
-GLOBAL_BATCH = 16  # 4, 2 and 1 images per chip on 4, 8 and 16 chips
+GLOBAL_BATCH = 16  # 4 and 2 images per chip on 4 and 8 chips
 
 
 def _config(fsdp=1, batch=GLOBAL_BATCH):
@@ -54,8 +54,7 @@ class Compiled:
 def compiled(libtpu):  # pylint: disable=unused-argument,redefined-outer-name
   """(topology, fsdp) -> the train step compiled (a few seconds each)."""
   out = {}
-  for topology, fsdp in [("v5e:2x2", 1), ("v5e:2x2", 2), ("v5e:2x4", 1),
-                         ("v5e:4x4", 1), ("v5e:4x4", 2)]:
+  for topology, fsdp in [("v5e:2x2", 1), ("v5e:2x2", 2), ("v5e:2x4", 1)]:
     chip, name, devices = aot.topology(topology)
     config = _config(fsdp)
     (report,) = aot.compile_steps(config, devices, chip, name,
@@ -81,7 +80,7 @@ def _state_argument_bytes(config, devices) -> int:
 
 
 def test_fsdp_halves_the_state_per_chip(compiled):
-  for chips_ in ("v5e:2x2", "v5e:4x4"):
+  for chips_ in ("v5e:2x2",):
     dp, fsdp = compiled[chips_, 1], compiled[chips_, 2]
     # The state's own per-device bytes (from the shardings, then as laid out
     # on the TPU) halve, up to the leaves no dimension of which divides by 2.
@@ -95,14 +94,14 @@ def test_fsdp_halves_the_state_per_chip(compiled):
 
 
 def test_flops_per_chip_halve_when_chips_double(compiled):
-  flops = [compiled[t, 1].report.flops for t in ("v5e:2x2", "v5e:2x4", "v5e:4x4")]
+  flops = [compiled[t, 1].report.flops for t in ("v5e:2x2", "v5e:2x4")]
   for more, fewer in zip(flops[1:], flops[:-1]):
     assert 0.45 < more / fewer < 0.55, flops
 
 
 def test_report_is_consistent(compiled):
-  r = compiled["v5e:4x4", 1].report
-  assert (r.devices, r.hosts, r.batch_per_device) == (16, 4, 1)
+  r = compiled["v5e:2x4", 1].report
+  assert (r.devices, r.hosts, r.batch_per_device) == (8, 2, 2)
   assert r.total_bytes == (r.argument_bytes + r.output_bytes - r.alias_bytes
                            + r.temp_bytes + r.code_bytes)
   assert r.alias_bytes > 0  # the donated state is reused for the new one
@@ -111,7 +110,7 @@ def test_report_is_consistent(compiled):
       r.bytes_accessed / chips.CHIPS["v5e"].hbm_bandwidth)
   assert r.roofline_seconds == max(r.compute_seconds, r.memory_seconds)
   assert r.images_per_second_slice == pytest.approx(
-      16 * r.images_per_second_device)
+      8 * r.images_per_second_device)
   assert 0 < r.hbm_share < 0.1
 
 
