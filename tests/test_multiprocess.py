@@ -22,7 +22,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # different reduction orders, after which two correct runs diverge. SGD: Adam
 # divides tiny gradients by their own scale, which magnifies rounding noise.
 OVERRIDES = {"model.head": "gap", "num_epochs": 1, "data.process_split": "slice",
-             "mesh.num_devices": 0, "optim.name": "sgd", "optim.lr": 0.05}
+             "mesh.num_devices": 0, "optim.name": "sgd", "optim.lr": 0.05,
+             "num_overlays": 0}  # no end-of-run pictures: one program less
 
 
 def _free_port() -> int:
@@ -57,7 +58,7 @@ def test_two_processes_equal_one_process(tmp_path_factory, tfds_dir):
   cmd = [sys.executable, "train.py", "--config", "configs/default.py:runlocal,head=gap,epochs=1",
          f"--config.data.data_dir={data_dir}", "--config.data.process_split=slice",
          "--config.optim.name=sgd", "--config.optim.lr=0.05",
-         f"--workdir={multi_dir}", "--multiprocess",
+         "--config.num_overlays=0", f"--workdir={multi_dir}", "--multiprocess",
          f"--coordinator_address=localhost:{port}", "--num_processes=2"]
   procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
