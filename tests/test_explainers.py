@@ -52,9 +52,14 @@ def _linear_cam(model, variables, images, weights_BxC):
 
 def test_split_model_equals_call(gap):
   model, variables, images = gap
-  logits, aux = model.apply(variables, images)
-  feats = model.apply(variables, images, method=Classifier.features)
-  logits2, aux2 = model.apply(variables, feats, method=Classifier.classify_features)
+
+  @jax.jit  # one compiled program, not op-by-op dispatch
+  def both(images):
+    feats = model.apply(variables, images, method=Classifier.features)
+    return (model.apply(variables, images),
+            model.apply(variables, feats, method=Classifier.classify_features))
+
+  (logits, aux), (logits2, aux2) = both(images)
   np.testing.assert_array_equal(logits, logits2)
   np.testing.assert_array_equal(aux["norms"], aux2["norms"])
 
@@ -174,10 +179,13 @@ def vit():
 
 
 @pytest.mark.parametrize("backbone", ["convnext_test", "vit_test"])
-def test_grad_cam_on_convnext_and_vit(backbone):
+def test_grad_cam_on_convnext_and_vit(backbone, request):
   """Grad-CAM reads the last feature grid of any backbone (the ViT's patch
   tokens), here under the BR-NPA head."""
-  model, variables, images = _model("brnpa", backbone)
+  if backbone == "vit_test":  # the same model as the rollout tests'
+    model, variables, images = request.getfixturevalue("vit")
+  else:
+    model, variables, images = _model("brnpa", backbone)
   maps = np.asarray(ex.explain("gradcam", model, variables, images))
   assert maps.shape == (B, H, W) and np.isfinite(maps).all()
   assert np.allclose(maps.max(axis=(1, 2)), 1, atol=1e-6)
@@ -187,20 +195,22 @@ def test_rollout_equals_a_direct_computation(vit):
   model, variables, images = vit
   attentions, (h, w) = ex.attention_weights(model, variables, images)
   assert len(attentions) == 2 and (h, w) == (8, 12)  # stride 4 at 32x48
-  for fusion in ("mean", "max"):
+  # Each value of each option once (every pair compiles the ViT anew; the
+  # one-block test below runs mean with cls).
+  for fusion, token in (("mean", "mean"), ("max", "cls")):
     r = np.eye(1 + h * w)[None]
     for a in attentions:
       a = np.asarray(a, np.float64)
       a = a.mean(1) if fusion == "mean" else a.max(1)
       a = (a + np.eye(a.shape[-1])) / 2
       r = (a / a.sum(-1, keepdims=True)) @ r
-    for token, rows in (("cls", r[:, 0]), ("mean", r[:, 1:].mean(1))):
-      want = jax.image.resize(rows[:, 1:].reshape(B, h, w), (B, H, W), "bilinear")
-      got = ex.explain("rollout", model, variables, images, head_fusion=fusion,
-                       token=token)
-      # float32 vs float64: the near-uniform maps' min-max scaling magnifies
-      # rounding.
-      np.testing.assert_allclose(got, _minmax(want), atol=1e-3)
+    rows = r[:, 0] if token == "cls" else r[:, 1:].mean(1)
+    want = jax.image.resize(rows[:, 1:].reshape(B, h, w), (B, H, W), "bilinear")
+    got = ex.explain("rollout", model, variables, images, head_fusion=fusion,
+                     token=token)
+    # float32 vs float64: the near-uniform maps' min-max scaling magnifies
+    # rounding.
+    np.testing.assert_allclose(got, _minmax(want), atol=1e-3)
 
 
 def test_rollout_of_one_block_is_the_class_tokens_attention():

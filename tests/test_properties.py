@@ -82,7 +82,7 @@ def _seeded_features(draw, dtype=np.float32):
 
 
 # -- operator ----------------------------------------------------------------------
-@_budget(40)
+@_budget(16)
 @given(_hypothesis_features())
 def test_maps_and_ranks_on_non_negative_input(case):
   """Maps are non-negative and sum to 1 (or are all zero); the first pick
@@ -120,7 +120,7 @@ def test_maps_and_ranks_on_non_negative_input(case):
     assert np.all(np.diff(picked) <= tol), picked
 
 
-@_budget(10)
+@_budget(4)
 @given(_seeded_features())
 def test_vmapped_batch_equals_a_loop_over_examples(case):
   feats, k, refine = case
@@ -133,7 +133,7 @@ def test_vmapped_batch_equals_a_loop_over_examples(case):
                                  atol=1e-6 * float(jnp.max(jnp.abs(want))))
 
 
-@_budget(5)
+@_budget(2)
 @given(_seeded_features())
 def test_jit_equals_eager(case):
   feats, k, refine = case
@@ -145,7 +145,7 @@ def test_jit_equals_eager(case):
                                atol=1e-6 * float(jnp.max(jnp.abs(want))))
 
 
-@_budget(10)
+@_budget(4)
 @given(_seeded_features(jnp.bfloat16))
 def test_bfloat16_is_float32_on_the_same_values(case):
   """bfloat16 features select and weigh in float32, so maps, norms and
@@ -162,7 +162,7 @@ def test_bfloat16_is_float32_on_the_same_values(case):
   assert np.all(np.abs(v16 - v32) <= 2 ** -7 * np.abs(v32) + 1e-30)
 
 
-@_budget(6)
+@_budget(3)
 @given(_seeded_features())
 def test_forward_mode_is_the_transpose_of_reverse_mode(case):
   """<J t, g> = <t, J^T g> for cotangents on vectors, maps and norms."""
@@ -206,7 +206,7 @@ def _deletion_case(draw):
   return images, saliency, draw(st.integers(2, cells[0] * cells[1]))
 
 
-@_budget(8)
+@_budget(4)
 @given(_deletion_case())
 def test_deletion_curves_never_rise_and_mass_order_is_lowest(case):
   """For a model whose score is a monotone function of the kept mass,
