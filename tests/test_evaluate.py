@@ -11,22 +11,11 @@ import pytest
 from brnpa_jax.explain import evaluate, metrics
 from brnpa_jax.runs import RunError
 from brnpa_jax.train.trainer import Trainer
-from configs import default
+from helpers import tiny_config
 
 pytestmark = pytest.mark.slow  # trains or compiles end to end
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _tiny_config(data_dir):
-  c = default.get_config("runlocal")
-  c.unlock()
-  c.data.data_dir = str(data_dir)
-  c.mesh.num_devices = 1
-  c.data.parts.train_size, c.data.parts.validation_size = 32, 8
-  c.data.parts.test_size = 8
-  c.lock()
-  return c
 
 
 def _random_state(shapes):
@@ -50,7 +39,8 @@ def _random_state(shapes):
 def workdir(tmp_path_factory, tfds_dir):
   """A run whose best checkpoint is a random state, with config.json."""
   root = tmp_path_factory.mktemp("eval")
-  config = _tiny_config(tfds_dir)
+  # runlocal's data: the session's other tests generate the same dataset.
+  config = tiny_config(tfds_dir)
   run = root / "brnpa"
   trainer = Trainer(config, str(run))
   state = _random_state(trainer.state_shapes)

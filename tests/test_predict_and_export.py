@@ -29,6 +29,8 @@ pytestmark = pytest.mark.slow  # trains or compiles end to end
 SIZE = 32
 NUM_IMAGES = 7
 STEP = 12
+# Predictions run with batch 3 wherever the batch size is not what a test is
+# about: the model compiles for few shapes.
 
 
 @pytest.fixture(scope="module")
@@ -148,12 +150,19 @@ def test_overlays_are_pngs(predictions):
       assert im.size == (round(1.9 * 5 * 110), round((1.9 + 0.3) * 110))
 
 
-def test_exported_artifact_gives_identical_outputs(saved_run, image_folder,
-                                                    predictions, tmp_path):
+@pytest.fixture(scope="module")
+def exported(saved_run, tmp_path_factory):
+  """The saved run exported through the CLI (exported once per module)."""
   workdir, _, _ = saved_run
-  p3 = predictions[0]
-  path = str(tmp_path / "m.jaxexport")
+  path = str(tmp_path_factory.mktemp("export") / "m.jaxexport")
   assert export.main(["--workdir", workdir, "--out", path]) == 0
+  return path
+
+
+def test_exported_artifact_gives_identical_outputs(exported, image_folder,
+                                                    predictions, tmp_path):
+  p3 = predictions[0]
+  path = exported
   px = predict.run_predict(images=image_folder, out=str(tmp_path / "outx"),
                            exported=path, batch=3)
   assert px.files == p3.files
@@ -242,7 +251,7 @@ def test_undecodable_images_are_named_or_skipped(saved_run, messy_folder,
     predict.run_predict(images=str(messy_folder), out=str(tmp_path / "e"),
                         workdir=workdir, verbose=False)
   preds = predict.run_predict(images=str(messy_folder), out=str(tmp_path / "s"),
-                              workdir=workdir, batch=2, overlays=True,
+                              workdir=workdir, batch=3, overlays=True,
                               on_corrupt="skip", verbose=False)
   assert preds.files == ["a.png", "rgb.jpg", "rgb.png", "z.jpg"]
   err = capsys.readouterr().err
@@ -262,7 +271,7 @@ def test_class_names_from_the_run(saved_run, image_folder, tmp_path):
   names = [f"class_{c}" for c in "abcdefghij"]
   Workdir(str(named)).write_class_names(names)
   preds = predict.run_predict(images=image_folder, out=str(tmp_path / "o"),
-                              workdir=str(named), topk=2, verbose=False)
+                              workdir=str(named), batch=3, topk=2, verbose=False)
   with open(tmp_path / "o" / "predictions.csv") as f:
     rows = list(csv.reader(f))
   top = preds.outputs["probs"].argmax(1)
@@ -277,10 +286,8 @@ def test_class_names_from_the_run(saved_run, image_folder, tmp_path):
   assert model.meta["normalization"]["std"] == list(IMAGENET_STD)
 
 
-def test_artifact_refuses_unnormalised_input(saved_run, tmp_path):
-  workdir, _, _ = saved_run
-  model = artifact.load_exported(
-      export.export_run(workdir, str(tmp_path / "m.jaxexport")))
+def test_artifact_refuses_unnormalised_input(exported):
+  model = artifact.load_exported(exported)
   raw = np.random.default_rng(0).integers(0, 255, (2, SIZE, SIZE, 3), np.uint8)
   with pytest.raises(artifact.ArtifactError, match="normalise first"):
     model(raw)

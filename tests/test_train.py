@@ -2,10 +2,6 @@
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import ml_collections
@@ -13,14 +9,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from brnpa_jax.runs import Checkpointer, abstract_like, restore_variables
+from brnpa_jax.runs import Checkpointer, restore_variables
 from brnpa_jax.tasks.classification import ClassificationTask
 from brnpa_jax.train.trainer import NonFiniteError, Trainer, train_and_evaluate
 from helpers import tiny_config
 
 pytestmark = pytest.mark.slow  # trains or compiles end to end
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The ConvNeXt and ViT runs draw their keys with rbg: their initialisers then
+# compile in a fraction of threefry's time. Nothing there compares with a
+# threefry run.
+RBG = "rbg"
 
 
 def test_run_writes_checkpoints_metrics_overlays(finished_run):
@@ -48,67 +47,11 @@ def test_resume_equals_uninterrupted(tmp_path, tfds_dir, finished_run):
   train_and_evaluate(tiny_config(tfds_dir), str(tmp_path))
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in rows if "val_accuracy" in r] == [8, 16]
-  trainers = [Trainer(tiny_config(tfds_dir), str(d)) for d in (ref_dir, tmp_path)]
-  states = []
-  for t in trainers:
-    state, _ = t.ckpt.restore_latest(abstract_like(t.state_shapes, t.state_sharding))
-    states.append(jax.device_get(state))
-    t.close()
-  assert int(states[0].step) == int(states[1].step) == 2 * trainers[0].steps_per_epoch
-  for a, b in zip(jax.tree.leaves(states[0].params), jax.tree.leaves(states[1].params)):
+  ref, ref_step, _ = restore_variables(str(ref_dir), "latest")
+  ours, step, _ = restore_variables(str(tmp_path), "latest")
+  assert step == ref_step == 16  # 2 epochs of 8 steps
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):  # params, BN
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-def _checkpoint_steps(workdir):
-  d = workdir / "checkpoints"
-  return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if d.exists() else []
-
-
-def _start_and_signal(cmd, env, workdir, sig, after_step):
-  """Starts a run, sends ``sig`` once a checkpoint past ``after_step`` exists."""
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if any(s > after_step for s in _checkpoint_steps(workdir)):
-      break
-    time.sleep(0.2)
-  assert proc.poll() is None, "the run ended before the signal:\n" + proc.stdout.read()
-  proc.send_signal(sig)
-  out, _ = proc.communicate(timeout=120)
-  return proc.returncode, out
-
-
-def test_interrupted_runs_resume_from_checkpoint(tmp_path, tfds_dir):
-  """SIGTERM saves and exits cleanly; kill -9 loses only the steps since the
-  last checkpoint; rerunning the same command resumes, it does not restart."""
-  workdir = tmp_path / "run"
-  cmd = [sys.executable, "train.py", "--config", "configs/default.py:runlocal,epochs=12",
-         f"--config.data.data_dir={tfds_dir}", "--config.mesh.num_devices=1",
-         f"--workdir={workdir}"]
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
-
-  code, out = _start_and_signal(cmd, env, workdir, signal.SIGTERM, 0)
-  assert code == 0, out
-  stopped_at = int(out.split("Stopped at step")[1].split(";")[0])
-  assert stopped_at in _checkpoint_steps(workdir)
-
-  code, out = _start_and_signal(cmd, env, workdir, signal.SIGKILL, stopped_at)
-  assert code == -signal.SIGKILL
-  assert f"Resumed from step {stopped_at}" in out
-  killed_at = max(_checkpoint_steps(workdir))
-  assert killed_at > stopped_at
-
-  done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=400)
-  assert done.returncode == 0, done.stdout + done.stderr
-  log = done.stdout + done.stderr
-  resumed_at = int(log.split("Resumed from step")[1].split()[0].rstrip("."))
-  assert resumed_at >= killed_at
-  assert "test_accuracy" in log  # the summary
-  rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
-  val_steps = [r["step"] for r in rows if "val_accuracy" in r]
-  assert sorted(set(val_steps)) == [8 * e for e in range(1, 13)]
 
 
 def test_batch_not_divisible_by_devices_is_clear_error(tfds_dir, tmp_path):
@@ -135,17 +78,23 @@ def _nan_batches(steps):
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tfds_dir, tmp_path,
-                                                              capsys):
-  cfg = lambda n: tiny_config(tfds_dir, "runlocal,epochs=1", num_overlays=0,
-                              log_every_steps=2, max_nonfinite_steps=n)
+                                                              capsys,
+                                                              finished_run):
+  """The session run's config (2 epochs of 8 steps): its programs are compiled
+  already. Batches 2 and 5 of each epoch are NaN: steps 3, 6, 11 and 14."""
+  del finished_run  # compiles the steps (and the persistent cache holds them)
+  cfg = lambda n: tiny_config(tfds_dir, num_overlays=0, log_every_steps=2,
+                              max_nonfinite_steps=n)
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(ClassificationTask, "train_dataset", _nan_batches({2, 5}))
-    summary = train_and_evaluate(cfg(2), str(tmp_path / "tolerated"))
+    summary = train_and_evaluate(cfg(4), str(tmp_path / "tolerated"))
     assert "test_accuracy" in summary
     rows = [json.loads(l) for l in open(tmp_path / "tolerated" / "metrics.jsonl")]
-    assert sum(r.get("train_nonfinite", 0) for r in rows) == 2
+    assert sum(r.get("train_nonfinite", 0) for r in rows) == 4
     assert all(np.isfinite(r["train_loss"]) for r in rows if "train_loss" in r)
-    assert "Steps [3] had a non-finite loss" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Steps [3] had a non-finite loss" in out
+    assert "Steps [14] had a non-finite loss" in out
     params, _, _ = restore_variables(str(tmp_path / "tolerated"), "best")
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
@@ -172,14 +121,16 @@ def vit_teacher(tmp_path_factory, tfds_dir):
   cfg = tiny_config(tfds_dir, "runlocal,backbone=vit_small_patch16_224,res=low,"
                     "epochs=1", num_overlays=0)
   assert cfg.model.backbone == "vit_test"
-  return workdir, train_and_evaluate(cfg, str(workdir))
+  with jax.default_prng_impl(RBG):
+    return workdir, train_and_evaluate(cfg, str(workdir))
 
 
 def test_convnext_trains_end_to_end(tmp_path, tfds_dir):
   cfg = tiny_config(tfds_dir, "runlocal,backbone=convnext_tiny,epochs=1",
                     num_overlays=0)
   assert cfg.model.backbone == "convnext_test"
-  summary = train_and_evaluate(cfg, str(tmp_path))
+  with jax.default_prng_impl(RBG):
+    summary = train_and_evaluate(cfg, str(tmp_path))
   _check_finished(tmp_path, summary, "convnext_test brnpa res=high")
 
 
@@ -195,7 +146,8 @@ def test_vit_trains_and_distils_into_a_high_res_student(tmp_path, tfds_dir,
   cfg.distill = ml_collections.ConfigDict(dict(
       teacher_workdir=str(teacher_dir), temperature=6.0, alpha=0.5))
   cfg.lock()
-  summary = train_and_evaluate(cfg, str(tmp_path))
+  with jax.default_prng_impl(RBG):
+    summary = train_and_evaluate(cfg, str(tmp_path))
   _check_finished(tmp_path, summary, "vit_test brnpa res=high")
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert all(r["train_kl"] >= 0 for r in rows if "train_kl" in r)
