@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from brnpa_jax.runs import RunError, Workdir, restore_variables
-from helpers import tiny_config
 
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +74,7 @@ def test_kills_and_restarts_end_like_an_uninterrupted_run(finished_run,
       break  # the run finished before this interruption
     tried += 1
     if last_stop:
-      assert f"Resumed from step" in out, out
+      assert "Resumed from step" in out, out
       resumed = int(out.split("Resumed from step")[1].split()[0].rstrip("."))
       assert resumed >= last_stop, out
       if last_sig == signal.SIGTERM:  # a clean stop resumes where it stopped

@@ -4,7 +4,6 @@ status 2, no traceback, and nothing written that the mistake did not need."""
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
 
 import train

@@ -4,7 +4,6 @@ tiny teacher). A student distilled through the trainer: the paper's configs
 (tests/test_paper_configs.py) and the ViT (tests/test_train.py)."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp

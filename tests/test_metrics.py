@@ -1,7 +1,6 @@
 """Metrics on constructed cases whose answers are worked out by hand."""
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
