@@ -26,7 +26,7 @@ def _expect_user_error(capsys, status, *needles):
   err = capsys.readouterr().err
   lines = [l for l in err.splitlines() if l.strip()]
   assert status == 2, err
-  assert 1 <= len(lines) <= 3, err
+  assert len(lines) in (1, 2, 3), err
   assert "Traceback" not in err
   for needle in needles:
     assert needle in err, err
