@@ -67,3 +67,15 @@ def finished_run(tmp_path_factory, tfds_dir) -> FinishedRun:
                  chex.assert_max_traces(make(*a, **kw), n=1))
     summary = train_and_evaluate(config, str(workdir), draw=draw)
   return FinishedRun(workdir, summary, config)
+
+
+# The files that take longest run first: with two processes taking whole
+# files, a long file drawn last would leave the other process idle at the end.
+LONGEST_FIRST = ("test_multiprocess.py", "test_sharding.py", "test_gpu_suite.py",
+                 "test_chaos.py", "test_train.py", "test_aot.py", "test_brnpa.py",
+                 "test_explainers.py", "test_models.py", "test_fewshot.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable
