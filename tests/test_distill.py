@@ -14,7 +14,7 @@ import pytest
 from brnpa_jax.models import AUX_HEAD_SLICES
 from brnpa_jax.tasks.distill import DistillationTask, distillation_loss, load_teacher
 from brnpa_jax.train.trainer import train_and_evaluate
-from helpers import tiny_config
+from helpers import FAST_PRNG, tiny_config
 
 S = np.array([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]], np.float32)
 T = np.array([[1.0, 1.5, 0.0], [-2.0, 0.5, 2.5]], np.float32)
@@ -69,9 +69,6 @@ def test_missing_teacher_is_an_error(tmp_path):
     load_teacher(str(tmp_path), 10, "float32")
 
 
-# The aux-head test's initialiser draws its key with rbg: it then compiles in
-# a fraction of threefry's time.
-RBG = "rbg"
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +124,7 @@ def test_aux_heads_train_under_distillation(teacher_run):
   model = task.build_model(task.num_classes())
   images = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
   batch = {"image": images, "label": jnp.array([0, 1, 2, 3])}
-  variables = jax.jit(model.init)(jax.random.key(0, impl=RBG), images)
+  variables = jax.jit(model.init)(jax.random.key(0, impl=FAST_PRNG), images)
   context = task.train_context()
 
   def loss(params, context):

@@ -23,6 +23,7 @@ from brnpa_jax.tasks import distill
 from brnpa_jax.train.state import create_state
 from brnpa_jax.train.trainer import Trainer, train_and_evaluate
 from configs import fewshot_folder, fewshot_omniglot
+from helpers import FAST_PRNG
 
 # -- class splits and episodes ------------------------------------------------
 
@@ -287,9 +288,6 @@ def test_episode_batches_layout_and_processes(folder_root):
 
 # -- end to end -------------------------------------------------------------------
 
-# The runs draw their keys with rbg: the initialisers then compile in a
-# fraction of threefry's time.
-RBG = "rbg"
 
 
 def _with(config, **fields):
@@ -307,7 +305,7 @@ def pretrained(folder_root, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("fs_pre")
   config = _with(_tiny_folder_config(folder_root), batch_size=8,
                  eval_batch_size=8, **{"model.res": "low"})
-  with jax.default_prng_impl(RBG):
+  with jax.default_prng_impl(FAST_PRNG):
     summary = train_and_evaluate(config, str(workdir), draw=draw)
   return config, workdir, summary
 
@@ -344,7 +342,7 @@ def _episodic(config, workdir):
 def test_episodic_finetuning_from_pretrained(pretrained, tmp_path):
   config, workdir, _ = pretrained
   epi = _episodic(config, workdir)
-  with jax.default_prng_impl(RBG):  # the init key below
+  with jax.default_prng_impl(FAST_PRNG):  # the init key below
     trainer = Trainer(epi, str(tmp_path))
   task = trainer.task
   assert task.num_train_examples() == 4 * 6 and trainer.steps_per_epoch == 2
@@ -417,7 +415,7 @@ def test_episodic_phase_through_the_trainer(pretrained, tmp_path):
   """With lr 0 the episodic run's parameters stay the pretrained ones."""
   config, workdir, _ = pretrained
   epi = _episodic(config, workdir)
-  with jax.default_prng_impl(RBG):
+  with jax.default_prng_impl(FAST_PRNG):
     summary = train_and_evaluate(epi, str(tmp_path))
   assert 0.2 < summary["novel_5way_2shot_accuracy"] <= 1.0
   saved, _, _ = fewshot.load_pretrained(str(workdir))

@@ -12,14 +12,10 @@ import tensorflow as tf
 from brnpa_jax.runs import Checkpointer, restore_variables
 from brnpa_jax.tasks.classification import ClassificationTask
 from brnpa_jax.train.trainer import NonFiniteError, Trainer, train_and_evaluate
-from helpers import tiny_config
+from helpers import FAST_PRNG, tiny_config
 
 pytestmark = pytest.mark.slow  # trains or compiles end to end
 
-# The ConvNeXt and ViT runs draw their keys with rbg: their initialisers then
-# compile in a fraction of threefry's time. Nothing there compares with a
-# threefry run.
-RBG = "rbg"
 
 
 def test_run_writes_checkpoints_metrics_overlays(finished_run):
@@ -121,7 +117,7 @@ def vit_teacher(tmp_path_factory, tfds_dir):
   cfg = tiny_config(tfds_dir, "runlocal,backbone=vit_small_patch16_224,res=low,"
                     "epochs=1", num_overlays=0)
   assert cfg.model.backbone == "vit_test"
-  with jax.default_prng_impl(RBG):
+  with jax.default_prng_impl(FAST_PRNG):
     return workdir, train_and_evaluate(cfg, str(workdir))
 
 
@@ -129,7 +125,7 @@ def test_convnext_trains_end_to_end(tmp_path, tfds_dir):
   cfg = tiny_config(tfds_dir, "runlocal,backbone=convnext_tiny,epochs=1",
                     num_overlays=0)
   assert cfg.model.backbone == "convnext_test"
-  with jax.default_prng_impl(RBG):
+  with jax.default_prng_impl(FAST_PRNG):
     summary = train_and_evaluate(cfg, str(tmp_path))
   _check_finished(tmp_path, summary, "convnext_test brnpa res=high")
 
@@ -146,7 +142,7 @@ def test_vit_trains_and_distils_into_a_high_res_student(tmp_path, tfds_dir,
   cfg.distill = ml_collections.ConfigDict(dict(
       teacher_workdir=str(teacher_dir), temperature=6.0, alpha=0.5))
   cfg.lock()
-  with jax.default_prng_impl(RBG):
+  with jax.default_prng_impl(FAST_PRNG):
     summary = train_and_evaluate(cfg, str(tmp_path))
   _check_finished(tmp_path, summary, "vit_test brnpa res=high")
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
