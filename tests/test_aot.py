@@ -3,9 +3,10 @@
 Needs the ``tpu`` extra (libtpu, XLA's TPU compiler); skipped without it.
 Compiles the train step of ``configs/default.py:runlocal`` (resnet_tiny,
 64 px) once per layout: v5e slices of 4 chips (data parallel and fsdp=2) and
-8 chips (data parallel, two hosts). The model is widened from 8 to 64 channels: the TPU lays arrays
-out in tiles of 128 lanes, so at width 8 a kernel and its half are padded to
-the same tiles and sharding saves a third of the state, not half.
+8 chips (data parallel, two hosts). The model is widened from 8 to 64
+channels: the TPU lays arrays out in tiles of 128 lanes, so at width 8 a
+kernel and its half are padded to the same tiles and sharding saves a third
+of the state, not half.
 """
 
 import dataclasses
@@ -24,13 +25,9 @@ DEFAULT_CONFIG = str(pathlib.Path(__file__).parents[1] / "configs" / "default.py
 
 @pytest.fixture(scope="module")
 def libtpu():
+  # conftest lets test processes share libtpu's machine-wide lock.
   pytest.importorskip("libtpu", reason="needs the tpu extra (libtpu): pip "
                       "install -r requirements-tpu.txt -c constraints.txt")
-  # libtpu takes a machine-wide lock file; compiling only, the tests can
-  # share it with another process (e.g. a sizing run of the tool).
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    yield
 
 GLOBAL_BATCH = 16  # 4 and 2 images per chip on 4 and 8 chips
 
@@ -80,17 +77,16 @@ def _state_argument_bytes(config, devices) -> int:
 
 
 def test_fsdp_halves_the_state_per_chip(compiled):
-  for chips_ in ("v5e:2x2",):
-    dp, fsdp = compiled[chips_, 1], compiled[chips_, 2]
-    # The state's own per-device bytes (from the shardings, then as laid out
-    # on the TPU) halve, up to the leaves no dimension of which divides by 2.
-    assert 0.48 < fsdp.report.state_bytes / dp.report.state_bytes < 0.55
-    ratio = fsdp.state_argument_bytes / dp.state_argument_bytes
-    assert 0.45 < ratio < 0.6, ratio
-    # ...and the train step's argument memory drops by exactly that much:
-    # its other arguments (batch, rng) are the same.
-    saved = dp.report.argument_bytes - fsdp.report.argument_bytes
-    assert saved == dp.state_argument_bytes - fsdp.state_argument_bytes
+  dp, fsdp = compiled["v5e:2x2", 1], compiled["v5e:2x2", 2]
+  # The state's own per-device bytes (from the shardings, then as laid out
+  # on the TPU) halve, up to the leaves no dimension of which divides by 2.
+  assert 0.48 < fsdp.report.state_bytes / dp.report.state_bytes < 0.55
+  ratio = fsdp.state_argument_bytes / dp.state_argument_bytes
+  assert 0.45 < ratio < 0.6, ratio
+  # ...and the train step's argument memory drops by exactly that much:
+  # its other arguments (batch, rng) are the same.
+  saved = dp.report.argument_bytes - fsdp.report.argument_bytes
+  assert saved == dp.state_argument_bytes - fsdp.state_argument_bytes
 
 
 def test_flops_per_chip_halve_when_chips_double(compiled):

@@ -10,6 +10,7 @@ from brnpa_jax.models import BACKBONES, build_model
 from brnpa_jax.models.registry import family
 from brnpa_jax.models.resnet12 import ResNet12
 from brnpa_jax.models.vit import VisionTransformer
+from helpers import FAST_PRNG
 
 # Every ResNet; one full-size and the test preset of the other families (the
 # rest share their code; tests/test_timm.py checks all of their layouts).
@@ -88,8 +89,7 @@ def test_aux_heads_see_stop_gradient_slices():
 
   @jax.jit  # one compiled program, not op-by-op dispatch
   def init_and_grad(x):
-    # rbg keys: the initialisers compile in a fraction of threefry's time.
-    variables = model.init(jax.random.key(0, impl="rbg"), x)
+    variables = model.init(jax.random.key(0, impl=FAST_PRNG), x)
 
     def aux_loss(params):
       _, aux = model.apply(dict(variables, params=params), x)
@@ -142,9 +142,8 @@ def test_brnpa_head_gets_nonnegative_features(backbone, relu):
   assert model.head.relu_input == relu
   assert model.backbone.nonnegative_features == (not relu)
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-  # rbg keys: the initialisers compile in a fraction of threefry's time.
   (_, aux), _ = jax.jit(
-      lambda x: model.init_with_output(jax.random.key(0, impl="rbg"), x))(x)
+      lambda x: model.init_with_output(jax.random.key(0, impl=FAST_PRNG), x))(x)
   if relu:
     assert float(jnp.min(aux["features"])) < 0  # leaky ReLU output
   maps = np.asarray(aux["maps"])
@@ -166,9 +165,8 @@ def test_heads_and_bfloat16_on_convnext_and_vit(backbone, grid, c):
     assert logits.shape == (2, 5) and aux["maps"].shape == (2, k, grid, grid)
   model = build_model(_model_cfg(backbone=backbone, width=8), 5)
   assert model.head.relu_input and not model.backbone.nonnegative_features
-  # rbg keys: the initialisers compile in a fraction of threefry's time.
   (_, aux), variables = jax.jit(lambda x: model.init_with_output(
-      jax.random.key(0, impl="rbg"), x))(x)
+      jax.random.key(0, impl=FAST_PRNG), x))(x)
   assert aux["features"].shape == (2, grid, grid, c)
   assert float(jnp.min(aux["features"])) < 0
   maps = np.asarray(aux["maps"])

@@ -11,6 +11,7 @@ import pytest
 from brnpa_jax.models import build_model
 from brnpa_jax.recipes import paper as common
 from fake_tfds import mock_tfds
+from helpers import FAST_PRNG
 
 NAMES = ("cub_brnpa_lowres", "cub_brnpa_highres_distill", "cub_bcnn", "cub_cnn",
          "cub_ablation")
@@ -143,8 +144,7 @@ def test_lowres_then_distilled_highres_on_mocked_cub(tmp_path):
     # would double the test's time; the trainer's own tests cover both.
     c.mesh.num_devices, c.num_overlays = 1, 0
     return c
-  # rbg keys: the initialisers compile in a fraction of threefry's time.
-  with mock_tfds(16), jax.default_prng_impl("rbg"):
+  with mock_tfds(16), jax.default_prng_impl(FAST_PRNG):
     low = train_and_evaluate(tiny("cub_brnpa_lowres", "runlocal,epochs=1"), low_dir)
     high = train_and_evaluate(tiny("cub_brnpa_highres_distill",
                                    f"runlocal,epochs=1,teacher={low_dir}"), high_dir)
