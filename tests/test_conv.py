@@ -68,6 +68,44 @@ def test_nchw_and_grouped_convolutions_are_left_to_lax():
                                feature_group_count=2), rtol=1e-6)
 
 
+@pytest.mark.parametrize("kernel,padding", [
+    ((7, 7), ((3, 3), (3, 3))),   # ConvNeXt's
+    ((3, 3), ((1, 1), (1, 1))),
+    ((3, 5), ((0, 2), (1, 1))),   # uneven kernel and padding
+])
+def test_depthwise_is_a_shifted_sum_on_cpu_with_the_convolutions_results(
+    kernel, padding):
+  x, _ = _inputs(cin=6)
+  w = jax.random.normal(jax.random.key(1), kernel + (1, 6))
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+  ref = lambda x, w: lax.conv_general_dilated(
+      x, w, (1, 1), padding, dimension_numbers=dn, feature_group_count=6)
+  ours = lambda x, w: conv_general_dilated(
+      x, w, (1, 1), padding, dimension_numbers=dn, feature_group_count=6)
+  np.testing.assert_allclose(jax.jit(ours)(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  for got, want in zip(jax.grad(loss(ours), (0, 1))(x, w),
+                       jax.grad(loss(ref), (0, 1))(x, w)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  text = jax.jit(ours).lower(x, w).as_text()
+  assert "convolution" not in text and "slice" in text
+  # Strided depthwise convolutions stay XLA's.
+  strided = jax.jit(lambda x, w: conv_general_dilated(
+      x, w, (2, 2), padding, dimension_numbers=dn, feature_group_count=6))
+  assert "convolution" in strided.lower(x, w).as_text()
+
+
+def test_depthwise_flax_module_in_bfloat16_matches_nn_conv():
+  x, _ = _inputs(cin=6, dtype=jnp.bfloat16)
+  plain = nn.Conv(6, (7, 7), padding=3, feature_group_count=6, dtype=jnp.bfloat16)
+  ours = Conv(6, (7, 7), padding=3, feature_group_count=6, dtype=jnp.bfloat16)
+  variables = plain.init(jax.random.key(2), x)
+  got, want = ours.apply(variables, x), plain.apply(variables, x)
+  assert got.dtype == want.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32),
+                             np.asarray(want, np.float32), rtol=3e-2, atol=3e-2)
+
+
 def test_flax_module_has_nn_conv_parameters_and_outputs_in_bfloat16():
   x, _ = _inputs(dtype=jnp.bfloat16)
   plain = nn.Conv(5, (1, 1), (2, 2), dtype=jnp.bfloat16)

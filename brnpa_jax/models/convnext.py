@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from brnpa_jax.models.blocks import LayerNorm, Mlp, trunc_normal_init
+from brnpa_jax.models.blocks import Conv, LayerNorm, Mlp, trunc_normal_init
 
 LOW_RES_STRIDES = (2, 2, 2)
 HIGH_RES_STRIDES = (2, 1, 1)
@@ -50,7 +50,7 @@ class ConvNeXtBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
-    y = nn.Conv(c, (7, 7), padding=3, feature_group_count=c, dtype=self.dtype,
+    y = Conv(c, (7, 7), padding=3, feature_group_count=c, dtype=self.dtype,
                 kernel_init=trunc_normal_init, name="conv_dw")(x)
     y = LayerNorm(dtype=self.dtype, name="norm")(y)
     y = Mlp(4 * c, dtype=self.dtype, name="mlp")(y)
