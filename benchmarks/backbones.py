@@ -27,6 +27,7 @@ import optax
 
 from benchmarks.train_step import _timed, step_flops
 from brnpa_jax.models import build_model
+from brnpa_jax.tasks import classification
 from brnpa_jax.train import sharding as shd
 from brnpa_jax.train.steps import jit_steps
 
@@ -47,7 +48,7 @@ class Bench:
         zero_init_residual=True))
     model = build_model(cfg, NUM_CLASSES)
     steps = jit_steps(model, optax.adamw(1e-3), shd.make_mesh(1),
-                      (1, size, size, 3))
+                      (1, size, size, 3), loss_fn=classification.loss_and_metrics)
     self.state = steps.init(jax.random.key(0))
     self.params = sum(int(np.prod(p.shape)) for p in
                       jax.tree.leaves(self.state.params["backbone"]))
