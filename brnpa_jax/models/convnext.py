@@ -5,7 +5,9 @@ four stages. Stages 2-4 open with a downsampling layer (``downsample_0``
 LayerNorm, ``downsample_1`` 2x2 conv); every stage stacks blocks of a 7x7
 depthwise conv (``conv_dw``), a LayerNorm over channels (``norm``), an MLP
 with 4x expansion and exact GELU (``mlp/fc1``, ``mlp/fc2``) and a learned
-per-channel layer scale (``gamma``), added to the block's input. Names are
+per-channel layer scale (``gamma``), added to the block's input. The
+depthwise conv is ``blocks.Conv``: a plain ``nn.Conv`` whose CPU form is a
+sum of shifted slices (``models/conv.py``). Names are
 timm's ``convnext_*`` keys with ``stages.1`` written ``stages_1``
 (``models/timm_names.py`` maps one onto the other).
 
