@@ -7,15 +7,16 @@ from benchmarks import backbones, depthwise
 
 
 def test_backbones_prints_every_model_with_ratios(monkeypatch, capsys):
+  # Two of the three families keep it short (ConvNeXt's train step compiles
+  # longest); the script treats every model alike.
   monkeypatch.setattr(backbones, "MODELS", (("ResNet", "resnet_tiny", 8),
-                                            ("ConvNeXt", "convnext_test", 8),
                                             ("ViT", "vit_test", 8)))
   monkeypatch.setattr(sys, "argv", ["backbones", "--size", "32", "--batch", "2",
                                     "--iters", "1", "--rounds", "1"])
   backbones.main()
   rows = [l for l in capsys.readouterr().out.splitlines()
-          if l.split()[:1] in (["ResNet"], ["ConvNeXt"], ["ViT"])]
-  assert len(rows) == 3 and "1.00x" in rows[0]
+          if l.split()[:1] in (["ResNet"], ["ViT"])]
+  assert len(rows) == 2 and "1.00x" in rows[0]
   # parameters, GFLOP/image and both rates are positive numbers
   for row in rows:
     cols = row.replace("|", " ").split()
