@@ -62,21 +62,24 @@ def _pointwise(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
     return False
   if not _no_padding(padding, 2):
     return False
+  return _channels_last(lhs, rhs, dimension_numbers) and len(window_strides) == 2
+
+
+def _channels_last(lhs, rhs, dimension_numbers) -> bool:
+  """Whether the layout is NHWC / HWIO / NHWC (lax's default, None, is NCHW)."""
   if dimension_numbers is None:
-    return False  # lax's default is NCHW / OIHW
+    return False
   want = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-  got = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-  return want == got and len(window_strides) == 2
+  return lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == want
 
 
 def _depthwise(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                dimension_numbers, feature_group_count,
                batch_group_count) -> bool:
   """Whether this convolution is a channels-last, stride-1 depthwise one."""
-  if lhs.ndim != 4 or dimension_numbers is None or isinstance(padding, str):
+  if lhs.ndim != 4 or isinstance(padding, str):
     return False
-  want = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-  if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != want:
+  if not _channels_last(lhs, rhs, dimension_numbers):
     return False
   c = lhs.shape[-1]
   return (c > 1 and feature_group_count == c and batch_group_count == 1

@@ -53,7 +53,7 @@ class ConvNeXtBlock(nn.Module):
   def __call__(self, x):
     c = x.shape[-1]
     y = Conv(c, (7, 7), padding=3, feature_group_count=c, dtype=self.dtype,
-                kernel_init=trunc_normal_init, name="conv_dw")(x)
+             kernel_init=trunc_normal_init, name="conv_dw")(x)
     y = LayerNorm(dtype=self.dtype, name="norm")(y)
     y = Mlp(4 * c, dtype=self.dtype, name="mlp")(y)
     gamma = self.param("gamma", nn.initializers.constant(self.ls_init), (c,))
