@@ -6,20 +6,21 @@ against the zoo's shifted-slice sum (``brnpa_jax/models/conv.py``).
 
 For each stage of ConvNeXt-T at the given width, input size and resolution,
 times forward + backward (gradients for input and kernel) of one block's
-depthwise convolution both ways, in one process, alternating the two; the
-last rows weight each stage by its number of blocks (3, 3, 9, 3), which is
-what the convolutions cost per train step.
+depthwise convolution both ways, in one process, alternating the two
+(medians of ``--iters`` calls, the best of ``--rounds``); the last row
+weights each stage by its number of blocks (3, 3, 9, 3), which is what the
+convolutions cost per train step.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from benchmarks.train_step import _timed
 from brnpa_jax.models import convnext
 from brnpa_jax.models.conv import conv_general_dilated
 
@@ -34,7 +35,7 @@ def grids(width: int, size: int, res: str):
   side, out = size // 4, []
   for i, (depth, c) in enumerate(zip(model.depths, model.channels)):
     if i:
-      side = side // strides[i - 1] if strides[i - 1] == 2 else side
+      side //= strides[i - 1]
     out.append((depth, (side, side, c)))
   return out
 
@@ -49,12 +50,10 @@ def fwd_bwd(conv_fn):
 
 
 def timed(fn, x, w, iters: int) -> float:
-  jax.block_until_ready(fn(x, w))
-  t = time.perf_counter()
-  for _ in range(iters):
-    r = fn(x, w)
-  jax.block_until_ready(r)
-  return (time.perf_counter() - t) / iters * 1e3
+  """Milliseconds per call after a compiling call: the median of ``iters``."""
+  call = lambda: jax.block_until_ready(fn(x, w))
+  call()
+  return _timed(call, iters) * 1e3
 
 
 def main():

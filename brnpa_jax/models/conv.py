@@ -18,7 +18,7 @@ A depthwise convolution (one feature group per channel, stride 1, no
 dilation: ConvNeXt's 7x7) is, on the CPU, a sum of the kernel's shifted
 slices of the padded input, each scaled per channel: XLA:CPU has no tuned
 kernel for grouped convolutions, forward or backward. On ConvNeXt-T's grids
-(width 10, 64 px, batch 64) the sum's forward and backward are 2.1x to 2.9x
+(width 10, 64 px, batch 64) the sum's forward and backward are 2.1x to 3.6x
 faster, the tiny ConvNeXt's train step 1.9x and its inference 3.4x; the
 price is compile time, 11 s -> 50 s for that train step (49 slices per
 convolution; ``benchmarks/README.md``).
