@@ -19,6 +19,16 @@ def _inputs(kernel=(1, 1), cin=6, cout=5, dtype=jnp.float32):
   return x, w
 
 
+def _assert_same_values_and_gradients(ours, ref, x, w, grad_atol):
+  """``ours(x, w)`` (jitted) equals ``ref(x, w)``, and so do the gradients of
+  a non-linear loss for both arguments."""
+  np.testing.assert_allclose(jax.jit(ours)(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  for got, want in zip(jax.grad(loss(ours), (0, 1))(x, w),
+                       jax.grad(loss(ref), (0, 1))(x, w)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=grad_atol)
+
+
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2), (2, 1)])
 @pytest.mark.parametrize("padding", ["SAME", "VALID", ((0, 0), (0, 0))])
 def test_pointwise_equals_convolution_forward_and_gradients(strides, padding):
@@ -28,11 +38,7 @@ def test_pointwise_equals_convolution_forward_and_gradients(strides, padding):
                                               dimension_numbers=dn)
   ours = lambda x, w: conv_general_dilated(x, w, strides, padding,
                                            dimension_numbers=dn)
-  np.testing.assert_allclose(jax.jit(ours)(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
-  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
-  for got, want in zip(jax.grad(loss(ours), (0, 1))(x, w),
-                       jax.grad(loss(ref), (0, 1))(x, w)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  _assert_same_values_and_gradients(ours, ref, x, w, grad_atol=1e-5)
 
 
 def test_pointwise_lowers_to_a_matmul_on_cpu_and_others_stay_convolutions():
@@ -82,11 +88,7 @@ def test_depthwise_is_a_shifted_sum_on_cpu_with_the_convolutions_results(
       x, w, (1, 1), padding, dimension_numbers=dn, feature_group_count=6)
   ours = lambda x, w: conv_general_dilated(
       x, w, (1, 1), padding, dimension_numbers=dn, feature_group_count=6)
-  np.testing.assert_allclose(jax.jit(ours)(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
-  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
-  for got, want in zip(jax.grad(loss(ours), (0, 1))(x, w),
-                       jax.grad(loss(ref), (0, 1))(x, w)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  _assert_same_values_and_gradients(ours, ref, x, w, grad_atol=1e-4)
   text = jax.jit(ours).lower(x, w).as_text()
   assert "convolution" not in text and "slice" in text
   # Strided depthwise convolutions stay XLA's.
