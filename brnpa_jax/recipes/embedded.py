@@ -16,6 +16,9 @@ SWITCHES = {
     "head": "brnpa", "backbone": "resnet18", "width": 16, "res": "high", "k": 3,
     "refine": True, "init": "norm", "aux_heads": False, "dtype": "float32",
     "epochs": 0, "runlocal": False,  # epochs 0: 12, or 2 with runlocal
+    # Small-image variants of ConvNeXt / ViT (0: the preset's; see
+    # docs/backbones.md): the stem's or the patches' side, and stochastic depth.
+    "patch": 0, "drop_path": 0.0,
 }
 CHOICES = {"head": tuple(HEADS), "backbone": tuple(BACKBONES),
            "res": tuple(STRIDES), "init": ("norm", "random"),
@@ -40,7 +43,11 @@ def default_config(arg: str | None = None) -> ml_collections.ConfigDict:
       backbone=a["backbone"], width=a["width"], res=a["res"], head=a["head"],
       num_maps=a["k"], refine=a["refine"], init=a["init"],
       aux_heads=a["aux_heads"], dropout=0.0, use_bias=True,
-      zero_init_residual=True, freeze_bn=False))
+      zero_init_residual=True, freeze_bn=False,
+      # ConvNeXt / ViT only; 0: the preset's. A ViT with its own patch size
+      # stores its position embeddings for the images it trains on.
+      patch_size=a["patch"], drop_path_rate=a["drop_path"],
+      img_size=c.data.image_size if a["patch"] else 0))
 
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=2e-3, momentum=0.9, nesterov=False, b1=0.9, b2=0.999,
