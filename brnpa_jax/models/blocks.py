@@ -146,3 +146,31 @@ class DropPath(nn.Module):
 def drop_path_rates(rate: float, depth: int) -> list[float]:
   """timm's schedule: rates rising linearly from 0 to ``rate`` over all blocks."""
   return [rate * i / max(depth - 1, 1) for i in range(depth)]
+
+
+class ConvStem(nn.Module):
+  """A convolutional stem for the transformer-style families (Xiao et al.
+  2021, "Early convolutions help transformers see better"): 3x3 convolutions
+  (``conv_i``), each with BatchNorm (``bn_i``) and a ReLU, channels doubling
+  up to ``features``, one per factor 2 of ``stride``; the caller adds its
+  own 1x1 projection. ``last_stride`` 1 keeps the last conv at stride 1 (the
+  families' ``res=high``).
+  """
+  features: int
+  stride: int
+  last_stride: int = 2
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    n = self.stride.bit_length() - 1
+    if n < 1 or self.stride != 2 ** n:
+      raise ValueError(f"A conv stem needs a stride of 2, 4, 8, ...; got {self.stride}.")
+    for i in range(n):
+      s = self.last_stride if i == n - 1 else 2
+      c = max(8, self.features >> (n - 1 - i))
+      x = Conv(c, (3, 3), (s, s), padding=1, use_bias=False, dtype=self.dtype,
+               kernel_init=conv_init, name=f"conv_{i}")(x)
+      x = nn.relu(BatchNorm(use_running_average=not train, dtype=self.dtype,
+                            name=f"bn_{i}")(x))
+    return x

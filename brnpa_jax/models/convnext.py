@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from brnpa_jax.models.blocks import (Conv, DropPath, LayerNorm, Mlp,
+from brnpa_jax.models.blocks import (Conv, ConvStem, DropPath, LayerNorm, Mlp,
                                      drop_path_rates, trunc_normal_init)
 
 LOW_RES_STRIDES = (2, 2, 2)
@@ -104,6 +104,9 @@ class ConvNeXt(nn.Module):
       4 in the published networks, 2 or 1 for small images.
     drop_path_rate: stochastic depth of the last block (timm's
       ``drop_path_rate``), rising linearly from 0 over all blocks.
+    stem: ``patch`` (timm's patchify stem) or ``conv``: ``blocks.ConvStem``
+      of stride ``patch_size`` (``stem_conv``) before ``stem_0``, then a 1x1
+      conv.
     dtype: computation dtype; parameters stay float32.
   """
   depths: Sequence[int] = (3, 3, 9, 3)
@@ -113,6 +116,7 @@ class ConvNeXt(nn.Module):
   ls_init: float = 1e-6
   patch_size: int = 4
   drop_path_rate: float = 0.0
+  stem: str = "patch"
   dtype: Any = jnp.float32
 
   # The last stage has no ReLU: BR-NPA rectifies (``registry.build_model``).
@@ -153,6 +157,10 @@ class ConvNeXt(nn.Module):
                        f"stride {self.output_stride}; use larger images.")
     x = x_BxHxWx3.astype(self.dtype)
     p = self.patch_size
+    if self.stem == "conv":
+      x = ConvStem(self.channels[0], p, dtype=self.dtype, name="stem_conv")(
+          x, train)
+      p = 1
     x = nn.Conv(self.channels[0], (p, p), (p, p), padding="VALID",
                 dtype=self.dtype, kernel_init=trunc_normal_init, name="stem_0")(x)
     x = LayerNorm(dtype=self.dtype, name="stem_1")(x)

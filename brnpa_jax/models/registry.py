@@ -69,8 +69,8 @@ def tiny_preset(backbone: str) -> str:
 
 def backbone_kwargs(model_cfg, dtype=jnp.float32) -> dict:
   """Constructor arguments of the config's backbone: its family translates
-  ``res``; ``width``, ``patch_size``, ``img_size``, ``drop_path_rate`` and
-  ``zero_init_residual`` go to the families that have them."""
+  ``res``; ``width``, ``patch_size``, ``img_size``, ``drop_path_rate``,
+  ``stem`` and ``zero_init_residual`` go to the families that have them."""
   cls = family(model_cfg.backbone)
   if model_cfg.res not in cls.resolutions:
     raise ValueError(
@@ -81,7 +81,7 @@ def backbone_kwargs(model_cfg, dtype=jnp.float32) -> dict:
   # Set (non-zero) fields go to the families that have them; the small-image
   # variants are ``patch_size`` (ConvNeXt's stem, a ViT's patches) and
   # ``img_size`` (the grid a ViT's position embeddings are stored for).
-  for name in ("width", "patch_size", "img_size", "drop_path_rate"):
+  for name in ("width", "patch_size", "img_size", "drop_path_rate", "stem"):
     if model_cfg.get(name) and name in fields:
       kwargs[name] = model_cfg[name]
   if (model_cfg.get("zero_init_residual") is not None
@@ -99,8 +99,8 @@ def build_model(model_cfg, num_classes: int, dtype: str = "float32") -> Classifi
       ``resolutions``: ``low|high`` for all, ``reid_high`` for the
       convolutional ones), ``num_maps``, ``refine``, ``init``,
       ``aux_heads``, ``dropout``, ``use_bias`` and optionally ``width``,
-      ``patch_size``, ``img_size``, ``drop_path_rate`` (0 or absent: the
-      preset's), ``zero_init_residual`` and ``freeze_bn``.
+      ``patch_size``, ``img_size``, ``drop_path_rate``, ``stem`` (0, '' or
+      absent: the preset's), ``zero_init_residual`` and ``freeze_bn``.
     num_classes: size of the output layer.
     dtype: computation dtype name, ``float32`` or ``bfloat16``.
 

@@ -38,7 +38,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from brnpa_jax.models.blocks import (DropPath, LayerNorm, Mlp, drop_path_rates,
+from brnpa_jax.models.blocks import (ConvStem, DropPath, LayerNorm, Mlp,
+                                     drop_path_rates,
                                      torch_default_bias, torch_default_kernel,
                                      trunc_normal_init)
 
@@ -114,20 +115,27 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-  """The patch embedding: one convolution (``proj``), stride = patch/overlap,
-  with PyTorch's default initialisation (timm leaves it so): kernel and bias
-  uniform in +-1/sqrt(fan_in)."""
+  """The patch embedding, ``stem='patch'``: one p x p convolution (``proj``)
+  at stride p/overlap, with PyTorch's default initialisation (timm leaves it
+  so): kernel and bias uniform in +-1/sqrt(fan_in). ``stem='conv'``: a
+  convolutional tokenizer, ``blocks.ConvStem`` (``conv_i``, ``bn_i``) of the
+  same stride, then a 1x1 ``proj``."""
   features: int
   patch_size: int
   overlap: int = 1
+  stem: str = "patch"
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, train: bool = False):
     p, o = self.patch_size, self.overlap
     if p % o or (p - p // o) % 2:
       raise ValueError(f"A {p}-pixel patch cannot overlap {o}-fold (its "
                        "stride and padding must be whole pixels).")
+    if self.stem == "conv":
+      x = ConvStem(self.features, p, last_stride=2 // o, dtype=self.dtype,
+                   name="stem")(x, train)
+      p = o = 1  # the 1x1 projection below
     pad = (p - p // o) // 2
     return nn.Conv(self.features, (p, p), (p // o, p // o),
                    padding=((pad, pad), (pad, pad)), dtype=self.dtype,
@@ -154,6 +162,8 @@ class VisionTransformer(nn.Module):
     mlp_ratio: MLP hidden width / token width.
     drop_path_rate: stochastic depth of the last block (timm's
       ``drop_path_rate``), rising linearly from 0 over the blocks.
+    stem: ``patch`` (timm's patch embedding) or ``conv`` (a convolutional
+      tokenizer of the same stride, ``PatchEmbed``).
     dtype: computation dtype; parameters stay float32, attention weights
       are computed in float32.
   """
@@ -166,6 +176,7 @@ class VisionTransformer(nn.Module):
   width: int = 64
   mlp_ratio: float = 4.0
   drop_path_rate: float = 0.0
+  stem: str = "patch"
   dtype: Any = jnp.float32
 
   # Tokens after a LayerNorm take both signs: BR-NPA rectifies them.
@@ -206,8 +217,8 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"Input {h}x{w} is smaller than the ViT's "
                        f"{self.patch_size}-pixel patches; use larger images.")
     c = self.channels
-    x = PatchEmbed(c, self.patch_size, self.overlap, dtype=self.dtype,
-                   name="patch_embed")(x_BxHxWx3.astype(self.dtype))
+    x = PatchEmbed(c, self.patch_size, self.overlap, self.stem, dtype=self.dtype,
+                   name="patch_embed")(x_BxHxWx3.astype(self.dtype), train)
     b, gh, gw, _ = x.shape
     cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, c))
     pos = self.param("pos_embed", trunc_normal_init,

@@ -18,11 +18,11 @@ SWITCHES = {
     "epochs": 0, "runlocal": False,  # epochs 0: 12, or 2 with runlocal
     # Small-image variants of ConvNeXt / ViT (0: the preset's; see
     # docs/backbones.md): the stem's or the patches' side, and stochastic depth.
-    "patch": 0, "drop_path": 0.0,
+    "patch": 0, "drop_path": 0.0, "stem": "patch",
 }
 CHOICES = {"head": tuple(HEADS), "backbone": tuple(BACKBONES),
            "res": tuple(STRIDES), "init": ("norm", "random"),
-           "dtype": ("float32", "bfloat16")}
+           "dtype": ("float32", "bfloat16"), "stem": ("patch", "conv")}
 
 
 def default_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -46,7 +46,7 @@ def default_config(arg: str | None = None) -> ml_collections.ConfigDict:
       zero_init_residual=True, freeze_bn=False,
       # ConvNeXt / ViT only; 0: the preset's. A ViT with its own patch size
       # stores its position embeddings for the images it trains on.
-      patch_size=a["patch"], drop_path_rate=a["drop_path"],
+      patch_size=a["patch"], drop_path_rate=a["drop_path"], stem=a["stem"],
       img_size=c.data.image_size if a["patch"] else 0))
 
   c.optim = ml_collections.ConfigDict(dict(
