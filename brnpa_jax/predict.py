@@ -188,6 +188,12 @@ def predict(batches: Iterator, compile_fn: Callable, *,
   if not files:
     raise ConfigError("no inputs to predict on (every image was skipped).")
   outputs = {k: np.concatenate([c[k] for c in chunks]) for k in OUTPUT_KEYS}
+  bad = ~np.all([np.isfinite(v.reshape(len(files), -1)).all(1)
+                 for v in outputs.values()], axis=0)
+  if bad.any():  # written as they are, but never silently
+    print(f"Warning: the outputs of {bad.sum()} of {len(files)} inputs hold "
+          "NaN or Inf: the model's weights are likely not finite.",
+          file=sys.stderr, flush=True)
   return Predictions(files, np.concatenate(labels) if labels else None, outputs,
                      model_s, compile_s, time.perf_counter() - t_start,
                      shown if keep_images else None)
@@ -340,9 +346,9 @@ def _define(fv: flags.FlagValues, argv) -> None:
   flags.DEFINE_string("exported", None, "Run this brnpa_jax.export artifact "
                       "instead of the model code.", flag_values=fv)
   flags.DEFINE_integer("batch", 64, "Fixed batch size (the last batch is padded).",
-                       flag_values=fv)
+                       lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("topk", 5, "Predictions per image in the CSV.",
-                       flag_values=fv)
+                       lower_bound=1, flag_values=fv)
   flags.DEFINE_bool("overlays", False, "Also write one PNG of the ranked maps "
                     "per image.", flag_values=fv)
   flags.DEFINE_enum("on_corrupt", "error", list(ON_CORRUPT), "An image that does "

@@ -212,8 +212,9 @@ def make_train_dataset(data_cfg, *, batch_size: int, seed: int, epoch: int,
   """
   source = get_source(data_cfg)
   mode = data_cfg.get("process_split", "shard")
-  if mode not in ("shard", "slice"):
-    raise ValueError(f"data.process_split={mode!r}: use 'shard' or 'slice'.")
+  if mode not in catalog.PROCESS_SPLITS:
+    raise ValueError(f"data.process_split={mode!r}: use one of "
+                     f"{catalog.PROCESS_SPLITS}.")
   slicing = mode == "slice" and process_count > 1
   file_seed, shuffle_seed, aug_seed = _epoch_seeds(seed, epoch)
   ds, decode = source.read(
