@@ -37,8 +37,8 @@ def _convert(key: str, value: str, default: Any) -> Any:
     if isinstance(default, float):
       return float(value)
   except ValueError:
-    raise ConfigError(f"config arg {key}={value!r}: expected "
-                      f"{'an integer' if isinstance(default, int) else 'a number'}.") from None
+    kind = "an integer" if isinstance(default, int) else "a number"
+    raise ConfigError(f"config arg {key}={value!r}: expected {kind}.") from None
   return value
 
 

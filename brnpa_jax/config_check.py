@@ -83,13 +83,12 @@ def _is_real(v) -> bool:
           and math.isfinite(v))
 
 
-def ints(lo: int, hi: int | None = None) -> Rule:
-  text = f"integers >= {lo}" + (f" and <= {hi}" if hi is not None else "")
-  return Rule(text, lambda v: _is_int(v) and lo <= v and (hi is None or v <= hi))
+def _ints(lo: int) -> Rule:
+  return Rule(f"integers >= {lo}", lambda v: _is_int(v) and lo <= v)
 
 
-def reals(lo: float, hi: float = math.inf, *, lo_open: bool = False,
-          hi_open: bool = False) -> Rule:
+def _reals(lo: float, hi: float = math.inf, *, lo_open: bool = False,
+           hi_open: bool = False) -> Rule:
   """Finite numbers in the interval; ``[lo, hi)`` etc. by the open ends."""
   text = (f"finite numbers in {'(' if lo_open else '['}{lo:g}, {hi:g}"
           f"{')' if hi_open or hi == math.inf else ']'}")
@@ -98,7 +97,7 @@ def reals(lo: float, hi: float = math.inf, *, lo_open: bool = False,
               and (v < hi if hi_open else v <= hi))
 
 
-def one_of(choices: Iterable) -> Rule:
+def _one_of(choices: Iterable) -> Rule:
   choices = tuple(choices)
   return Rule(f"one of {list(choices)}", lambda v: v in choices)
 
@@ -113,9 +112,9 @@ def _hw(size) -> tuple[int, int]:
   return pair[0], pair[-1]
 
 
-POSITIVE, COUNT, PROBABILITY = ints(1), ints(0), reals(0, 1, hi_open=True)
+POSITIVE, COUNT, PROBABILITY = _ints(1), _ints(0), _reals(0, 1, hi_open=True)
 FIELDS = {
-    "task": one_of(TASKS), "dtype": one_of(DTYPES), "seed": COUNT,
+    "task": _one_of(TASKS), "dtype": _one_of(DTYPES), "seed": COUNT,
     "mesh.num_devices": COUNT, "mesh.fsdp": POSITIVE,
     "batch_size": POSITIVE, "eval_batch_size": POSITIVE,
     "grad_accum_steps": POSITIVE, "num_epochs": POSITIVE,
@@ -123,47 +122,49 @@ FIELDS = {
     "log_every_steps": POSITIVE, "checkpoint_every_steps": POSITIVE,
     "max_to_keep": POSITIVE, "num_overlays": COUNT,
     "label_smoothing": PROBABILITY,
-    "model.backbone": one_of(BACKBONES), "model.head": one_of(HEADS),
-    "model.init": one_of(("norm", "random")), "model.num_maps": POSITIVE,
+    "model.backbone": _one_of(BACKBONES), "model.head": _one_of(HEADS),
+    "model.init": _one_of(("norm", "random")), "model.num_maps": POSITIVE,
     "model.width": COUNT, "model.dropout": PROBABILITY,
     "data.image_size": Rule("integers >= 1, or an (H, W) pair of them", _sizes),
-    "data.resize_ratio": reals(0, 1, lo_open=True),
-    "data.resize": one_of(catalog.RESIZE_MODES),
-    "data.process_split": one_of(catalog.PROCESS_SPLITS),
-    "data.brightness": reals(0), "data.saturation": reals(0),
+    "data.resize_ratio": _reals(0, 1, lo_open=True),
+    "data.resize": _one_of(catalog.RESIZE_MODES),
+    "data.process_split": _one_of(catalog.PROCESS_SPLITS),
+    "data.brightness": _reals(0), "data.saturation": _reals(0),
     "data.shuffle_buffer": POSITIVE,
-    "data.folder.validation_percent": reals(0, 100, hi_open=True),
-    "optim.name": one_of(OPTIMIZERS), "optim.schedule": one_of(SCHEDULES),
-    "optim.lr": reals(0, lo_open=True), "optim.weight_decay": reals(0),
+    "data.folder.validation_percent": _reals(0, 100, hi_open=True),
+    "optim.name": _one_of(OPTIMIZERS), "optim.schedule": _one_of(SCHEDULES),
+    "optim.lr": _reals(0, lo_open=True), "optim.weight_decay": _reals(0),
     "optim.momentum": PROBABILITY, "optim.b1": PROBABILITY,
-    "optim.b2": PROBABILITY, "optim.warmup_epochs": reals(0),
-    "optim.step_every_epochs": reals(0, lo_open=True),
-    "optim.step_gamma": reals(0, 1, lo_open=True),
-    "optim.grad_clip_norm": reals(0),
-    "distill.temperature": reals(0, lo_open=True), "distill.alpha": reals(0, 1),
-    "fewshot.phase": one_of(FEWSHOT_PHASES),
-    "fewshot.metric": one_of(FEWSHOT_METRICS),
+    "optim.b2": PROBABILITY, "optim.warmup_epochs": _reals(0),
+    "optim.step_every_epochs": _reals(0, lo_open=True),
+    "optim.step_gamma": _reals(0, 1, lo_open=True),
+    "optim.grad_clip_norm": _reals(0),
+    "distill.temperature": _reals(0, lo_open=True), "distill.alpha": _reals(0, 1),
+    "fewshot.phase": _one_of(FEWSHOT_PHASES),
+    "fewshot.metric": _one_of(FEWSHOT_METRICS),
     "fewshot.train_ways": POSITIVE, "fewshot.train_shots": POSITIVE,
     "fewshot.train_queries": POSITIVE, "fewshot.episodes_per_epoch": POSITIVE,
-    "fewshot.cosine_scale": reals(0, lo_open=True),
+    "fewshot.cosine_scale": _reals(0, lo_open=True),
     "fewshot.eval_ways": POSITIVE, "fewshot.eval_queries": POSITIVE,
     "fewshot.eval_episodes": POSITIVE, "fewshot.eval_seed": COUNT,
     "fewshot.eval_episode_batch": POSITIVE, "fewshot.select_shots": POSITIVE,
-    "fewshot.eval_shots": Rule("a non-empty tuple of integers >= 1",
-                               lambda v: isinstance(v, (tuple, list)) and len(v) > 0
-                               and all(_is_int(s) and s >= 1 for s in v)),
+    "fewshot.eval_shots": Rule(
+        "a non-empty tuple of integers >= 1",
+        lambda v: isinstance(v, (tuple, list)) and len(v) > 0
+        and all(_is_int(s) and s >= 1 for s in v)),
     "data.height": POSITIVE, "data.width": POSITIVE,
-    "data.ids_per_batch": POSITIVE, "data.images_per_id": ints(2),
-    "data.erasing_p": reals(0, 1), "data.erasing_fill": one_of(("mean", "random")),
+    "data.ids_per_batch": POSITIVE, "data.images_per_id": _ints(2),
+    "data.erasing_p": _reals(0, 1),
+    "data.erasing_fill": _one_of(("mean", "random")),
     "data.pad": COUNT, "data.num_threads": POSITIVE, "data.val_identities": COUNT,
-    "reid.triplet_margin": reals(0), "reid.triplet_weight": reals(0),
+    "reid.triplet_margin": _reals(0), "reid.triplet_weight": _reals(0),
     "reid.eval_block_size": POSITIVE, "reid.num_retrieved": POSITIVE,
     **{f"data.parts.{s}_size": POSITIVE for s in ("train", "validation", "test")},
-    "data.parts.num_classes": ints(2), "data.parts.parts_per_class": POSITIVE,
+    "data.parts.num_classes": _ints(2), "data.parts.parts_per_class": POSITIVE,
     "data.parts.num_shared": COUNT, "data.parts.num_clutter": COUNT,
     "data.parts.num_decoys": COUNT, "data.parts.seed": COUNT,
-    "data.parts.noise": reals(0), "data.parts.texture": reals(0),
-    "data.parts.margin": reals(0, 0.5, hi_open=True),
+    "data.parts.noise": _reals(0), "data.parts.texture": _reals(0),
+    "data.parts.margin": _reals(0, 0.5, hi_open=True),
     "data.parts.image_size": Rule("None (data.image_size) or integers >= 1",
                                   lambda v: v is None or _is_int(v) and v >= 1),
     **{f"data.parts.{f}": Rule("(min, max) fractions, 0 < min <= max < 1",
@@ -299,7 +300,8 @@ def problems(config) -> list[Problem]:
                        f"grad_accum_steps={accum} (micro-batches per step)"))
   devices, fsdp = config.mesh.num_devices, config.mesh.fsdp
   if devices and devices % fsdp:
-    out.append(Problem("mesh.fsdp", fsdp, f"must divide mesh.num_devices={devices}"))
+    out.append(Problem("mesh.fsdp", fsdp,
+                       f"must divide mesh.num_devices={devices}"))
   if get("data.name") == "parts" and get("data.parts") is not _MISSING:
     p = config.data.parts
     types = p.get("num_part_types")

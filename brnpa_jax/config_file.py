@@ -96,9 +96,9 @@ def load_config(spec: str, *, module_name: str = "config_config",
       config, ml_collections.ConfigDict):
     config = ml_collections.ConfigDict(dict(config))
   if not isinstance(config, ml_collections.ConfigDict):
-    raise ConfigFileError(f"{path}: get_config() returned "
-                          f"{type(config).__name__ if config is not None else 'None'}"
-                          ", not an ml_collections.ConfigDict (or a dict).")
+    got = "None" if config is None else f"a {type(config).__name__}"
+    raise ConfigFileError(f"{path}: get_config() returned {got}, not an "
+                          "ml_collections.ConfigDict (or a dict).")
   if lock:
     config.lock()
   return config
