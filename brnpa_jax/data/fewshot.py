@@ -25,9 +25,9 @@ Datasets (``data.name``) and their class splits, defined here:
   (``train``/``val``/``test`` by default, ``data.folder.splits``), each with
   one folder per class: the mini-ImageNet (Ravi & Larochelle), tieredImageNet
   and CIFAR-FS layouts once their split files are applied. Classes are sorted
-  by folder name. Files are listed, checked and decoded as ``image_folder``
-  (the classification reader) does: RGB, an unreadable file is an error
-  naming its path.
+  by folder name. Files are listed, checked and decoded by
+  ``brnpa_jax.data.image_files``, as the classification reader does: RGB, an
+  unreadable file is an error naming its path.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from brnpa_jax.data import image_files
 from brnpa_jax.data.normalization import normalize, resize_size
 
 SPLITS = ("base", "val", "novel")
@@ -159,13 +160,13 @@ def load_folder_split(data_cfg, split: str) -> ImageSet:
   """Reads ``<root>/<split folder>/<class>/<image>`` into memory.
 
   Listing, the image extensions, hidden-file rules, corrupt-file checks
-  (every file decoded once by Pillow, in threads) and decoding are those of
-  ``image_folder``, the classification reader.
+  (every file decoded once, in threads) and decoding are those of
+  ``brnpa_jax.data.image_files``, as for the classification reader.
 
   Raises:
     FileNotFoundError: missing root or split folder.
     ValueError: a split folder without class folders or images;
-      ``image_folder.CorruptImageError`` naming every unreadable file.
+      ``image_files.CorruptImageError`` naming every unreadable file.
   """
   import concurrent.futures  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -183,28 +184,30 @@ def load_folder_split(data_cfg, split: str) -> ImageSet:
     raise ValueError(f"{path} has no class folders.")
   files, labels = [], []
   for label, name in enumerate(classes):
-    found = image_folder._list_images(os.path.join(path, name))  # pylint: disable=protected-access
+    class_folder = os.path.join(path, name)
+    found = [os.path.join(class_folder, f) for f in image_files.list_images(class_folder)]
     if not found:
-      raise ValueError(f"Class folder {os.path.join(path, name)} has no images "
-                       f"({', '.join(image_folder.IMAGE_EXTENSIONS)}).")
+      raise ValueError(f"Class folder {image_files.display_name(class_folder)} has no "
+                       f"images ({', '.join(image_files.IMAGE_EXTENSIONS)}).")
     files += found
     labels += [label] * len(found)
 
   def inspect(f):
     try:
-      return image_folder.inspect_image(f, verify=True), None
-    except image_folder.CorruptImageError as e:
+      return image_files.inspect_image(f, verify=True), None
+    except image_files.CorruptImageError as e:
       return None, str(e)
   with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as ex:
     kinds, errors = zip(*ex.map(inspect, files))
   errors = [e for e in errors if e]
   if errors:
-    raise image_folder.CorruptImageError(
+    raise image_files.CorruptImageError(
         f"{len(errors)} unreadable image(s); remove or replace them:\n  "
         + "\n  ".join(errors))
   side = stored_size(data_cfg)
-  ds = tf.data.Dataset.from_tensor_slices((files, list(kinds), labels))
-  ds = ds.map(lambda f, k, l: (_square_tf(image_folder.decode_file(f, k), side),
+  ds = tf.data.Dataset.from_tensor_slices(([os.fsencode(f) for f in files],
+                                          list(kinds), labels))
+  ds = ds.map(lambda f, k, l: (_square_tf(image_files.decode_file(f, k), side),
                                tf.cast(l, tf.int32)),
               num_parallel_calls=tf.data.AUTOTUNE)
   images, labels = _collect(ds)
