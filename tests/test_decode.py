@@ -64,74 +64,73 @@ def _grey(g):
 
 ORIENT = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1],
           4: lambda a: a[::-1], 5: lambda a: a.transpose(1, 0, 2),
-          6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
-          8: lambda a: np.rot90(a, 1)}
+          6: lambda a: np.rot90(a, -1), 8: lambda a: np.rot90(a, 1),
+          7: lambda a: a[::-1, ::-1].transpose(1, 0, 2)}
 
 
 def _mode_cases():
   """``(file name, bytes, expected RGB, atol)`` for every mode Pillow opens."""
   rng = np.random.default_rng(0)
   cases = []
-  for depth in (1, 2, 4, 8, 16):
+
+  def add(name, data, want, atol=0):
+    cases.append((name, data, np.asarray(want, np.uint8), atol))
+  for depth in (1, 2, 4, 8, 16):  # grey, scaled to 0..255 / high byte
     x = rng.integers(0, 2 ** depth, (H, W, 1))
-    want = x[..., 0] >> 8 if depth == 16 else x[..., 0] * 255 // (2 ** depth - 1)
-    cases.append((f"grey{depth}.png", _png(x, depth, 0), _grey(want), 0))
+    scaled = x[..., 0] >> 8 if depth == 16 else x[..., 0] * 255 // (2 ** depth - 1)
+    add(f"grey{depth}.png", _png(x, depth, 0), _grey(scaled))
   x = rng.integers(0, 65536, (H, W, 1))
-  cases.append(("grey16_trns.png", _png(x, 16, 0, trns=struct.pack(">H", x[0, 0, 0])),
-                _grey(x[..., 0] >> 8), 0))
-  for depth, ctype in ((16, 2), (16, 6), (16, 4), (8, 4), (8, 6)):
+  add("grey16_trns.png", _png(x, 16, 0, trns=struct.pack(">H", x[0, 0, 0])),
+      _grey(x[..., 0] >> 8))
+  for depth, ctype in ((16, 2), (16, 6), (16, 4), (8, 4), (8, 6)):  # alpha dropped
     x = rng.integers(0, 2 ** depth, (H, W, {2: 3, 4: 2, 6: 4}[ctype]))
     rgb = x[..., :3] if x.shape[-1] >= 3 else np.repeat(x[..., :1], 3, -1)
-    cases.append((f"c{ctype}_{depth}.png", _png(x, depth, ctype),
-                  (rgb >> (depth - 8)).astype(np.uint8), 0))  # alpha dropped
+    add(f"c{ctype}_{depth}.png", _png(x, depth, ctype), rgb >> (depth - 8))
   for depth in (1, 4, 8):
     palette = rng.integers(0, 256, (2 ** depth, 3))
     x = rng.integers(0, 2 ** depth, (H, W, 1))
     for trns in (None, bytes(range(0, 256, 37))[:2 ** depth]):
-      cases.append((f"p{depth}{'_trns' if trns else ''}.png",
-                    _png(x, depth, 3, palette, trns), palette[x[..., 0]].astype(np.uint8), 0))
+      add(f"p{depth}{'_trns' if trns else ''}.png", _png(x, depth, 3, palette, trns),
+          palette[x[..., 0]])
   u16 = rng.integers(0, 65536, (H, W)).astype(np.uint16)
-  cases.append(("i16.tif", _saved(Image.fromarray(u16), "TIFF"), _grey(u16 >> 8), 0))
-  cases.append(("i16b.tif", _saved(Image.fromarray(u16).convert("I").convert("I;16B"),
-                                   "TIFF"), _grey(u16 >> 8), 0))
-  pgm = b"P5\n%d %d\n65535\n" % (W, H) + u16.astype(">u2").tobytes()
-  cases.append(("grey16.pgm", pgm, _grey(u16 >> 8), 0))
-  i32 = rng.integers(-70_000, 70_000, (H, W)).astype(np.int32)
-  own = (i32.astype(np.int64) - i32.min()) * 256 // (int(i32.max()) - i32.min() + 1)
-  cases.append(("i32.tif", _saved(Image.fromarray(i32), "TIFF"), _grey(own), 0))
-  f01 = rng.random((H, W)).astype(np.float32)
-  cases.append(("f01.tif", _saved(Image.fromarray(f01), "TIFF"),
-                _grey(np.rint(f01 * 255.0)), 0))
-  fwide = (f01 * 1000 - 300).astype(np.float32)
-  stretched = np.rint((fwide - fwide.min()) / (fwide.max() - fwide.min()) * 255)
-  cases.append(("fwide.tif", _saved(Image.fromarray(fwide), "TIFF"), _grey(stretched), 0))
+  add("i16.tif", _saved(Image.fromarray(u16), "TIFF"), _grey(u16 >> 8))
+  big_endian = Image.fromarray(u16).convert("I").convert("I;16B")
+  add("i16b.tif", _saved(big_endian, "TIFF"), _grey(u16 >> 8))
+  add("grey16.pgm", b"P5\n%d %d\n65535\n" % (W, H) + u16.astype(">u2").tobytes(),
+      _grey(u16 >> 8))
+  i32 = rng.integers(-70_000, 70_000, (H, W)).astype(np.int64)  # own range
+  add("i32.tif", _saved(Image.fromarray(i32.astype(np.int32)), "TIFF"),
+      _grey((i32 - i32.min()) * 256 // (i32.max() - i32.min() + 1)))
+  f01 = rng.random((H, W)).astype(np.float32)  # [0, 1]: x 255
+  add("f01.tif", _saved(Image.fromarray(f01), "TIFF"), _grey(np.rint(f01 * 255.0)))
+  wide = (f01 * 1000 - 300).astype(np.float32)  # otherwise its own range
+  add("fwide.tif", _saved(Image.fromarray(wide), "TIFF"),
+      _grey(np.rint((wide - wide.min()) / (wide.max() - wide.min()) * 255)))
   src = rng.integers(0, 256, (H, W, 3)).astype(np.uint8)
-  cases.append(("bilevel.tif", _saved(Image.fromarray(src).convert("1"), "TIFF"),
-                np.asarray(Image.fromarray(src).convert("1").convert("RGB")), 0))
+  bilevel = Image.fromarray(src).convert("1")
+  add("bilevel.tif", _saved(bilevel, "TIFF"), np.asarray(bilevel.convert("RGB")))
   cmyk = rng.integers(0, 256, (H, W, 4)).astype(np.uint8)
-  nk = 255 - cmyk[..., 3:].astype(float)
-  cases.append(("cmyk.tif", _saved(Image.fromarray(cmyk, "CMYK"), "TIFF"),
-                np.rint((255 - cmyk[..., :3]) * nk / 255).astype(np.uint8), 1))
+  add("cmyk.tif", _saved(Image.fromarray(cmyk, "CMYK"), "TIFF"),
+      np.rint((255 - cmyk[..., :3]) * (255 - cmyk[..., 3:].astype(float)) / 255), 1)
   smooth = np.clip(np.mgrid[0:16, 0:16, 0:3].sum(0) * 8, 0, 255).astype(np.uint8)
-  cases.append(("cmyk.jpg", _saved(Image.fromarray(smooth).convert("CMYK"), "JPEG",
-                                   quality=95), smooth, 8))
+  add("cmyk.jpg", _saved(Image.fromarray(smooth).convert("CMYK"), "JPEG",
+                         quality=95), smooth, 8)
   for mode, atol in (("YCbCr", 2), ("LAB", 8)):  # 8-bit LAB is coarse near black
-    cases.append((f"{mode}.tif", _saved(Image.fromarray(smooth).convert(mode), "TIFF"),
-                  smooth, atol))
-  cases.append(("la.tif", _saved(Image.fromarray(src).convert("LA"), "TIFF"),
-                _grey(np.asarray(Image.fromarray(src).convert("L"))), 0))
+    add(f"{mode}.tif", _saved(Image.fromarray(smooth).convert(mode), "TIFF"),
+        smooth, atol)
+  add("la.tif", _saved(Image.fromarray(src).convert("LA"), "TIFF"),
+      _grey(np.asarray(Image.fromarray(src).convert("L"))))
   frames = [Image.fromarray(np.full((H, W, 3), v, np.uint8)) for v in (40, 200)]
-  cases.append(("anim.gif", _saved(frames[0], "GIF", save_all=True,
-                                   append_images=frames[1:]), _grey(np.full((H, W), 40)), 0))
-  cases.append(("anim.webp", _saved(frames[0], "WEBP", save_all=True, lossless=True,
-                                    append_images=frames[1:]), _grey(np.full((H, W), 40)), 0))
-  cases.append(("p.bmp", _saved(Image.fromarray(src).convert("P"), "BMP"),
-                np.asarray(Image.fromarray(src).convert("P").convert("RGB")), 0))
+  for fmt, kw in (("GIF", {}), ("WEBP", {"lossless": True})):  # the first frame
+    add(f"anim.{fmt.lower()}", _saved(frames[0], fmt, save_all=True,
+                                      append_images=frames[1:], **kw), frames[0])
+  palette_bmp = Image.fromarray(src).convert("P")
+  add("p.bmp", _saved(palette_bmp, "BMP"), np.asarray(palette_bmp.convert("RGB")))
   for o in range(1, 9):  # EXIF orientation, applied
     exif = Image.Exif()
     exif[274] = o
-    cases.append((f"orient{o}.png", _saved(Image.fromarray(src), "PNG", exif=exif),
-                  ORIENT[o](src), 0))
+    add(f"orient{o}.png", _saved(Image.fromarray(src), "PNG", exif=exif),
+        ORIENT[o](src))
   return cases
 
 
@@ -163,8 +162,8 @@ def test_every_mode_by_its_range_the_same_on_both_paths(tmp_path):
     assert plain.dtype == np.uint8 and plain.shape == want.shape, name
     np.testing.assert_allclose(plain.astype(int), want.astype(int), atol=atol,
                                err_msg=name)
-    native = name.endswith(".png") and not name.startswith("orient")
-    assert (kind == image_files.NATIVE_PNG) == (native or name == "orient1.png"), name
+    native = name.endswith(".png") and name[:6] != "orient" or name == "orient1.png"
+    assert (kind == image_files.NATIVE_PNG) == native, name
   # EXIF orientation on a JPEG: Pillow's path, same decode as without it.
   src = np.asarray(Image.open(io.BytesIO(cases[-1][1])).convert("RGB"))
   exif = Image.Exif()
@@ -223,7 +222,8 @@ def test_predict_reads_a_sixteen_bit_png_by_its_range(messy):
   root, want = messy
   names, batch, _ = next(predict.folder_batches(str(root), 32, 0.875, 16))
   deep = eval_transform(want, {}, size=32)[0].numpy()
-  np.testing.assert_allclose(batch[names.index("nested/deep16.png")], deep, atol=1e-6)
+  np.testing.assert_allclose(batch[names.index("nested/deep16.png")], deep,
+                             atol=1e-6)
 
 
 def test_odd_names_round_trip_through_csv_and_npz(messy, tmp_path):
@@ -307,7 +307,8 @@ def test_training_folder_reads_a_sixteen_bit_png_by_its_range(tmp_path):
 
 
 def test_training_folder_names_links_and_hidden_files(tmp_path):
-  root = _tree(tmp_path / "d", {b"caf\xe9": ODD_NAMES, b"plain": [b"a.png", b"b.png"]})
+  root = _tree(tmp_path / "d", {b"caf\xe9": ODD_NAMES,
+                                b"plain": [b"a.png", b"b.png"]})
   _write(root, b"train/plain/sub/nested.png", _png(np.zeros((3, 3, 1)), 8, 0))
   _write(root, b"train/plain/.hidden.png", b"not read")
   _write(root, b"train/plain/.cache/x.png", b"not read")
@@ -318,7 +319,8 @@ def test_training_folder_names_links_and_hidden_files(tmp_path):
   os.symlink(root / "train" / "plain", root / "train" / "plain" / "loop")
   folder = image_folder.ImageFolder(str(root), validation_percent=0)
   assert folder.class_names() == ["caf\\xe9", "plain"]
-  rel = sorted(os.path.relpath(f.path, root / "train") for f in folder.files("train"))
+  rel = sorted(os.path.relpath(f.path, root / "train")
+               for f in folder.files("train"))
   assert rel == sorted([os.path.join("caf\udce9", os.fsdecode(n)) for n in ODD_NAMES]
                        + ["plain/a.png", "plain/b.png", "plain/link.png",
                           "plain/linked_dir/linked.png", "plain/sub/nested.png"])

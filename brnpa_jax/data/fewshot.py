@@ -33,6 +33,7 @@ Datasets (``data.name``) and their class splits, defined here:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Callable, Iterator
 
@@ -170,7 +171,6 @@ def load_folder_split(data_cfg, split: str) -> ImageSet:
   """
   import concurrent.futures  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from brnpa_jax.data import image_folder  # pylint: disable=g-import-not-at-top
   root = os.path.expanduser(data_cfg.folder.root)
   folder = dict(zip(SPLITS, data_cfg.folder.splits))[split]
   path = os.path.join(root, folder)
@@ -179,22 +179,26 @@ def load_folder_split(data_cfg, split: str) -> ImageSet:
         f"No {split} folder {path}: data.folder.root must hold the folders "
         f"{tuple(data_cfg.folder.splits)} (base, val, novel classes), each with "
         "one folder of images per class.")
-  classes = image_folder._list_class_folders(path)  # pylint: disable=protected-access
+  classes = image_files.list_folders(path)
   if not classes:
     raise ValueError(f"{path} has no class folders.")
   files, labels = [], []
   for label, name in enumerate(classes):
     class_folder = os.path.join(path, name)
-    found = [os.path.join(class_folder, f) for f in image_files.list_images(class_folder)]
+    found = [os.path.join(class_folder, f)
+             for f in image_files.list_images(class_folder)]
     if not found:
-      raise ValueError(f"Class folder {image_files.display_name(class_folder)} has no "
-                       f"images ({', '.join(image_files.IMAGE_EXTENSIONS)}).")
+      raise ValueError(f"Class folder {image_files.display_name(class_folder)} "
+                       f"has no images ({', '.join(image_files.IMAGE_EXTENSIONS)}).")
     files += found
     labels += [label] * len(found)
 
+  max_pixels = data_cfg.folder.get("max_pixels", image_files.MAX_PIXELS)
+
   def inspect(f):
     try:
-      return image_files.inspect_image(f, verify=True), None
+      return image_files.inspect_image(f, verify=True,
+                                       max_pixels=max_pixels), None
     except image_files.CorruptImageError as e:
       return None, str(e)
   with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as ex:
@@ -207,7 +211,8 @@ def load_folder_split(data_cfg, split: str) -> ImageSet:
   side = stored_size(data_cfg)
   ds = tf.data.Dataset.from_tensor_slices(([os.fsencode(f) for f in files],
                                           list(kinds), labels))
-  ds = ds.map(lambda f, k, l: (_square_tf(image_files.decode_file(f, k), side),
+  decode = functools.partial(image_files.decode_file, max_pixels=max_pixels)
+  ds = ds.map(lambda f, k, l: (_square_tf(decode(f, k), side),
                                tf.cast(l, tf.int32)),
               num_parallel_calls=tf.data.AUTOTUNE)
   images, labels = _collect(ds)

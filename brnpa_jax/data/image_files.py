@@ -98,6 +98,13 @@ def display_name(name: str | bytes) -> str:
   return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
+def list_folders(folder: str) -> list[str]:
+  """The names of ``folder``'s sub-folders (links to folders included),
+  sorted, hidden ones (``.name``) left out: the class folders."""
+  return sorted(e.name for e in os.scandir(folder)
+                if e.is_dir() and not e.name.startswith("."))
+
+
 def list_images(folder: str) -> list[str]:
   """Image files under ``folder``, recursively: relative paths, sorted.
 
@@ -105,9 +112,10 @@ def list_images(folder: str) -> list[str]:
   files and folders (name starting with ``.``) are left out, as
   torchvision's ``ImageFolder`` does. Links to files and folders are
   followed; a folder reached twice (a link to a folder already read, or to
-  one of its parents) is read once, real folders before links at each level. A broken link with an image's extension is
-  listed and then fails to decode, like a corrupt file. A folder that cannot
-  be read is an ``OSError`` naming it.
+  one of its parents) is read once, real folders before links at each
+  level. A broken link with an image's extension is listed and then fails
+  to decode, like a corrupt file. A folder that cannot be read is an
+  ``OSError`` naming it.
   """
   def fail(error: OSError):
     raise error
@@ -185,7 +193,9 @@ def _declared_range(im: Image.Image) -> tuple[int, int] | None:
     return None
   if bits > 16:
     return None
-  return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+  if signed:
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+  return 0, (1 << bits) - 1
 
 
 def _grey8(im: Image.Image) -> np.ndarray:
@@ -252,8 +262,10 @@ def inspect_image(path, *, verify: bool = False,
     if (im.mode not in modes or orientation != 1
         or getattr(im, "is_animated", False)):
       kind = PILLOW
-    if verify:
-      _rgb(im, orientation)
+    if verify and kind == PILLOW:
+      _rgb(im, orientation)  # what can fail beyond the decode: NaN, modes
+    elif verify:
+      im.load()
   return kind
 
 

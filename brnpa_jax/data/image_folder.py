@@ -95,11 +95,6 @@ def _order_key(seed: int, relpath: str) -> str:
   return hashlib.sha1(f"{seed}:".encode() + os.fsencode(relpath)).hexdigest()
 
 
-def _list_class_folders(folder: str) -> list[str]:
-  return sorted(e.name for e in os.scandir(folder)
-                if e.is_dir() and not e.name.startswith("."))
-
-
 def _find_split_folder(root: str, names: Sequence[str]) -> str | None:
   """``root/<name>``, else the one ``root/*_<name>`` folder, else None."""
   if not os.path.isdir(root):
@@ -151,7 +146,7 @@ class ImageFolder:
       raise DatasetNotPreparedError(
           (f"No train/ folder in {self.root}. " if os.path.isdir(self.root)
            else f"Image folder {self.root} does not exist. ") + help_text)
-    self.classes = _list_class_folders(folders["train"])
+    self.classes = image_files.list_folders(folders["train"])
     if not self.classes:
       raise DatasetNotPreparedError(
           f"{folders['train']} has no class sub-folders. " + help_text)
@@ -169,7 +164,7 @@ class ImageFolder:
     self._splits = {s: self._ordered(ps) for s, ps in files.items()}
 
   def _list(self, folder: str, split: str, help_text: str):
-    unknown = sorted(set(_list_class_folders(folder)) - set(self.classes))
+    unknown = sorted(set(image_files.list_folders(folder)) - set(self.classes))
     if unknown:
       raise DatasetNotPreparedError(
           f"{folder} has class folders that train/ lacks: {unknown[:5]}. "
@@ -199,8 +194,9 @@ class ImageFolder:
     if bad and on_corrupt == "error":
       more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
       raise CorruptImageError(
-          f"{len(bad)} unreadable image file(s) in {image_files.display_name(self.root)}: "
-          + " | ".join(bad[:3]) + f"{more}. Replace or delete them, or set "
+          f"{len(bad)} unreadable image file(s) in "
+          f"{image_files.display_name(self.root)}: " + " | ".join(bad[:3])
+          + f"{more}. Replace or delete them, or set "
           "data.folder.on_corrupt='skip' to leave them out.")
     if bad:
       listing = "\n  ".join(bad[:20]) + (f"\n  ... ({len(bad) - 20} more)"
@@ -216,8 +212,8 @@ class ImageFolder:
              if i not in have]
     if empty:
       raise DatasetNotPreparedError(
-          f"{len(empty)} class folder(s) of {image_files.display_name(folder)} hold no "
-          f"readable image: {', '.join(empty[:5])}"
+          f"{len(empty)} class folder(s) of {image_files.display_name(folder)} "
+          f"hold no readable image: {', '.join(empty[:5])}"
           + (" ..." if len(empty) > 5 else "") + ". Add images to them or "
           "delete them (a class needs training images).")
 
