@@ -41,6 +41,7 @@ import numpy as np
 
 from brnpa_jax.data import image_files
 from brnpa_jax.data.normalization import normalize, resize_size
+from brnpa_jax.errors import BadInputError, InputNotFoundError
 
 SPLITS = ("base", "val", "novel")
 OMNIGLOT_BACKGROUND = 964
@@ -165,9 +166,10 @@ def load_folder_split(data_cfg, split: str) -> ImageSet:
   ``brnpa_jax.data.image_files``, as for the classification reader.
 
   Raises:
-    FileNotFoundError: missing root or split folder.
-    ValueError: a split folder without class folders or images;
-      ``image_files.CorruptImageError`` naming every unreadable file.
+    InputNotFoundError: missing root or split folder.
+    BadInputError: a split folder without class folders, a class folder
+      without images; ``image_files.CorruptImageError`` naming unreadable
+      files.
   """
   import concurrent.futures  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -175,21 +177,22 @@ def load_folder_split(data_cfg, split: str) -> ImageSet:
   folder = dict(zip(SPLITS, data_cfg.folder.splits))[split]
   path = os.path.join(root, folder)
   if not os.path.isdir(path):
-    raise FileNotFoundError(
+    raise InputNotFoundError(
         f"No {split} folder {path}: data.folder.root must hold the folders "
         f"{tuple(data_cfg.folder.splits)} (base, val, novel classes), each with "
         "one folder of images per class.")
   classes = image_files.list_folders(path)
   if not classes:
-    raise ValueError(f"{path} has no class folders.")
+    raise BadInputError(f"{path} has no class folders.")
   files, labels = [], []
   for label, name in enumerate(classes):
     class_folder = os.path.join(path, name)
     found = [os.path.join(class_folder, f)
              for f in image_files.list_images(class_folder)]
     if not found:
-      raise ValueError(f"Class folder {image_files.display_name(class_folder)} "
-                       f"has no images ({', '.join(image_files.IMAGE_EXTENSIONS)}).")
+      raise BadInputError(
+          f"Class folder {image_files.display_name(class_folder)} has no images "
+          f"({', '.join(image_files.IMAGE_EXTENSIONS)}): add some or delete it.")
     files += found
     labels += [label] * len(found)
 
@@ -205,9 +208,10 @@ def load_folder_split(data_cfg, split: str) -> ImageSet:
     kinds, errors = zip(*ex.map(inspect, files))
   errors = [e for e in errors if e]
   if errors:
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
     raise image_files.CorruptImageError(
-        f"{len(errors)} unreadable image(s); remove or replace them:\n  "
-        + "\n  ".join(errors))
+        f"{len(errors)} unreadable image(s): " + " | ".join(errors[:3])
+        + f"{more}. Remove or replace them.")
   side = stored_size(data_cfg)
   ds = tf.data.Dataset.from_tensor_slices(([os.fsencode(f) for f in files],
                                           list(kinds), labels))

@@ -21,11 +21,12 @@ archive (``images/``, ``images.txt``, ``train_test_split.txt``) into
 The class index is the position of the folder name in the sorted names of
 ``train/``; ``validation/`` and ``test/`` may only use those names. A class
 folder of ``train/`` without a readable image is an error naming it (a class
-the model could never learn). Files are listed by ``image_files.list_images``:
-images in nested folders of a class folder belong to the class; files whose
-extension is not an image's (``image_files.IMAGE_EXTENSIONS``) and hidden entries
-are ignored, as torchvision's ``ImageFolder`` does; links are followed, a
-folder reached twice is read once, and a broken link is an unreadable file.
+the model could never learn). Files are listed by
+``image_files.list_images``: images in nested folders of a class folder
+belong to the class; files whose extension is not an image's and hidden
+entries are ignored, as torchvision's ``ImageFolder`` does; links are
+followed, a folder reached twice is read once, and a broken link is an
+unreadable file.
 
 Opening the folder scans it once per process (cached): every image's header
 is read with Pillow, and with ``verify`` (the default) every image is also
@@ -36,10 +37,10 @@ CUB's 11,788 JPEGs: a few seconds on a 16-core machine). A corrupt file is an
 error naming the paths, or, with ``on_corrupt='skip'``, a warning listing
 them, and the file is left out.
 
-Decoding is ``image_files.decode_file``: TensorFlow's native ops inside tf.data
-where they give exactly Pillow's pixels, Pillow through ``tf.py_function``
-elsewhere, every mode converted by its value range (``brnpa_jax.data.image_files``
-says how: 16-bit, float, alpha, EXIF orientation).
+Decoding is ``image_files.decode_file``: TensorFlow's native ops inside
+tf.data where they give exactly Pillow's pixels, Pillow through
+``tf.py_function`` elsewhere, every mode converted by its value range
+(``image_files`` says how: 16-bit, float, alpha, EXIF orientation).
 
 The validation split and the order of every split are fixed by a hash of
 (``seed``, relative path): they do not depend on the machine, on the numpy
@@ -62,7 +63,7 @@ from absl import flags
 import tensorflow as tf
 
 from brnpa_jax import cli
-from brnpa_jax.errors import ConfigError, InputNotFoundError
+from brnpa_jax.errors import InputNotFoundError
 from brnpa_jax.data import image_files
 from brnpa_jax.data.catalog import VALIDATION_PERCENT, DatasetNotPreparedError
 from brnpa_jax.data.image_files import CorruptImageError
@@ -132,9 +133,6 @@ class ImageFolder:
                workers: int = 0, max_pixels: int = image_files.MAX_PIXELS):
     if on_corrupt not in ON_CORRUPT:
       raise ValueError(f"on_corrupt={on_corrupt!r}: use one of {ON_CORRUPT}.")
-    if max_pixels < 1:
-      raise ConfigError(f"data.folder.max_pixels={max_pixels}: use a positive "
-                        f"count (default {image_files.MAX_PIXELS:,}).")
     self.max_pixels = max_pixels
     if not 0 <= validation_percent < 100:
       raise ValueError(f"validation_percent={validation_percent}: use [0, 100).")
@@ -184,8 +182,8 @@ class ImageFolder:
 
     def one(path):
       try:
-        return path, image_files.inspect_image(path, verify=verify,
-                                          max_pixels=self.max_pixels), None
+        return path, image_files.inspect_image(
+            path, verify=verify, max_pixels=self.max_pixels), None
       except CorruptImageError as e:
         return path, None, str(e)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -293,7 +291,7 @@ class ImageFolder:
     def decode(ex):
       out = {k: v for k, v in ex.items() if k in wanted and k != "kind"}
       out["image"] = image_files.decode_file(ex["image"], ex["kind"],
-                                        max_pixels=self.max_pixels)
+                                             max_pixels=self.max_pixels)
       return out
     return ds.map(lambda ex: {k: v for k, v in ex.items() if k in wanted}), decode
 
