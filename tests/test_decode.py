@@ -202,7 +202,7 @@ def test_nan_pixels_and_bombs_are_corrupt(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def messy(tmp_path_factory):
-  """A folder of odd names, a 16-bit PNG, a bomb, a NaN TIFF, links."""
+  """Odd names, a nested 16-bit PNG, hidden images, a folder link, a loop."""
   root = tmp_path_factory.mktemp("messy")
   rng = np.random.default_rng(1)
   for i, name in enumerate(ODD_NAMES):

@@ -37,8 +37,8 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
 from brnpa_jax.data import catalog  # pylint: disable=g-import-not-at-top
-from brnpa_jax.data import image_folder  # pylint: disable=g-import-not-at-top
 from brnpa_jax.data import image_files  # pylint: disable=g-import-not-at-top
+from brnpa_jax.data import image_folder  # pylint: disable=g-import-not-at-top
 from brnpa_jax.data import parts  # pylint: disable=g-import-not-at-top
 from brnpa_jax.data import parts_tfds  # pylint: disable=g-import-not-at-top
 from brnpa_jax.data import tfds_datasets  # pylint: disable=g-import-not-at-top
