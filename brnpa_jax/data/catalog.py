@@ -28,6 +28,7 @@ from typing import Mapping, Sequence
 import ml_collections
 
 from brnpa_jax.data import parts
+from brnpa_jax.data.image_files import MAX_PIXELS
 from brnpa_jax.errors import ConfigError, UserError
 
 VALIDATION_PERCENT = 10
@@ -206,5 +207,5 @@ def fine_grained_data_config(name: str = "caltech_birds2011", data_dir: str = ""
   cfg.process_split = "shard"
   cfg.folder = ml_collections.ConfigDict(dict(
       validation_percent=float(VALIDATION_PERCENT), seed=0, verify=True,
-      on_corrupt="error"))
+      on_corrupt="error", max_pixels=MAX_PIXELS))
   return cfg
