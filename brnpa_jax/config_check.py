@@ -27,7 +27,7 @@ import math
 import numbers
 from typing import Any, Callable, Iterable
 
-from brnpa_jax.data import catalog, parts
+from brnpa_jax.data import catalog, image_files, parts
 from brnpa_jax.data import fewshot as fewshot_data
 from brnpa_jax.data import reid as reid_data
 from brnpa_jax.errors import ConfigError
@@ -132,6 +132,8 @@ FIELDS = {
     "data.brightness": _reals(0), "data.saturation": _reals(0),
     "data.shuffle_buffer": POSITIVE,
     "data.folder.validation_percent": _reals(0, 100, hi_open=True),
+    "data.folder.on_corrupt": _one_of(image_files.ON_CORRUPT),
+    "data.folder.max_pixels": POSITIVE,
     "optim.name": _one_of(OPTIMIZERS), "optim.schedule": _one_of(SCHEDULES),
     "optim.lr": _reals(0, lo_open=True), "optim.weight_decay": _reals(0),
     "optim.momentum": PROBABILITY, "optim.b1": PROBABILITY,

@@ -51,7 +51,7 @@ from brnpa_jax.models.classifier import INFERENCE_OUTPUTS, make_infer_fn
 from brnpa_jax.runs import RestoredRun, Workdir, load_run
 
 IMAGE_EXTENSIONS = image_files.IMAGE_EXTENSIONS
-ON_CORRUPT = ("error", "skip")
+ON_CORRUPT = image_files.ON_CORRUPT
 OUTPUT_KEYS = INFERENCE_OUTPUTS
 
 

@@ -72,6 +72,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm",
 # Pillow's default limit (about a quarter of a GiB of RGB pixels; 9,459 x
 # 9,459), so that Pillow's own warning never fires below ours.
 MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+# What the readers do with a corrupt file: stop with its path, or warn and
+# leave it out (data.folder.on_corrupt, predict --on_corrupt).
+ON_CORRUPT = ("error", "skip")
 
 # How ``decode_file`` decodes a file (see the module docstring).
 NATIVE_JPEG, NATIVE_PNG, PILLOW = 0, 1, 2

@@ -72,7 +72,7 @@ from brnpa_jax.data.image_files import CorruptImageError
 # ``_<name>`` (the authors' release reads data/CUB-200-2011_train and _test).
 SPLIT_FOLDERS = {"train": ("train",), "validation": ("validation", "val"),
                  "test": ("test",)}
-ON_CORRUPT = ("error", "skip")
+ON_CORRUPT = image_files.ON_CORRUPT
 
 LAYOUT_HELP = """Expected layout (one sub-folder per class):
   {root}/train/<class>/<image>.jpg        required
