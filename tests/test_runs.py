@@ -65,6 +65,7 @@ def test_config_is_written_once_and_changes_are_recorded(tmp_path):
   first = open(wd.config_file).read()
   wd.write_config(ml_collections.ConfigDict({"optim": {"lr": 0.5}, "seed": 0}))
   assert open(wd.config_file).read() == first  # written once
+  os.makedirs(os.path.join(wd.checkpoints_dir, "100"))  # the run has trained
   changed = ml_collections.ConfigDict({"optim": {"lr": 0.1}, "seed": 0})
   with pytest.raises(ConfigMismatchError, match=r"optim.lr: stored 0.002, "
                      r"requested 0.1[\s\S]*--allow_config_change") as e:

@@ -144,6 +144,11 @@ class ConvNeXt(nn.Module):
     an H x W input gives an (H // os, W // os) grid."""
     return self.patch_size * math.prod(self.strides)
 
+  def feature_grid(self, height: int, width: int) -> tuple[int, int]:
+    """The (h, w) of the feature map of an input, without tracing: the
+    unpadded stem and stride-2 layers floor each side."""
+    return height // self.output_stride, width // self.output_stride
+
   @nn.compact
   def __call__(self, x_BxHxWx3, train: bool = False):
     """Returns the last stage's feature map (B, H/os, W/os, C); ``train``
@@ -152,7 +157,7 @@ class ConvNeXt(nn.Module):
       raise ValueError(f"ConvNeXt strides {tuple(self.strides)}: one stride, "
                        f"1 or 2, per downsampling layer ({len(self.depths) - 1}).")
     h, w = x_BxHxWx3.shape[1:3]
-    if min(h, w) < self.output_stride:
+    if min(self.feature_grid(h, w)) < 1:
       raise ValueError(f"Input {h}x{w} is smaller than ConvNeXt's output "
                        f"stride {self.output_stride}; use larger images.")
     x = x_BxHxWx3.astype(self.dtype)

@@ -90,6 +90,16 @@ def backbone_kwargs(model_cfg, dtype=jnp.float32) -> dict:
   return kwargs
 
 
+def feature_grid(model_cfg, image_hw) -> tuple[int, int]:
+  """The (h, w) of the feature map the config's backbone gives an input of
+  ``image_hw`` (an int side or an (H, W) pair), from its strides alone: no
+  network is built or traced. A side of 0 means the input is smaller than
+  the backbone's output stride (or a ViT's patch)."""
+  h, w = (image_hw, image_hw) if isinstance(image_hw, int) else image_hw
+  backbone = BACKBONES[model_cfg.backbone](**backbone_kwargs(model_cfg))
+  return backbone.feature_grid(int(h), int(w))
+
+
 def build_model(model_cfg, num_classes: int, dtype: str = "float32") -> Classifier:
   """Builds the classifier a config describes.
 

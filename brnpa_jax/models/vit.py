@@ -208,12 +208,20 @@ class VisionTransformer(nn.Module):
     (H // os, W // os) grid."""
     return self.patch_size // self.overlap
 
+  def feature_grid(self, height: int, width: int) -> tuple[int, int]:
+    """The (h, w) token grid of an input, without tracing: the patch
+    embedding's padding of (patch - stride) / 2 pixels a side gives
+    floor(side / stride) tokens once a side holds a whole patch."""
+    if min(height, width) < self.patch_size:
+      return 0, 0
+    return height // self.output_stride, width // self.output_stride
+
   @nn.compact
   def __call__(self, x_BxHxWx3, train: bool = False):
     """Returns the patch tokens (B, H/s, W/s, C), s = ``output_stride``;
     ``train`` turns stochastic depth on."""
     h, w = x_BxHxWx3.shape[1:3]
-    if min(h, w) < self.patch_size:
+    if min(self.feature_grid(h, w)) < 1:
       raise ValueError(f"Input {h}x{w} is smaller than the ViT's "
                        f"{self.patch_size}-pixel patches; use larger images.")
     c = self.channels

@@ -63,15 +63,18 @@ def default_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_batch_size = 200
   c.num_epochs = a["epochs"] or 12
   c.early_stopping_patience = 0  # epochs without a better val accuracy; 0: off
-  # Steps with a non-finite loss or gradient are skipped; more stop the run.
+  # Steps with a non-finite loss, gradient or update are skipped; more stop
+  # the run.
   c.max_nonfinite_steps = 10
   c.log_every_steps = 20
   c.checkpoint_every_steps = 100
   c.max_to_keep = 2
   c.num_overlays = 8
 
-  if a["runlocal"]:
-    c.model.backbone, c.model.width = tiny_preset(a["backbone"]), 8
+  if a["runlocal"]:  # what the switches leave to it: explicit ones stay
+    c.model.backbone = tiny_preset(a["backbone"])
+    if "width" not in a.given:
+      c.model.width = 8
     c.data.parts.train_size, c.data.parts.validation_size = 256, 64
     c.data.parts.test_size = 64
     c.batch_size, c.eval_batch_size, c.num_epochs = 32, 32, a["epochs"] or 2
