@@ -32,7 +32,8 @@ from brnpa_jax.data import fewshot as fewshot_data
 from brnpa_jax.data import reid as reid_data
 from brnpa_jax.errors import ConfigError
 from brnpa_jax.models import BACKBONES, HEADS
-from brnpa_jax.models.registry import DTYPES, family, feature_grid
+from brnpa_jax.models.registry import (DTYPES, STEMS, backbone_kwargs, family,
+                                       feature_grid)
 
 # Names a config may use where no lower room owns the list (the trainer's
 # optimiser and schedules, the tasks and their options read them from here).
@@ -125,6 +126,9 @@ FIELDS = {
     "model.backbone": _one_of(BACKBONES), "model.head": _one_of(HEADS),
     "model.init": _one_of(("norm", "random")), "model.num_maps": POSITIVE,
     "model.width": COUNT, "model.dropout": PROBABILITY,
+    # The small-image variants (0: the preset's; docs/backbones.md).
+    "model.patch_size": COUNT, "model.img_size": COUNT,
+    "model.drop_path_rate": PROBABILITY, "model.stem": _one_of(STEMS),
     "data.image_size": Rule("integers >= 1, or an (H, W) pair of them", _sizes),
     "data.resize_ratio": _reals(0, 1, lo_open=True),
     "data.resize": _one_of(catalog.RESIZE_MODES),
@@ -210,6 +214,11 @@ def _model_problems(config, get) -> Iterable[Problem]:
   if m.aux_heads and (m.head != "brnpa" or m.num_maps != 3):
     yield Problem("model.aux_heads", True, "the auxiliary heads are the "
                   f"brnpa K=3 ablation (head={m.head!r}, num_maps={m.num_maps})")
+  patch = getattr(BACKBONES[m.backbone](**backbone_kwargs(m)), "patch_size", 2)
+  if m.get("stem") == "conv" and (patch < 2 or patch & (patch - 1)):
+    yield Problem("model.patch_size", patch, "a conv stem halves the image "
+                  "with each of its 3x3 convolutions: use 2, 4, 8 or 16")
+    return
   size = _hw(get("data.image_size"))
   h, w = feature_grid(m, size)
   where = (f"the {h}x{w} feature grid of {m.backbone} at res={m.res} on "

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from brnpa_jax.models import BACKBONES, build_model
+from brnpa_jax.models import BACKBONES, build_model, registry
 from brnpa_jax.models.blocks import DropPath, drop_path_rates
 from brnpa_jax.models.registry import family
 from brnpa_jax.models.resnet12 import ResNet12
@@ -256,3 +256,19 @@ def test_conv_stem_has_the_patch_stems_stride(backbone, res, grid):
   assert set(stem) == {f"{k}_{i}" for k in ("conv", "bn") for i in range(n)}
   assert set(variables["batch_stats"]["backbone"]) == set(
       ["stem_conv"] if backbone == "convnext_test" else ["patch_embed"])
+
+
+@pytest.mark.parametrize("backbone,fields,size", [
+    ("convnext_test", dict(patch_size=2, res="high"), (30, 45)),
+    ("convnext_test", dict(stem="conv", res="low"), (95, 70)),
+    ("vit_test", dict(patch_size=4, img_size=64, res="high"), (22, 13)),
+    ("vit_test", dict(stem="conv", res="high"), (36, 21))])
+def test_feature_grid_of_small_image_variants(backbone, fields, size):
+  """``registry.feature_grid`` (no tracing) is the traced grid of every
+  variant, odd sizes included (a conv stem rounds up where a patch floors)."""
+  cfg = _model_cfg(backbone=backbone, width=8, **fields)
+  model = build_model(cfg, 5)
+  x = jax.ShapeDtypeStruct((1, *size, 3), jnp.float32)
+  (_, aux), _ = jax.eval_shape(
+      lambda x: model.init_with_output(jax.random.key(0), x), x)
+  assert registry.feature_grid(cfg, size) == aux["features"].shape[1:3]

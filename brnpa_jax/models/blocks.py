@@ -148,6 +148,15 @@ def drop_path_rates(rate: float, depth: int) -> list[float]:
   return [rate * i / max(depth - 1, 1) for i in range(depth)]
 
 
+def conv_stem_side(side: int, stride: int, last_stride: int = 2) -> int:
+  """One side of ``ConvStem``'s output for an input side, without tracing:
+  each 3x3 convolution with one pixel of padding gives ceil(side / s)."""
+  n = stride.bit_length() - 1
+  for i in range(n):
+    side = -(-side // (last_stride if i == n - 1 else 2))
+  return side
+
+
 class ConvStem(nn.Module):
   """A convolutional stem for the transformer-style families (Xiao et al.
   2021, "Early convolutions help transformers see better"): 3x3 convolutions

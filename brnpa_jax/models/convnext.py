@@ -41,7 +41,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from brnpa_jax.models.blocks import (Conv, ConvStem, DropPath, LayerNorm, Mlp,
-                                     drop_path_rates, trunc_normal_init)
+                                     conv_stem_side, drop_path_rates,
+                                     trunc_normal_init)
 
 LOW_RES_STRIDES = (2, 2, 2)
 HIGH_RES_STRIDES = (2, 1, 1)
@@ -140,14 +141,22 @@ class ConvNeXt(nn.Module):
 
   @property
   def output_stride(self) -> int:
-    """Input pixels per feature-grid cell (the stem's patch x the strides):
-    an H x W input gives an (H // os, W // os) grid."""
+    """Input pixels per feature-grid cell: the stem's patch x the strides."""
     return self.patch_size * math.prod(self.strides)
 
   def feature_grid(self, height: int, width: int) -> tuple[int, int]:
     """The (h, w) of the feature map of an input, without tracing: the
-    unpadded stem and stride-2 layers floor each side."""
-    return height // self.output_stride, width // self.output_stride
+    unpadded patchify stem and stride-2 layers floor each side (a conv stem's
+    padded 3x3 convolutions round up), stride-1 layers keep it."""
+    def side(n):
+      if self.stem == "conv":
+        n = conv_stem_side(n, self.patch_size)
+      else:
+        n //= self.patch_size
+      for s in self.strides:
+        n //= s
+      return n
+    return side(height), side(width)
 
   @nn.compact
   def __call__(self, x_BxHxWx3, train: bool = False):

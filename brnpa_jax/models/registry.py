@@ -48,6 +48,8 @@ STRIDES = {"low": resnet.LOW_RES_STRIDES, "high": resnet.HIGH_RES_STRIDES,
            "reid_high": resnet.REID_HIGH_RES_STRIDES}
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# ConvNeXt's and ViT's ``stem``: timm's patchify stem, or a conv stem.
+STEMS = ("patch", "conv")
 
 
 def _choose(kind: str, name: str, options) -> None:

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from brnpa_jax.models.blocks import (ConvStem, DropPath, LayerNorm, Mlp,
-                                     drop_path_rates,
+                                     conv_stem_side, drop_path_rates,
                                      torch_default_bias, torch_default_kernel,
                                      trunc_normal_init)
 
@@ -204,14 +204,17 @@ class VisionTransformer(nn.Module):
 
   @property
   def output_stride(self) -> int:
-    """Input pixels per token-grid cell: an H x W input gives an
-    (H // os, W // os) grid."""
+    """Input pixels per token-grid cell."""
     return self.patch_size // self.overlap
 
   def feature_grid(self, height: int, width: int) -> tuple[int, int]:
     """The (h, w) token grid of an input, without tracing: the patch
     embedding's padding of (patch - stride) / 2 pixels a side gives
-    floor(side / stride) tokens once a side holds a whole patch."""
+    floor(side / stride) tokens once a side holds a whole patch; a conv
+    stem's padded 3x3 convolutions round each side up."""
+    if self.stem == "conv":
+      return tuple(conv_stem_side(n, self.patch_size, 2 // self.overlap)
+                   for n in (height, width))
     if min(height, width) < self.patch_size:
       return 0, 0
     return height // self.output_stride, width // self.output_stride

@@ -10,7 +10,7 @@ import ml_collections
 from brnpa_jax.config_args import parse_arg
 from brnpa_jax.data.catalog import default_data_config
 from brnpa_jax.models import BACKBONES, HEADS, STRIDES
-from brnpa_jax.models.registry import tiny_preset
+from brnpa_jax.models.registry import STEMS, tiny_preset
 
 SWITCHES = {
     "head": "brnpa", "backbone": "resnet18", "width": 16, "res": "high", "k": 3,
@@ -22,7 +22,7 @@ SWITCHES = {
 }
 CHOICES = {"head": tuple(HEADS), "backbone": tuple(BACKBONES),
            "res": tuple(STRIDES), "init": ("norm", "random"),
-           "dtype": ("float32", "bfloat16"), "stem": ("patch", "conv")}
+           "dtype": ("float32", "bfloat16"), "stem": STEMS}
 
 
 def default_config(arg: str | None = None) -> ml_collections.ConfigDict:
