@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 from absl import flags
@@ -75,8 +76,11 @@ def _main(fv: flags.FlagValues) -> None:
                              "params": timm_init_stats(name, kwargs)}
   os.makedirs(fv.out, exist_ok=True)
   path = os.path.join(fv.out, "timm_init_stats.json")
+  text = re.sub(r'\{\s*"shape"[^}]*\}',  # one line per parameter
+                lambda m: json.dumps(json.loads(m.group(0))),
+                json.dumps(golden, indent=1))
   with open(path, "w") as f:
-    json.dump(golden, f, indent=0)
+    f.write(text + "\n")
   counts = ", ".join(f"{case} ({len(v['params'])} keys)"
                      for case, v in golden["cases"].items())
   print(f"{path}: {counts}; timm {timm.__version__}, torch {torch.__version__}")
