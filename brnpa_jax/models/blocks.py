@@ -174,7 +174,8 @@ class ConvStem(nn.Module):
   def __call__(self, x, train: bool):
     n = self.stride.bit_length() - 1
     if n < 1 or self.stride != 2 ** n:
-      raise ValueError(f"A conv stem needs a stride of 2, 4, 8, ...; got {self.stride}.")
+      raise ValueError("A conv stem needs a stride of 2, 4, 8, ...; got "
+                       f"{self.stride}.")
     for i in range(n):
       s = self.last_stride if i == n - 1 else 2
       c = max(8, self.features >> (n - 1 - i))

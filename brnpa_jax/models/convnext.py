@@ -161,7 +161,8 @@ class ConvNeXt(nn.Module):
   @nn.compact
   def __call__(self, x_BxHxWx3, train: bool = False):
     """Returns the last stage's feature map (B, H/os, W/os, C); ``train``
-    turns stochastic depth on (no BatchNorm)."""
+    turns stochastic depth on and a conv stem's BatchNorm to batch
+    statistics."""
     if len(self.strides) != len(self.depths) - 1 or not set(self.strides) <= {1, 2}:
       raise ValueError(f"ConvNeXt strides {tuple(self.strides)}: one stride, "
                        f"1 or 2, per downsampling layer ({len(self.depths) - 1}).")

@@ -222,7 +222,8 @@ class VisionTransformer(nn.Module):
   @nn.compact
   def __call__(self, x_BxHxWx3, train: bool = False):
     """Returns the patch tokens (B, H/s, W/s, C), s = ``output_stride``;
-    ``train`` turns stochastic depth on."""
+    ``train`` turns stochastic depth on and a conv stem's BatchNorm to batch
+    statistics."""
     h, w = x_BxHxWx3.shape[1:3]
     if min(self.feature_grid(h, w)) < 1:
       raise ValueError(f"Input {h}x{w} is smaller than the ViT's "
