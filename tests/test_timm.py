@@ -1,8 +1,11 @@
-"""ConvNeXt and ViT against timm: layouts, golden outputs, weight import.
+"""ConvNeXt and ViT against timm: layouts, golden outputs, weight import,
+initialisation.
 
 The golden outputs in tests/golden come from timm's models run on the same
-random weights (``python -m brnpa_jax.tools.timm_golden``), so this test
-needs neither PyTorch nor timm; the ``.pth`` case is skipped without torch.
+random weights (``python -m brnpa_jax.tools.timm_golden``) and timm's own
+initialisation statistics (``python -m brnpa_jax.tools.timm_init_golden``),
+so this test needs neither PyTorch nor timm; the ``.pth`` case is skipped
+without torch.
 """
 
 import json
