@@ -15,8 +15,9 @@ from brnpa_jax import cli
 from brnpa_jax.runs import (RESUME_SAFE_FIELDS, Checkpointer, ConfigMismatchError,
                             RunError, Workdir, load_run, restore_variables)
 from brnpa_jax.runs.checkpoints import DAMAGED_DIR
-from brnpa_jax.runs.workdir import config_differences
+from brnpa_jax.runs.workdir import ADDED_FIELDS, config_differences
 from brnpa_jax.train.trainer import train_and_evaluate
+from configs import default
 from helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +56,28 @@ def test_config_differences_name_each_field():
       ("data.extra", "<absent>", [1, 2]), ("model.head", "brnpa", "gap"),
       ("optim.lr", 0.002, 0.1)]
   assert {"log_every_steps", "mesh.num_devices"} <= set(RESUME_SAFE_FIELDS)
+
+
+def test_a_run_from_before_a_field_existed_is_the_same_config():
+  """A stored config that lacks a field added since (the run was trained
+  under the value that reproduces the old code) equals a config that has it
+  at that value, and differs from one that has another value."""
+  requested = default.get_config("runlocal")
+  stored = json.loads(requested.to_json_best_effort())
+  removed = []
+  for field in ADDED_FIELDS:
+    *parents, leaf = field.split(".")
+    node = stored
+    for p in parents:
+      node = node.get(p, {})
+    if leaf in node:
+      removed.append(field)
+      del node[leaf]
+  assert removed and config_differences(stored, requested) == []
+  changed = requested.copy_and_resolve_references()
+  changed.model.drop_path_rate = 0.1
+  assert config_differences(stored, changed) == [
+      ("model.drop_path_rate", 0.0, 0.1)]
 
 
 def test_config_is_written_once_and_changes_are_recorded(tmp_path):

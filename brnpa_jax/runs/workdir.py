@@ -15,6 +15,7 @@ from typing import Any, Iterator, Mapping
 
 import ml_collections
 
+from brnpa_jax.data.image_files import MAX_PIXELS
 from brnpa_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -37,6 +38,17 @@ RESUME_SAFE_FIELDS = (
     "mesh.fsdp",               # ...or layout: the state is resharded
     "data.data_dir",           # where the (same) prepared data is found
 )
+# Fields added to the configs after runs were trained without them, with the
+# value that does what the code did before they existed: a stored config
+# that lacks one was trained under that value, so it resumes (and a finished
+# run prints its summary) under a config that has it.
+ADDED_FIELDS = {
+    "model.patch_size": 0,         # 0: the backbone's own patch / stem
+    "model.img_size": 0,           # 0: a ViT's own position-embedding grid
+    "model.drop_path_rate": 0.0,   # no stochastic depth
+    "model.stem": "patch",         # the family's own stem
+    "data.folder.max_pixels": MAX_PIXELS,  # the pixel limit then in force
+}
 _ABSENT = "<absent>"
 
 
@@ -93,6 +105,7 @@ def config_differences(stored: Mapping[str, Any], requested: Mapping[str, Any],
                        ignore=RESUME_SAFE_FIELDS) -> list[tuple[str, Any, Any]]:
   """``(field, stored, requested)`` for each dotted field that differs."""
   a, b = _flatten(config_dict(stored)), _flatten(config_dict(requested))
+  a.update({k: v for k, v in ADDED_FIELDS.items() if k not in a and k in b})
   return [(k, a.get(k, _ABSENT), b.get(k, _ABSENT))
           for k in sorted(a.keys() | b.keys())
           if k not in ignore and a.get(k, _ABSENT) != b.get(k, _ABSENT)]
