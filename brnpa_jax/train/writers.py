@@ -8,8 +8,12 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
-from clu import metric_writers
-from clu.metric_writers import interface
+
+from brnpa_jax import quiet
+
+quiet.tensorflow()  # clu's writers import it: first without its start-up lines
+from clu import metric_writers  # pylint: disable=g-import-not-at-top
+from clu.metric_writers import interface  # pylint: disable=g-import-not-at-top
 
 
 class JsonlWriter(interface.MetricWriter):
