@@ -7,15 +7,29 @@ mid-save leaves the previous checkpoint intact. A checkpoint damaged later
 (a truncated file, a disk error) is reported and the next older one is
 used; the damaged one is moved to ``damaged_checkpoints/`` in the workdir,
 not deleted. Only when no checkpoint restores is it an error.
+
+A save that the file system refuses (no space left, a quota, a read-only
+remount) fails in orbax's background threads and surfaces at a later save
+or wait: it is then reported once, as an ``OSError`` naming the workdir
+(the command-line tools print it as one line), its temporary directory is
+removed, and the background threads' own reports of the same failure are
+not printed. The checkpoints written before it are complete, so the same
+command resumes from the newest once space is freed; temporary directories
+that a killed run left behind are removed when the run resumes (orbax's
+``cleanup_tmp_directories``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import logging
 import os
+import re
 import shutil
-from typing import Any, Callable
+import sys
+from typing import Any, Callable, Iterator
 
 import jax
 import orbax.checkpoint as ocp
@@ -25,6 +39,72 @@ from jax.experimental import multihost_utils
 from brnpa_jax.runs.workdir import DAMAGED_DIR, RunError, Workdir
 
 _log = logging.getLogger(__name__)
+# Errors of the file system that orbax's writes report by their text.
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS,
+                   errno.EACCES, errno.EPERM, errno.EIO)
+
+
+def storage_errno(e: BaseException | None) -> int | None:
+  """The OS error number behind a failed checkpoint write, or None.
+
+  Orbax re-raises tensorstore's ``ValueError`` (``RESOURCE_EXHAUSTED: ...
+  No space left on device [os_error_code='28']``) or an ``OSError``, often
+  as the cause or context of another exception: the chain is searched.
+  """
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno:
+      return e.errno
+    text = str(e)
+    found = re.search(r"os_error_code=\W*(\d+)", text)
+    if found:
+      return int(found.group(1))
+    for code in _STORAGE_ERRNOS:
+      if os.strerror(code) in text:
+        return code
+    e = e.__cause__ or e.__context__
+  return None
+
+
+class _BackgroundReports(logging.Filter):
+  """Drops orbax's and asyncio's log records of a failed write: the run
+  reports that failure itself, once (``Checkpointer``)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.name == "absl" and "orbax" not in record.pathname:
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    return (storage_errno(exc) is None
+            and storage_errno(Exception(record.getMessage())) is None)
+
+
+def _unraisable(hook):
+  """``sys.unraisablehook`` without the echoes of a failed write: orbax's
+  event loop closes on the first failed write while tensorstore's other
+  writes still call back into it."""
+  def filtered(report):
+    if not ((isinstance(report.exc_value, RuntimeError)
+             and str(report.exc_value) == "Event loop is closed")
+            or storage_errno(report.exc_value) is not None):
+      hook(report)
+  filtered.brnpa_filtered = True
+  return filtered
+
+
+def _quiet_background_failures() -> None:
+  """Installs the filters above, once per process."""
+  if getattr(sys.unraisablehook, "brnpa_filtered", False):
+    return
+  for name in ("absl", "asyncio"):
+    logging.getLogger(name).addFilter(_BackgroundReports())
+  sys.unraisablehook = _unraisable(sys.unraisablehook)
+
+
+def remove_temporary(directory: str) -> None:
+  """Removes orbax's temporary (unfinished) checkpoints in ``directory``."""
+  if os.path.isdir(directory):
+    asyncio.run(ocp.path.step.temporary_paths.cleanup_temporary_paths(directory))
 
 
 def _warn(msg: str) -> None:
@@ -160,12 +240,36 @@ class Checkpointer:
 
   def __init__(self, workdir: str, max_to_keep: int = 2):
     self._workdir = Workdir(workdir)
-    opts = lambda n: ocp.CheckpointManagerOptions(max_to_keep=n, create=True)
+    _quiet_background_failures()
+    # A killed run's unfinished checkpoints are removed before the first save.
+    opts = lambda n: ocp.CheckpointManagerOptions(
+        max_to_keep=n, create=True, cleanup_tmp_directories=True)
     self._latest = ocp.CheckpointManager(
         self._workdir.checkpoints_dir, options=opts(max_to_keep),
         item_names=("state", "meta"))
     self._best = ocp.CheckpointManager(
         self._workdir.best_dir, options=opts(1), item_names=("state", "meta"))
+    self._closed = False
+
+  @contextlib.contextmanager
+  def _writing(self) -> Iterator[None]:
+    """Turns a write the file system refused into one ``OSError`` naming the
+    workdir, after the background work has ended and the unfinished
+    checkpoint is removed; other failures pass unchanged."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      code = storage_errno(e)
+      if code is None or self._closed:
+        raise
+      self._closed = True
+      for mgr in (self._latest, self._best):
+        with contextlib.suppress(Exception):  # the same failure, again
+          mgr.close()
+      for directory in (self._workdir.checkpoints_dir, self._workdir.best_dir):
+        with contextlib.suppress(OSError):  # a read-only file system
+          remove_temporary(directory)
+      raise OSError(code, os.strerror(code), self._workdir.path) from e
 
   @property
   def latest_step(self) -> int | None:
@@ -177,19 +281,27 @@ class Checkpointer:
 
   def save(self, step: int, state, meta: dict[str, Any], *, best: bool = False,
            force: bool = False) -> None:
-    """Saves asynchronously; ``best`` also replaces the best checkpoint."""
-    managers = [self._latest] + ([self._best] if best else [])
-    for i, mgr in enumerate(managers):
-      if mgr.latest_step() == step:
-        continue  # already saved at this step (e.g. preemption after an epoch)
-      if i > 0:
-        # Orbax names its multi-host commit barriers by step alone, so two
-        # managers committing the same step at once collide ("barrier already
-        # ongoing"): let the first finish before the second starts.
-        managers[i - 1].wait_until_finished()
-      mgr.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-          force=force)
+    """Saves asynchronously; ``best`` also replaces the best checkpoint.
+
+    Raises:
+      OSError: this or an earlier save was refused by the file system
+        (``errno`` says why; the filename is the workdir).
+    """
+    # The best first: a resume point (latest) whose meta names a best step
+    # is written only once that best checkpoint is complete.
+    managers = ([self._best] if best else []) + [self._latest]
+    with self._writing():
+      for i, mgr in enumerate(managers):
+        if mgr.latest_step() == step:
+          continue  # already saved at this step (e.g. preemption after an epoch)
+        if i > 0:
+          # Orbax names its multi-host commit barriers by step alone, so two
+          # managers committing the same step at once collide ("barrier
+          # already ongoing"): let the first finish before the second starts.
+          managers[i - 1].wait_until_finished()
+        mgr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=force)
 
   def _restore(self, mgr, abstract_state):
     restore = lambda step: mgr.restore(step, args=ocp.args.Composite(
@@ -214,9 +326,17 @@ class Checkpointer:
     return self._latest.reached_preemption(step)
 
   def wait_until_finished(self) -> None:
-    self._latest.wait_until_finished()
-    self._best.wait_until_finished()
+    """Waits for the saves under way (``OSError``: as ``save``)."""
+    with self._writing():
+      self._latest.wait_until_finished()
+      self._best.wait_until_finished()
 
   def close(self) -> None:
-    self._latest.close()
-    self._best.close()
+    """Waits for the saves under way and closes (``OSError``: as ``save``);
+    after a failed save, nothing is left to close."""
+    if self._closed:
+      return
+    with self._writing():
+      self._latest.close()
+      self._best.close()
+    self._closed = True
