@@ -21,7 +21,6 @@ that a killed run left behind are removed when the run resumes (orbax's
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import logging
@@ -29,6 +28,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from typing import Any, Callable, Iterator
 
 import jax
@@ -44,7 +44,7 @@ _STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS,
                    errno.EACCES, errno.EPERM, errno.EIO)
 
 
-def storage_errno(e: BaseException | None) -> int | None:
+def _storage_errno(e: BaseException | None) -> int | None:
   """The OS error number behind a failed checkpoint write, or None.
 
   Orbax re-raises tensorstore's ``ValueError`` (``RESOURCE_EXHAUSTED: ...
@@ -75,18 +75,31 @@ class _BackgroundReports(logging.Filter):
     if record.name == "absl" and "orbax" not in record.pathname:
       return True
     exc = record.exc_info[1] if record.exc_info else None
-    return (storage_errno(exc) is None
-            and storage_errno(Exception(record.getMessage())) is None)
+    return (_storage_errno(exc) is None
+            and _storage_errno(Exception(record.getMessage())) is None)
+
+
+def _in_orbax(report) -> bool:
+  """Whether an unraisable exception was raised in orbax's code."""
+  tb = report.exc_traceback
+  while tb is not None:
+    if "orbax" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  code = getattr(report.object, "cr_code", None)  # a coroutine left behind
+  return code is not None and "orbax" in code.co_filename
 
 
 def _unraisable(hook):
   """``sys.unraisablehook`` without the echoes of a failed write: orbax's
   event loop closes on the first failed write while tensorstore's other
-  writes still call back into it."""
+  writes still call back into it, and its unfinished writes are collected."""
   def filtered(report):
-    if not ((isinstance(report.exc_value, RuntimeError)
+    echo = ((isinstance(report.exc_value, RuntimeError)
              and str(report.exc_value) == "Event loop is closed")
-            or storage_errno(report.exc_value) is not None):
+            or (_in_orbax(report)
+                and _storage_errno(report.exc_value) is not None))
+    if not echo:
       hook(report)
   filtered.brnpa_filtered = True
   return filtered
@@ -101,10 +114,27 @@ def _quiet_background_failures() -> None:
   sys.unraisablehook = _unraisable(sys.unraisablehook)
 
 
-def remove_temporary(directory: str) -> None:
-  """Removes orbax's temporary (unfinished) checkpoints in ``directory``."""
-  if os.path.isdir(directory):
-    asyncio.run(ocp.path.step.temporary_paths.cleanup_temporary_paths(directory))
+def _remove_temporaries(*directories: str, settle: float = 1.0) -> None:
+  """Removes orbax's temporary (unfinished) checkpoints in ``directories``.
+
+  The writes of a failed save that were under way when it failed go on for
+  a moment (tensorstore's operations outlive orbax's event loop) and may
+  create their folders again: removal repeats until none has reappeared
+  for ``settle`` seconds (at most 20 times that).
+  """
+  quiet = time.monotonic()
+  for _ in range(200):
+    for directory in directories:
+      names = os.listdir(directory) if os.path.isdir(directory) else []
+      for name in names:
+        if ocp.path.step.TMP_DIR_SUFFIX in name:
+          path = os.path.join(directory, name)
+          shutil.rmtree(path, ignore_errors=True)
+          if not os.path.exists(path):
+            quiet = time.monotonic()
+    if time.monotonic() - quiet >= settle:
+      return
+    time.sleep(settle / 10)
 
 
 def _warn(msg: str) -> None:
@@ -259,16 +289,16 @@ class Checkpointer:
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except
-      code = storage_errno(e)
+      code = _storage_errno(e)
       if code is None or self._closed:
         raise
       self._closed = True
       for mgr in (self._latest, self._best):
         with contextlib.suppress(Exception):  # the same failure, again
           mgr.close()
-      for directory in (self._workdir.checkpoints_dir, self._workdir.best_dir):
-        with contextlib.suppress(OSError):  # a read-only file system
-          remove_temporary(directory)
+      with contextlib.suppress(OSError):  # a read-only file system
+        _remove_temporaries(self._workdir.checkpoints_dir,
+                            self._workdir.best_dir)
       raise OSError(code, os.strerror(code), self._workdir.path) from e
 
   @property
@@ -293,7 +323,7 @@ class Checkpointer:
     with self._writing():
       for i, mgr in enumerate(managers):
         if mgr.latest_step() == step:
-          continue  # already saved at this step (e.g. preemption after an epoch)
+          continue  # already saved at this step (a preemption after an epoch)
         if i > 0:
           # Orbax names its multi-host commit barriers by step alone, so two
           # managers committing the same step at once collide ("barrier
