@@ -152,7 +152,7 @@ def replace_file(path: str) -> Iterator[str]:
     IsADirectoryError: ``path`` is a folder.
     OSError: the folder cannot be written (read-only, permissions, full).
   """
-  path = os.path.abspath(path)
+  path = os.path.realpath(path)  # a link is followed, not replaced
   if os.path.isdir(path):
     raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
   created = _make_parents(path)
@@ -235,7 +235,7 @@ def replace_folder(path: str, owned: Iterable[str]) -> Iterator[str]:
     NotADirectoryError: ``path`` is a file.
     OSError: the parent folder cannot be written (read-only, permissions).
   """
-  path, owned = os.path.abspath(path), frozenset(owned)
+  path, owned = os.path.realpath(path), frozenset(owned)
 
   def check():
     if os.path.exists(path) and not os.path.isdir(path):
