@@ -31,6 +31,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import re
 import secrets
 import shutil
 from typing import Iterable, Iterator
@@ -44,8 +45,51 @@ _AT_FDCWD = -100
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
+# Errors of the file system that libraries report in their messages only.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS,
+                 errno.EACCES, errno.EPERM, errno.EIO)
+
+
 class ForeignFilesError(UserError, FileExistsError):
   """The output folder holds files the tool did not write."""
+
+
+def os_errno(e: BaseException | None) -> int | None:
+  """The OS error number behind a failed write, or None.
+
+  An ``OSError`` carries it; libraries that wrap it keep it only in their
+  message (tensorstore under orbax: ``... No space left on device
+  [os_error_code='28']``; TensorFlow's summary writer under clu), often as
+  the cause or context of another exception: the chain is searched.
+  """
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno:
+      return e.errno
+    text = str(e)
+    found = re.search(r"os_error_code=\W*(\d+)", text)
+    if found:
+      return int(found.group(1))
+    for code in _WRITE_ERRNOS:
+      if os.strerror(code) in text:
+        return code
+    e = e.__cause__ or e.__context__
+  return None
+
+
+@contextlib.contextmanager
+def naming(path: str) -> Iterator[None]:
+  """An error of the file system in the block, wrapped or without a file
+  name (a failed ``write`` has none), becomes an ``OSError`` naming
+  ``path``: what the user gave, and what ``cli.run`` prints."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    code = os_errno(e)
+    if code is None or (isinstance(e, OSError) and e.filename is not None):
+      raise
+    raise OSError(code, os.strerror(code), path) from e
 
 
 def _tmp_prefix(path: str) -> str:
@@ -162,10 +206,11 @@ def replace_file(path: str) -> Iterator[str]:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
   try:
     _hold(fd)
-    yield tmp
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(os.path.dirname(path))
+    with naming(path):
+      yield tmp
+      _fsync(tmp)
+      os.replace(tmp, path)
+      _fsync(os.path.dirname(path))
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)
@@ -259,7 +304,8 @@ def replace_folder(path: str, owned: Iterable[str]) -> Iterator[str]:
     _hold(fd)
     if os.path.isdir(path):  # keep the folder's permissions
       shutil.copymode(path, staging)
-    yield staging
+    with naming(path):
+      yield staging
     check()
     _swap_in(staging, path)
   except BaseException:

@@ -29,6 +29,7 @@ import train
 from brnpa_jax import cli, export, outputs, predict, quiet
 from brnpa_jax.explain import evaluate
 from brnpa_jax.runs import Checkpointer, restore_variables
+from brnpa_jax.train.writers import create_writer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(REPO, "configs", "default.py")
@@ -212,7 +213,7 @@ class Space:
   def exhaust(self) -> None:
     if self.kind == "tmpfs":
       filler = os.path.join(self.path, "filler")
-      with open(filler, "wb") as f, contextlib.suppress(OSError):
+      with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
         while True:
           f.write(b"\0" * 2**20)
       self._undo.append(lambda: os.unlink(filler))
@@ -275,6 +276,42 @@ def test_refused_checkpoint_is_one_error_and_leaves_no_temporary(space, capfd):
   ckpt.save(2, state, {"step": 2})
   ckpt.close()
   assert Checkpointer(workdir).latest_step == 2
+
+
+def test_refused_metrics_name_the_workdir(space):
+  """TensorBoard's and the JSON file's writes on a full disk (clu raises the
+  first wrapped, the second has no file name)."""
+  workdir = os.path.join(space.path, "run")
+  writer = create_writer(workdir)
+  writer.write_scalars(0, {"loss": 1.0})
+  writer.flush()
+  space.exhaust()
+  try:
+    with pytest.raises(OSError) as failed:
+      for step in range(1, 2000):  # past the file-size limit too
+        writer.write_scalars(step, {"loss": 1.0, "accuracy": 0.5})
+      writer.flush()
+  finally:
+    space.free()
+  assert (failed.value.errno, failed.value.filename) == (space.errno, workdir)
+
+
+def test_refused_outputs_name_out_and_keep_the_earlier_set(space):
+  """predict's and evaluate's npz files on a full disk."""
+  out = os.path.join(space.path, "preds")
+  with outputs.replace_folder(out, ["a.npz"]) as staging:
+    np.savez_compressed(os.path.join(staging, "a.npz"), a=np.zeros(4))
+  earlier = _snapshot(out)
+  space.exhaust()
+  try:
+    with pytest.raises(OSError) as failed:
+      with outputs.replace_folder(out, ["a.npz"]) as staging:
+        np.savez_compressed(os.path.join(staging, "a.npz"),
+                            a=np.random.default_rng(0).random(2**16))
+  finally:
+    space.free()
+  assert (failed.value.errno, failed.value.filename) == (space.errno, out)
+  assert _snapshot(out) == earlier and os.listdir(space.path) == ["preds"]
 
 
 def test_a_killed_save_is_cleaned_up_when_the_run_resumes(tmp_path):

@@ -22,10 +22,8 @@ that a killed run left behind are removed when the run resumes (orbax's
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
-import re
 import shutil
 import sys
 import time
@@ -36,37 +34,10 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
+from brnpa_jax.outputs import os_errno
 from brnpa_jax.runs.workdir import DAMAGED_DIR, RunError, Workdir
 
 _log = logging.getLogger(__name__)
-# Errors of the file system that orbax's writes report by their text.
-_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS,
-                   errno.EACCES, errno.EPERM, errno.EIO)
-
-
-def _storage_errno(e: BaseException | None) -> int | None:
-  """The OS error number behind a failed checkpoint write, or None.
-
-  Orbax re-raises tensorstore's ``ValueError`` (``RESOURCE_EXHAUSTED: ...
-  No space left on device [os_error_code='28']``) or an ``OSError``, often
-  as the cause or context of another exception: the chain is searched.
-  """
-  seen = set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    if isinstance(e, OSError) and e.errno:
-      return e.errno
-    text = str(e)
-    found = re.search(r"os_error_code=\W*(\d+)", text)
-    if found:
-      return int(found.group(1))
-    for code in _STORAGE_ERRNOS:
-      if os.strerror(code) in text:
-        return code
-    e = e.__cause__ or e.__context__
-  return None
-
-
 class _BackgroundReports(logging.Filter):
   """Drops orbax's and asyncio's log records of a failed write: the run
   reports that failure itself, once (``Checkpointer``)."""
@@ -75,8 +46,8 @@ class _BackgroundReports(logging.Filter):
     if record.name == "absl" and "orbax" not in record.pathname:
       return True
     exc = record.exc_info[1] if record.exc_info else None
-    return (_storage_errno(exc) is None
-            and _storage_errno(Exception(record.getMessage())) is None)
+    return (os_errno(exc) is None
+            and os_errno(Exception(record.getMessage())) is None)
 
 
 def _in_orbax(report) -> bool:
@@ -98,7 +69,7 @@ def _unraisable(hook):
     echo = ((isinstance(report.exc_value, RuntimeError)
              and str(report.exc_value) == "Event loop is closed")
             or (_in_orbax(report)
-                and _storage_errno(report.exc_value) is not None))
+                and os_errno(report.exc_value) is not None))
     if not echo:
       hook(report)
   filtered.brnpa_filtered = True
@@ -289,7 +260,7 @@ class Checkpointer:
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except
-      code = _storage_errno(e)
+      code = os_errno(e)
       if code is None or self._closed:
         raise
       self._closed = True
