@@ -22,6 +22,10 @@ are never deleted; a folder that holds other files is refused. The
 destination is checked, and the temporary created, when the ``with`` block
 starts: call these before any expensive work, so that a bad ``--out`` fails
 in seconds.
+
+An error of the file system while writing (a full disk, a quota) becomes an
+``OSError`` naming the destination (``naming``; ``os_errno`` finds the
+error number in what libraries wrap), which ``cli.run`` prints as one line.
 """
 
 from __future__ import annotations

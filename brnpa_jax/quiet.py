@@ -14,7 +14,9 @@ So the two initialisations (``tensorflow()``: the data room's import;
 ``start_jax()``: the command-line tools' backend start) run with the
 process's standard error (file descriptor 2) captured, and every captured
 line that is not one of the known lines below is written back afterwards:
-real warnings and errors still show, in order.
+real warnings and errors still show, in order. (A process that dies inside
+one of these two short windows, a native abort while TensorFlow loads, takes
+what it printed there with it.)
 """
 
 from __future__ import annotations
