@@ -39,11 +39,14 @@ def export_run(workdir: str, out: str, *, checkpoint: str = "auto",
   """Restores a run (``runs.load_run``) and writes its artifact to ``out``
   (atomically: see the module docstring); returns ``out``."""
   with outputs.replace_file(out) as tmp:
-    _export(workdir, tmp, checkpoint, platforms)
+    exported, variables, meta = _export(workdir, checkpoint, platforms)
+    with outputs.naming(out):
+      save_exported(tmp, exported, variables, meta)
   return out
 
 
-def _export(workdir, out, checkpoint, platforms):
+def _export(workdir, checkpoint, platforms):
+  """``(exported, variables, meta)`` of a restored run: the artifact's parts."""
   run = load_run(workdir, checkpoint=checkpoint)
   data = run.config.data
   exported = export_inference(make_infer_fn(run.model), run.variables,
@@ -57,7 +60,7 @@ def _export(workdir, out, checkpoint, platforms):
           "model": dict(run.config.model.to_dict()),
           "workdir": run.workdir.path, "step": run.step,
           "checkpoint": run.checkpoint}
-  save_exported(out, exported, run.variables, meta)
+  return exported, run.variables, meta
 
 
 def _define(fv: flags.FlagValues, argv) -> None:

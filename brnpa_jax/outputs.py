@@ -23,9 +23,11 @@ destination is checked, and the temporary created, when the ``with`` block
 starts: call these before any expensive work, so that a bad ``--out`` fails
 in seconds.
 
-An error of the file system while writing (a full disk, a quota) becomes an
-``OSError`` naming the destination (``naming``; ``os_errno`` finds the
-error number in what libraries wrap), which ``cli.run`` prints as one line.
+The errors of the file system that these functions meet name the
+destination; around a tool's own writing, ``naming`` does the same for
+errors without a file name (a failed ``write``: a full disk, a quota) or
+wrapped by a library (``os_errno`` finds the number): ``cli.run`` prints
+them as one line.
 """
 
 from __future__ import annotations
@@ -86,7 +88,9 @@ def os_errno(e: BaseException | None) -> int | None:
 def naming(path: str) -> Iterator[None]:
   """An error of the file system in the block, wrapped or without a file
   name (a failed ``write`` has none), becomes an ``OSError`` naming
-  ``path``: what the user gave, and what ``cli.run`` prints."""
+  ``path``: what the user gave, and what ``cli.run`` prints. Wrap the
+  writing only (an error that names no file while reading inputs is not
+  about ``path``)."""
   try:
     yield
   except Exception as e:  # pylint: disable=broad-except
@@ -170,14 +174,22 @@ def remove_stale(path: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def _creating(path: str, created: str | None) -> Iterator[None]:
-  """Creating ``path``'s temporary: its errors name ``path`` (what the user
-  gave), and the folders made for it are removed again."""
+def _named(path: str) -> Iterator[None]:
+  """This module's own file operations on ``path``'s temporary: their
+  errors name ``path``, what the user gave."""
   try:
     yield
   except OSError as e:
-    _remove_created(path, created)
     raise OSError(e.errno, e.strerror, path) from e
+
+
+@contextlib.contextmanager
+def _creating(path: str, created: str | None) -> Iterator[None]:
+  """Creating ``path``'s temporary: on failure, the folders made for it
+  are removed again."""
+  try:
+    with _named(path):
+      yield
   except BaseException:
     _remove_created(path, created)
     raise
@@ -210,8 +222,8 @@ def replace_file(path: str) -> Iterator[str]:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
   try:
     _hold(fd)
-    with naming(path):
-      yield tmp
+    yield tmp
+    with _named(path):
       _fsync(tmp)
       os.replace(tmp, path)
       _fsync(os.path.dirname(path))
@@ -226,7 +238,7 @@ def replace_file(path: str) -> Iterator[str]:
 
 def write_text(path: str, text: str) -> None:
   """Replaces ``path`` with ``text`` atomically (see ``replace_file``)."""
-  with replace_file(path) as tmp, open(tmp, "w") as f:
+  with replace_file(path) as tmp, naming(path), open(tmp, "w") as f:
     f.write(text)
 
 
@@ -308,10 +320,10 @@ def replace_folder(path: str, owned: Iterable[str]) -> Iterator[str]:
     _hold(fd)
     if os.path.isdir(path):  # keep the folder's permissions
       shutil.copymode(path, staging)
-    with naming(path):
-      yield staging
+    yield staging
     check()
-    _swap_in(staging, path)
+    with _named(path):
+      _swap_in(staging, path)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     _remove_created(path, created)

@@ -330,7 +330,8 @@ def run_predict(*, images: str, out: str, workdir: str | None = None,
                if is_folder
                else split_batches(data_cfg, images, batch))
     preds = predict(batches, compile_fn, keep_images=overlays)
-    paths = write_outputs(staging, preds, topk, class_names)
+    with outputs.naming(out):
+      paths = write_outputs(staging, preds, topk, class_names)
   paths = outputs.moved(paths, staging, out)
   preds.total_seconds = time.perf_counter() - t_start
   if verbose:

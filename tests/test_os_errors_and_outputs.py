@@ -297,7 +297,8 @@ def test_refused_metrics_name_the_workdir(space):
 
 
 def test_refused_outputs_name_out_and_keep_the_earlier_set(space):
-  """predict's and evaluate's npz files on a full disk."""
+  """predict's and evaluate's npz files on a full disk (written as the tools
+  write them: in ``replace_folder``, under ``naming``)."""
   out = os.path.join(space.path, "preds")
   with outputs.replace_folder(out, ["a.npz"]) as staging:
     np.savez_compressed(os.path.join(staging, "a.npz"), a=np.zeros(4))
@@ -305,7 +306,8 @@ def test_refused_outputs_name_out_and_keep_the_earlier_set(space):
   space.exhaust()
   try:
     with pytest.raises(OSError) as failed:
-      with outputs.replace_folder(out, ["a.npz"]) as staging:
+      with outputs.replace_folder(out, ["a.npz"]) as staging, \
+          outputs.naming(out):
         np.savez_compressed(os.path.join(staging, "a.npz"),
                             a=np.random.default_rng(0).random(2**16))
   finally:

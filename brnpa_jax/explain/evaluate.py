@@ -428,9 +428,10 @@ def evaluate(workdirs, *, split="test", methods=None, num_images=None, protocol=
             "pointing_tolerance_px": tolerance,
             "perturbation_dtype": dtype or "the run's",
             "ci": "95% t interval", "paired_test": "two-sided Wilcoxon signed-rank"}
-    paths = write_tables(summary, per_image, staging, reference, info)
-    if figures:
-      paths["figures"] = write_figures(examples, per_image, staging)
+    with outputs.naming(out_dir):
+      paths = write_tables(summary, per_image, staging, reference, info)
+      if figures:
+        paths["figures"] = write_figures(examples, per_image, staging)
   paths = outputs.moved(paths, staging, out_dir)
   return {"summary": summary, "paths": paths, "info": info}
 
