@@ -13,7 +13,7 @@ import sys
 
 from absl import flags, logging
 
-from brnpa_jax import cli
+from brnpa_jax import cli, quiet
 from brnpa_jax.config_file import define_config_flag
 
 
@@ -48,6 +48,7 @@ def main(fv: flags.FlagValues) -> None:
                                num_processes=fv.num_processes,
                                process_id=fv.process_id,
                                heartbeat_timeout_seconds=fv.heartbeat_timeout_seconds)
+  quiet.start_jax()  # after distributed.initialize, which must come first
   from brnpa_jax.explain.figures import draw
   from brnpa_jax.train.trainer import train_and_evaluate
 
@@ -59,4 +60,5 @@ def main(fv: flags.FlagValues) -> None:
 
 
 if __name__ == "__main__":
-  sys.exit(cli.run(define_flags, main, doc=__doc__, prog="train.py"))
+  sys.exit(cli.run(define_flags, main, doc=__doc__, prog="train.py",
+                   start_jax=False))

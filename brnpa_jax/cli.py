@@ -5,27 +5,56 @@ can be imported, and run in-process by tests, side by side) and calls
 ``run``. A user mistake (a bad flag, a ``UserError``: a missing file, an
 unprepared dataset, a config that cannot work) prints ``tool: message`` in
 one to three lines and exits with status 2; ``--verbose`` (or
-``BRNPA_VERBOSE=1``) shows the traceback as well. Any other exception is an
-internal error: its traceback is printed and the status is 1.
+``BRNPA_VERBOSE=1``) shows the traceback as well. So does an error of the
+operating system about a path (``OSError``: no space left, a read-only file
+system, no permission, a missing file, a folder where a file was expected
+and the reverse, a name too long): one line naming the path and the fix,
+status 2 (``os_error_message``). Any other exception is an internal error:
+its traceback is printed and the status is 1. Ctrl-C ends a tool with
+status 130 and SIGTERM with 143, both through the normal clean-up (its
+outputs are left as they were, ``brnpa_jax.outputs``).
+
+Before the tool's body runs, jax's backends are started without the
+native libraries' start-up lines (``brnpa_jax.quiet``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
+import signal
 import sys
 import traceback
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from absl import flags
 
+from brnpa_jax import quiet
 from brnpa_jax.errors import UserError
 
-# TensorFlow (the data pipeline) logs its start-up at INFO; a tool's output
-# is its progress and results.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 USAGE = 2
+INTERRUPTED, TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
+
+# What each error of the operating system means for the path it names, and
+# the fix.
+_AGAIN = "then run the same command again"
+OS_ERRORS = {
+    errno.ENOSPC: f"no space left on the device: free some space, {_AGAIN}",
+    errno.EDQUOT: f"disk quota exceeded: free some space, {_AGAIN}",
+    errno.EFBIG: ("file too large for the file system or for this process's "
+                  f"file-size limit (ulimit -f): raise the limit, {_AGAIN}"),
+    errno.EROFS: "read-only file system: choose a writable location",
+    errno.EACCES: "permission denied: change its permissions or choose "
+                  "another location",
+    errno.EPERM: "operation not permitted: change its permissions or choose "
+                 "another location",
+    errno.ENOENT: "no such file or directory: check the path",
+    errno.EISDIR: "is a folder: name a file",
+    errno.ENOTDIR: "not a folder (a file is in the way): check the path",
+    errno.ENAMETOOLONG: "file name too long: choose a shorter path",
+}
 
 
 def _prog(name: str | None) -> str:
@@ -37,6 +66,41 @@ def _fail(prog: str, message: str, verbose: bool) -> int:
     traceback.print_exc()
   print(f"{prog}: {message}", file=sys.stderr, flush=True)
   return USAGE
+
+
+def os_error_message(e: OSError) -> str | None:
+  """The line for an ``OSError`` the user can fix (``OS_ERRORS``, or any
+  error that names a path); None for one that is internal."""
+  path = e.filename
+  if isinstance(path, bytes):
+    path = os.fsdecode(path)
+  if e.errno in OS_ERRORS:
+    what = OS_ERRORS[e.errno]
+    return f"{path}: {what}." if path else f"{what[0].upper()}{what[1:]}."
+  if path and e.errno is not None:
+    return f"{path}: {e.strerror or os.strerror(e.errno)}."
+  return None
+
+
+class _Terminated(BaseException):
+  """SIGTERM, raised so that clean-up (``finally``) runs."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+  def handle(signum, frame):
+    del signum, frame
+    raise _Terminated()
+
+  try:
+    old = signal.signal(signal.SIGTERM, handle)
+  except ValueError:  # not the main thread: signals are not ours to handle
+    yield
+    return
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, old)
 
 
 def _flag_message(e: Exception, args: Sequence[str]) -> str:
@@ -57,7 +121,8 @@ def _flag_message(e: Exception, args: Sequence[str]) -> str:
 
 def run(define: Callable[[flags.FlagValues, list[str]], None],
         main: Callable[[flags.FlagValues], Any], *, doc: str = "",
-        argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+        argv: Sequence[str] | None = None, prog: str | None = None,
+        start_jax: bool = True) -> int:
   """Parses ``argv`` into the flags ``define`` declares, then calls ``main``.
 
   Args:
@@ -71,9 +136,13 @@ def run(define: Callable[[flags.FlagValues, list[str]], None],
     doc: shown by ``--help`` above the flags.
     argv: the arguments after the program name (default ``sys.argv[1:]``).
     prog: the program name in messages.
+    start_jax: start jax's backends before ``main`` (``quiet.start_jax``);
+      False for a tool without jax, or one that must call
+      ``jax.distributed.initialize`` first (it then calls ``start_jax``).
 
   Returns:
-    The exit status: 0, 2 for a user mistake, 1 for an internal error.
+    The exit status: 0, 2 for a user mistake or an ``OSError`` about a path,
+    1 for an internal error, 130 after Ctrl-C, 143 after SIGTERM.
   """
   prog = _prog(prog)
   args = list(sys.argv[1:] if argv is None else argv)
@@ -101,12 +170,23 @@ def run(define: Callable[[flags.FlagValues, list[str]], None],
     return _fail(prog, f"unexpected arguments {rest[1:]} (flags are "
                  f"--name=value; see {prog} --help)", fv["verbose"].value)
   try:
-    status = main(fv)
+    with _sigterm_raises():
+      if start_jax:
+        quiet.start_jax()
+      status = main(fv)
   except UserError as e:
     return _fail(prog, str(e), fv["verbose"].value)
+  except OSError as e:
+    message = os_error_message(e)
+    if message is None:
+      raise
+    return _fail(prog, message, fv["verbose"].value)
   except KeyboardInterrupt:
     print(f"{prog}: interrupted", file=sys.stderr)
-    return 130
+    return INTERRUPTED
+  except _Terminated:
+    print(f"{prog}: terminated", file=sys.stderr)
+    return TERMINATED
   return status if isinstance(status, int) else 0
 
 

@@ -8,6 +8,12 @@ The artifact (``brnpa_jax.artifact``) holds ``jax.export`` of
 variables and metadata; ``brnpa_jax.artifact.load_exported`` reads it with
 jax and numpy alone, and ``python -m brnpa_jax.predict --exported FILE``
 runs it.
+
+The file is written under a hidden temporary name beside ``--out`` and
+renamed over it when complete (``brnpa_jax.outputs``): a failed export
+leaves an earlier artifact at ``--out`` as it was. ``--out`` is checked
+before the run is restored (a folder there, or a folder that cannot be
+written, fails at once).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Sequence
 
 from absl import flags
 
-from brnpa_jax import cli
+from brnpa_jax import cli, outputs
 from brnpa_jax.artifact import export_inference, load_exported, save_exported
 from brnpa_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from brnpa_jax.models.classifier import make_infer_fn
@@ -30,7 +36,17 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 def export_run(workdir: str, out: str, *, checkpoint: str = "auto",
                platforms: Sequence[str] | None = None) -> str:
-  """Restores a run (``runs.load_run``) and writes its artifact to ``out``."""
+  """Restores a run (``runs.load_run``) and writes its artifact to ``out``
+  (atomically: see the module docstring); returns ``out``."""
+  with outputs.replace_file(out) as tmp:
+    exported, variables, meta = _export(workdir, checkpoint, platforms)
+    with outputs.naming(out):
+      save_exported(tmp, exported, variables, meta)
+  return out
+
+
+def _export(workdir, checkpoint, platforms):
+  """``(exported, variables, meta)`` of a restored run: the artifact's parts."""
   run = load_run(workdir, checkpoint=checkpoint)
   data = run.config.data
   exported = export_inference(make_infer_fn(run.model), run.variables,
@@ -44,7 +60,7 @@ def export_run(workdir: str, out: str, *, checkpoint: str = "auto",
           "model": dict(run.config.model.to_dict()),
           "workdir": run.workdir.path, "step": run.step,
           "checkpoint": run.checkpoint}
-  return save_exported(out, exported, run.variables, meta)
+  return exported, run.variables, meta
 
 
 def _define(fv: flags.FlagValues, argv) -> None:

@@ -13,7 +13,7 @@ workdir's ``config.json`` (``brnpa_jax.runs.load_run``). With ``--exported``
 the artifact of ``brnpa_jax.export`` runs instead of the model code.
 
 Batches have a fixed shape (``--batch``; the last one is padded), so the
-function is compiled once. Written to ``--out``:
+function is compiled once. Written to ``--out`` (a folder):
 
 - ``predictions.csv``: file, label (splits only), then class and probability
   of the top-k predictions; a file is named by its path under ``--images``,
@@ -23,6 +23,14 @@ function is compiled once. Written to ``--out``:
   splits, ``labels``;
 - with ``--overlays``: ``overlays/<file>.png``, the ranked maps over each
   image with each rank's share of the norm.
+
+The set is built in a hidden folder beside ``--out`` and swapped in whole
+when complete (``brnpa_jax.outputs``): a failed or interrupted run leaves
+earlier results in ``--out`` as they were, and two runs into one ``--out``
+do not mix (the last to finish wins). ``--out`` is checked before the model
+is restored: it must be new, empty, or hold only these outputs (a folder
+with other files is refused, never emptied), and its parent folder must be
+writable.
 
 Throughput (images/s of the compiled model, and end to end with decoding and
 writing) is printed.
@@ -41,7 +49,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from brnpa_jax import cli
+from brnpa_jax import cli, outputs
 from brnpa_jax.data import image_files
 from brnpa_jax.data.normalization import denormalize
 from brnpa_jax.errors import ConfigError, InputNotFoundError, UserError
@@ -53,6 +61,7 @@ from brnpa_jax.runs import RestoredRun, Workdir, load_run
 IMAGE_EXTENSIONS = image_files.IMAGE_EXTENSIONS
 ON_CORRUPT = image_files.ON_CORRUPT
 OUTPUT_KEYS = INFERENCE_OUTPUTS
+OUTPUT_FILES = ("predictions.csv", "maps.npz", "overlays")  # what --out holds
 
 
 # -- inputs ----------------------------------------------------------------------
@@ -68,9 +77,8 @@ def list_images(folder: str) -> list[str]:
 
 def _eval_transform_fn(size: int, resize_ratio: float, resize_mode: str):
   """The evaluation pipeline's transform as one compiled TF function."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
   from brnpa_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  tf = transforms.tf
 
   @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
   def transform(image):
@@ -273,7 +281,7 @@ def run_predict(*, images: str, out: str, workdir: str | None = None,
 
   Args:
     images: an image folder, or a split of the run's dataset.
-    out: output folder.
+    out: output folder (replaced as a whole; see the module docstring).
     workdir: training workdir (needed unless ``exported``; with ``exported``
       only for a dataset split, whose data config it holds).
     exported: path of a ``brnpa_jax.export`` artifact to run instead.
@@ -295,33 +303,36 @@ def run_predict(*, images: str, out: str, workdir: str | None = None,
   if not is_folder and _looks_like_a_path(images):
     raise ConfigError(f"--images {images}: no such folder (give a folder of "
                       "images, or a split of the run's dataset such as test).")
-  if exported:
-    artifact = load_exported(exported)
-    size, ratio = artifact.meta["image_size"], artifact.meta["resize_ratio"]
-    mode = artifact.meta.get("resize", "short_side")
-    compile_fn = artifact.compile
-    class_names = artifact.meta.get("class_names")
-    data_cfg = None
-    if not is_folder:
-      if not workdir:
-        raise ConfigError(f"{images!r} is not a folder, so it is read as a "
-                          "dataset split, which needs --workdir for the data.")
-      data_cfg = Workdir(workdir).read_config().data
-  else:
-    if not workdir:
-      raise ConfigError("pass --workdir (a training run) or --exported (an "
-                        "artifact).")
-    run = load_run(workdir, checkpoint=checkpoint)
-    data_cfg, class_names = run.config.data, run.class_names
-    size, ratio = data_cfg.image_size, data_cfg.resize_ratio
-    mode = data_cfg.get("resize", "short_side")
-    compile_fn = compile_model(run)
-  batches = (folder_batches(images, size, ratio, batch, on_corrupt, mode,
-                            max_pixels)
-             if is_folder
-             else split_batches(data_cfg, images, batch))
-  preds = predict(batches, compile_fn, keep_images=overlays)
-  paths = write_outputs(out, preds, topk, class_names)
+  if not (exported or workdir):
+    raise ConfigError("pass --workdir (a training run) or --exported (an "
+                      "artifact).")
+  with outputs.replace_folder(out, OUTPUT_FILES) as staging:
+    if exported:
+      artifact = load_exported(exported)
+      size, ratio = artifact.meta["image_size"], artifact.meta["resize_ratio"]
+      mode = artifact.meta.get("resize", "short_side")
+      compile_fn = artifact.compile
+      class_names = artifact.meta.get("class_names")
+      data_cfg = None
+      if not is_folder:
+        if not workdir:
+          raise ConfigError(f"{images!r} is not a folder, so it is read as a "
+                            "dataset split, which needs --workdir for the data.")
+        data_cfg = Workdir(workdir).read_config().data
+    else:
+      run = load_run(workdir, checkpoint=checkpoint)
+      data_cfg, class_names = run.config.data, run.class_names
+      size, ratio = data_cfg.image_size, data_cfg.resize_ratio
+      mode = data_cfg.get("resize", "short_side")
+      compile_fn = compile_model(run)
+    batches = (folder_batches(images, size, ratio, batch, on_corrupt, mode,
+                              max_pixels)
+               if is_folder
+               else split_batches(data_cfg, images, batch))
+    preds = predict(batches, compile_fn, keep_images=overlays)
+    with outputs.naming(out):
+      paths = write_outputs(staging, preds, topk, class_names)
+  paths = outputs.moved(paths, staging, out)
   preds.total_seconds = time.perf_counter() - t_start
   if verbose:
     n = len(preds.files)

@@ -39,6 +39,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from brnpa_jax import quiet
 from brnpa_jax.data import image_files
 from brnpa_jax.data.normalization import normalize, resize_size
 from brnpa_jax.errors import BadInputError, InputNotFoundError
@@ -108,7 +109,7 @@ def stored_size(data_cfg) -> int:
 
 def _square_tf(image, side: int):
   """uint8 (H, W, C) tensor -> uint8 (side, side, 3): short side, centre crop."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = quiet.tensorflow()
   from brnpa_jax.data import transforms  # pylint: disable=g-import-not-at-top
   if image.shape[-1] == 1:
     image = tf.image.grayscale_to_rgb(image)
@@ -124,7 +125,7 @@ def load_tfds_split(data_cfg, split: str) -> ImageSet:
   Raises:
     ValueError: unknown dataset or split, or no image of the split's classes.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = quiet.tensorflow()
   spec = TFDS_DATASETS[data_cfg.name]
   class_ids = spec.class_splits()[split]
   side = stored_size(data_cfg)
@@ -172,7 +173,7 @@ def load_folder_split(data_cfg, split: str) -> ImageSet:
       files.
   """
   import concurrent.futures  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = quiet.tensorflow()
   root = os.path.expanduser(data_cfg.folder.root)
   folder = dict(zip(SPLITS, data_cfg.folder.splits))[split]
   path = os.path.join(root, folder)
@@ -226,6 +227,7 @@ def load_folder_split(data_cfg, split: str) -> ImageSet:
 def _tfds_builder(data_cfg):
   """The dataset's tfds builder in ``data.data_dir``, prepared (Omniglot
   downloads itself on first use; a no-op once prepared)."""
+  quiet.tensorflow()  # before tfds loads it
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   name = TFDS_DATASETS[data_cfg.name].name
   data_dir = os.path.expanduser(data_cfg.data_dir)

@@ -11,6 +11,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from brnpa_jax import quiet
+
 
 def as_tf_dataset(make_iterator: Callable[[], Iterator[dict[str, np.ndarray]]],
                   shapes: dict[str, tuple[tuple[int, ...], type]]):
@@ -20,7 +22,7 @@ def as_tf_dataset(make_iterator: Callable[[], Iterator[dict[str, np.ndarray]]],
     make_iterator: returns a fresh iterator of batches.
     shapes: key -> ``(shape, numpy dtype)`` of each batch value.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = quiet.tensorflow()
   signature = {k: tf.TensorSpec(shape, tf.as_dtype(dtype))
                for k, (shape, dtype) in shapes.items()}
   ds = tf.data.Dataset.from_generator(make_iterator, output_signature=signature)

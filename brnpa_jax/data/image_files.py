@@ -65,6 +65,7 @@ from typing import Iterator
 import numpy as np
 from PIL import ExifTags, Image
 
+from brnpa_jax import quiet
 from brnpa_jax.errors import BadInputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm",
@@ -284,7 +285,7 @@ def decode_file(path, kind, *, max_pixels: int = MAX_PIXELS):
   Returns:
     The same pixels as ``read_image(path)``.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # tf.data only
+  tf = quiet.tensorflow()  # tf.data only
 
   def pillow():
     image = tf.py_function(lambda p: read_image(p.numpy(), max_pixels=max_pixels),

@@ -60,13 +60,14 @@ from typing import Sequence
 
 import numpy as np
 from absl import flags
-import tensorflow as tf
 
-from brnpa_jax import cli
+from brnpa_jax import cli, quiet
 from brnpa_jax.errors import InputNotFoundError
 from brnpa_jax.data import image_files
 from brnpa_jax.data.catalog import VALIDATION_PERCENT, DatasetNotPreparedError
 from brnpa_jax.data.image_files import CorruptImageError
+
+tf = quiet.tensorflow()
 
 # Folder names of each split: the exact name, else one folder ending in
 # ``_<name>`` (the authors' release reads data/CUB-200-2011_train and _test).
@@ -371,7 +372,7 @@ def _main(fv: flags.FlagValues) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Command line: ``python -m brnpa_jax.data.image_folder --cub_dir DIR --out OUT``."""
-  return cli.run(_define, _main, doc=ARRANGE_DOC, argv=argv,
+  return cli.run(_define, _main, doc=ARRANGE_DOC, argv=argv, start_jax=False,
                  prog="python -m brnpa_jax.data.image_folder")
 
 

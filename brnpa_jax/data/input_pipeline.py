@@ -26,24 +26,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Callable
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
 
-import ml_collections  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
-import tensorflow as tf  # pylint: disable=g-import-not-at-top
-import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+from brnpa_jax import quiet
+from brnpa_jax.data import catalog
+from brnpa_jax.data import image_files
+from brnpa_jax.data import image_folder
+from brnpa_jax.data import parts
+from brnpa_jax.data import parts_tfds
+from brnpa_jax.data import tfds_datasets
+from brnpa_jax.data import transforms
+from brnpa_jax.data.catalog import DatasetNotPreparedError  # pylint: disable=unused-import
 
-from brnpa_jax.data import catalog  # pylint: disable=g-import-not-at-top
-from brnpa_jax.data import image_files  # pylint: disable=g-import-not-at-top
-from brnpa_jax.data import image_folder  # pylint: disable=g-import-not-at-top
-from brnpa_jax.data import parts  # pylint: disable=g-import-not-at-top
-from brnpa_jax.data import parts_tfds  # pylint: disable=g-import-not-at-top
-from brnpa_jax.data import tfds_datasets  # pylint: disable=g-import-not-at-top
-from brnpa_jax.data import transforms  # pylint: disable=g-import-not-at-top
-from brnpa_jax.data.catalog import DatasetNotPreparedError  # pylint: disable=g-import-not-at-top,unused-import
+tf = quiet.tensorflow()
 
 # tf.data runs on the host; if TensorFlow saw the accelerator it would reserve
 # its memory and starve JAX.

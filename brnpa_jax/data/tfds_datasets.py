@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from typing import Callable, Mapping, Sequence
 
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from brnpa_jax import quiet
 from brnpa_jax.data import catalog
+
+tf = quiet.tensorflow()
 
 # Raised here and by image folders; defined TensorFlow-free in the catalog.
 DatasetNotPreparedError = catalog.DatasetNotPreparedError

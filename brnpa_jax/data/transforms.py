@@ -20,11 +20,13 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import tensorflow as tf
 
+from brnpa_jax import quiet
 from brnpa_jax.data import catalog
 from brnpa_jax.data.normalization import (  # re-exported
     IMAGENET_MEAN, IMAGENET_STD, denormalize, resize_size)
+
+tf = quiet.tensorflow()
 
 
 def resized_shape(hw, short_side: int):

@@ -24,7 +24,11 @@ counts every image (``mask``).
 Written to ``--out``: ``results.md``, ``results.csv``, ``results.json`` (means
 with 95% t confidence intervals, and the two-sided Wilcoxon signed-rank test
 of each row against ``--reference``, paired by image), ``per_image.npz``, the
-method grid ``methods_grid.png`` and the mean curves ``curves.png``.
+method grid ``methods_grid.png`` and the mean curves ``curves.png``. The set
+is built beside ``--out`` and swapped in whole when complete, so a failed or
+interrupted evaluation leaves earlier results as they were; ``--out`` is
+checked before any run is restored (``brnpa_jax.outputs``: a folder holding
+other files than these is refused).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
 
-from brnpa_jax import cli
+from brnpa_jax import cli, outputs
 from brnpa_jax.data import catalog, input_pipeline
 from brnpa_jax.errors import ConfigError
 from brnpa_jax.explain import metrics
@@ -57,6 +61,9 @@ GROUND_TRUTH = {"parts": "part_mask", "caltech_birds2011": "bbox",
                 "cars196": "bbox", "stanford_dogs": "bbox",
                 "oxford_iiit_pet": "object_mask"}
 ENERGY_PROTOCOLS = ("box", "mask")
+# What --out holds (replaced as a whole; see the module docstring).
+OUTPUT_FILES = ("results.md", "results.csv", "results.json", "per_image.npz",
+                "methods_grid.png", "curves.png")
 METRIC_NAMES = {
     "accuracy": "accuracy", "sparsity": "sparsity", "dauc": "DAUC",
     "iauc": "IAUC", "dauc_std": "DAUC (std.)", "iauc_std": "IAUC (std.)",
@@ -384,45 +391,48 @@ def evaluate(workdirs, *, split="test", methods=None, num_images=None, protocol=
   """Evaluates runs and writes the tables; returns the summary and paths."""
   methods = [m.split(",") for m in _per_workdir(methods, workdirs, "--methods", "own")]
   protocols = ("release", "standard") if protocol == "both" else (protocol,)
-  per_image: dict[str, dict[str, list]] = {}
-  examples, t0 = None, time.time()
-  for workdir, run_methods in zip(workdirs, methods):
-    run = load_run(workdir)
-    key = ground_truth_of(run.config, ground_truth)
-    energy = energy_protocol or ("box" if key == "bbox" else "mask")
-    if energy not in ENERGY_PROTOCOLS:
-      raise ConfigError(f"--energy_protocol={energy!r}: use one of "
-                        f"{ENERGY_PROTOCOLS}.")
-    evaluator = Evaluator(run, protocols, chunk_size, key, seed, options,
-                          steps, pixels_per_step, tolerance, energy, dtype)
-    for batch, n in iterate_split(run.config, split, batch_size, num_images,
-                                  key):
-      if examples is None:
-        examples = {k: v[:n] for k, v in batch.items()}
-      for method, values in evaluator.batch(batch, run_methods, n).items():
-        row = per_image.setdefault(f"{run.name}/{method}", {})
-        for k, v in values.items():
-          row.setdefault(k, []).append(v)
-    print(f"{run.name}: {', '.join(run_methods)} done "
-          f"({time.time() - t0:.0f} s so far)", flush=True)
-  if examples is None:
-    raise ConfigError(f"No examples in split {split!r}.")
-  per_image = {row: {k: np.concatenate(v) for k, v in vals.items()}
-               for row, vals in per_image.items()}
-  reference = reference or next(iter(per_image))
-  summary = summarise(per_image, reference)
-  info = {"workdirs": list(workdirs), "split": split, "protocols": protocols,
-          "num_images": len(next(iter(per_image.values()))["accuracy"]),
-          "ground_truth": key, "energy_protocol": energy,
-          "seconds": time.time() - t0,
-          "options": options or {}, "release_steps": steps or "one per cell",
-          "pixels_per_step": pixels_per_step or "image width",
-          "pointing_tolerance_px": tolerance,
-          "perturbation_dtype": dtype or "the run's",
-          "ci": "95% t interval", "paired_test": "two-sided Wilcoxon signed-rank"}
-  paths = write_tables(summary, per_image, out_dir, reference, info)
-  if figures:
-    paths["figures"] = write_figures(examples, per_image, out_dir)
+  with outputs.replace_folder(out_dir, OUTPUT_FILES) as staging:
+    per_image: dict[str, dict[str, list]] = {}
+    examples, t0 = None, time.time()
+    for workdir, run_methods in zip(workdirs, methods):
+      run = load_run(workdir)
+      key = ground_truth_of(run.config, ground_truth)
+      energy = energy_protocol or ("box" if key == "bbox" else "mask")
+      if energy not in ENERGY_PROTOCOLS:
+        raise ConfigError(f"--energy_protocol={energy!r}: use one of "
+                          f"{ENERGY_PROTOCOLS}.")
+      evaluator = Evaluator(run, protocols, chunk_size, key, seed, options,
+                            steps, pixels_per_step, tolerance, energy, dtype)
+      for batch, n in iterate_split(run.config, split, batch_size, num_images,
+                                    key):
+        if examples is None:
+          examples = {k: v[:n] for k, v in batch.items()}
+        for method, values in evaluator.batch(batch, run_methods, n).items():
+          row = per_image.setdefault(f"{run.name}/{method}", {})
+          for k, v in values.items():
+            row.setdefault(k, []).append(v)
+      print(f"{run.name}: {', '.join(run_methods)} done "
+            f"({time.time() - t0:.0f} s so far)", flush=True)
+    if examples is None:
+      raise ConfigError(f"No examples in split {split!r}.")
+    per_image = {row: {k: np.concatenate(v) for k, v in vals.items()}
+                 for row, vals in per_image.items()}
+    reference = reference or next(iter(per_image))
+    summary = summarise(per_image, reference)
+    info = {"workdirs": list(workdirs), "split": split, "protocols": protocols,
+            "num_images": len(next(iter(per_image.values()))["accuracy"]),
+            "ground_truth": key, "energy_protocol": energy,
+            "seconds": time.time() - t0,
+            "options": options or {}, "release_steps": steps or "one per cell",
+            "pixels_per_step": pixels_per_step or "image width",
+            "pointing_tolerance_px": tolerance,
+            "perturbation_dtype": dtype or "the run's",
+            "ci": "95% t interval", "paired_test": "two-sided Wilcoxon signed-rank"}
+    with outputs.naming(out_dir):
+      paths = write_tables(summary, per_image, staging, reference, info)
+      if figures:
+        paths["figures"] = write_figures(examples, per_image, staging)
+  paths = outputs.moved(paths, staging, out_dir)
   return {"summary": summary, "paths": paths, "info": info}
 
 

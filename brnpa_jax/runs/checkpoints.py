@@ -7,6 +7,16 @@ mid-save leaves the previous checkpoint intact. A checkpoint damaged later
 (a truncated file, a disk error) is reported and the next older one is
 used; the damaged one is moved to ``damaged_checkpoints/`` in the workdir,
 not deleted. Only when no checkpoint restores is it an error.
+
+A save that the file system refuses (no space left, a quota, a read-only
+remount) fails in orbax's background threads and surfaces at a later save
+or wait: it is then reported once, as an ``OSError`` naming the workdir
+(the command-line tools print it as one line), its temporary directory is
+removed, and the background threads' own reports of the same failure are
+not printed. The checkpoints written before it are complete, so the same
+command resumes from the newest once space is freed; temporary directories
+that a killed run left behind are removed when the run resumes (orbax's
+``cleanup_tmp_directories``).
 """
 
 from __future__ import annotations
@@ -15,16 +25,87 @@ import contextlib
 import logging
 import os
 import shutil
-from typing import Any, Callable
+import sys
+import time
+from typing import Any, Callable, Iterator
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
+from brnpa_jax.outputs import os_errno
 from brnpa_jax.runs.workdir import DAMAGED_DIR, RunError, Workdir
 
 _log = logging.getLogger(__name__)
+class _BackgroundReports(logging.Filter):
+  """Drops orbax's and asyncio's log records of a failed write: the run
+  reports that failure itself, once (``Checkpointer``)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.name == "absl" and "orbax" not in record.pathname:
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    return (os_errno(exc) is None
+            and os_errno(Exception(record.getMessage())) is None)
+
+
+def _in_orbax(report) -> bool:
+  """Whether an unraisable exception was raised in orbax's code."""
+  tb = report.exc_traceback
+  while tb is not None:
+    if "orbax" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  code = getattr(report.object, "cr_code", None)  # a coroutine left behind
+  return code is not None and "orbax" in code.co_filename
+
+
+def _unraisable(hook):
+  """``sys.unraisablehook`` without the echoes of a failed write: orbax's
+  event loop closes on the first failed write while tensorstore's other
+  writes still call back into it, and its unfinished writes are collected."""
+  def filtered(report):
+    echo = ((isinstance(report.exc_value, RuntimeError)
+             and str(report.exc_value) == "Event loop is closed")
+            or (_in_orbax(report)
+                and os_errno(report.exc_value) is not None))
+    if not echo:
+      hook(report)
+  filtered.brnpa_filtered = True
+  return filtered
+
+
+def _quiet_background_failures() -> None:
+  """Installs the filters above, once per process."""
+  if getattr(sys.unraisablehook, "brnpa_filtered", False):
+    return
+  for name in ("absl", "asyncio"):
+    logging.getLogger(name).addFilter(_BackgroundReports())
+  sys.unraisablehook = _unraisable(sys.unraisablehook)
+
+
+def _remove_temporaries(*directories: str, settle: float = 1.0) -> None:
+  """Removes orbax's temporary (unfinished) checkpoints in ``directories``.
+
+  The writes of a failed save that were under way when it failed go on for
+  a moment (tensorstore's operations outlive orbax's event loop) and may
+  create their folders again: removal repeats until none has reappeared
+  for ``settle`` seconds (at most 20 times that).
+  """
+  quiet = time.monotonic()
+  for _ in range(200):
+    for directory in directories:
+      names = os.listdir(directory) if os.path.isdir(directory) else []
+      for name in names:
+        if ocp.path.step.TMP_DIR_SUFFIX in name:
+          path = os.path.join(directory, name)
+          shutil.rmtree(path, ignore_errors=True)
+          if not os.path.exists(path):
+            quiet = time.monotonic()
+    if time.monotonic() - quiet >= settle:
+      return
+    time.sleep(settle / 10)
 
 
 def _warn(msg: str) -> None:
@@ -160,12 +241,36 @@ class Checkpointer:
 
   def __init__(self, workdir: str, max_to_keep: int = 2):
     self._workdir = Workdir(workdir)
-    opts = lambda n: ocp.CheckpointManagerOptions(max_to_keep=n, create=True)
+    _quiet_background_failures()
+    # A killed run's unfinished checkpoints are removed before the first save.
+    opts = lambda n: ocp.CheckpointManagerOptions(
+        max_to_keep=n, create=True, cleanup_tmp_directories=True)
     self._latest = ocp.CheckpointManager(
         self._workdir.checkpoints_dir, options=opts(max_to_keep),
         item_names=("state", "meta"))
     self._best = ocp.CheckpointManager(
         self._workdir.best_dir, options=opts(1), item_names=("state", "meta"))
+    self._closed = False
+
+  @contextlib.contextmanager
+  def _writing(self) -> Iterator[None]:
+    """Turns a write the file system refused into one ``OSError`` naming the
+    workdir, after the background work has ended and the unfinished
+    checkpoint is removed; other failures pass unchanged."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      code = os_errno(e)
+      if code is None or self._closed:
+        raise
+      self._closed = True
+      for mgr in (self._latest, self._best):
+        with contextlib.suppress(Exception):  # the same failure, again
+          mgr.close()
+      with contextlib.suppress(OSError):  # a read-only file system
+        _remove_temporaries(self._workdir.checkpoints_dir,
+                            self._workdir.best_dir)
+      raise OSError(code, os.strerror(code), self._workdir.path) from e
 
   @property
   def latest_step(self) -> int | None:
@@ -177,19 +282,27 @@ class Checkpointer:
 
   def save(self, step: int, state, meta: dict[str, Any], *, best: bool = False,
            force: bool = False) -> None:
-    """Saves asynchronously; ``best`` also replaces the best checkpoint."""
-    managers = [self._latest] + ([self._best] if best else [])
-    for i, mgr in enumerate(managers):
-      if mgr.latest_step() == step:
-        continue  # already saved at this step (e.g. preemption after an epoch)
-      if i > 0:
-        # Orbax names its multi-host commit barriers by step alone, so two
-        # managers committing the same step at once collide ("barrier already
-        # ongoing"): let the first finish before the second starts.
-        managers[i - 1].wait_until_finished()
-      mgr.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-          force=force)
+    """Saves asynchronously; ``best`` also replaces the best checkpoint.
+
+    Raises:
+      OSError: this or an earlier save was refused by the file system
+        (``errno`` says why; the filename is the workdir).
+    """
+    # The best first: a resume point (latest) whose meta names a best step
+    # is written only once that best checkpoint is complete.
+    managers = ([self._best] if best else []) + [self._latest]
+    with self._writing():
+      for i, mgr in enumerate(managers):
+        if mgr.latest_step() == step:
+          continue  # already saved at this step (a preemption after an epoch)
+        if i > 0:
+          # Orbax names its multi-host commit barriers by step alone, so two
+          # managers committing the same step at once collide ("barrier
+          # already ongoing"): let the first finish before the second starts.
+          managers[i - 1].wait_until_finished()
+        mgr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=force)
 
   def _restore(self, mgr, abstract_state):
     restore = lambda step: mgr.restore(step, args=ocp.args.Composite(
@@ -214,9 +327,17 @@ class Checkpointer:
     return self._latest.reached_preemption(step)
 
   def wait_until_finished(self) -> None:
-    self._latest.wait_until_finished()
-    self._best.wait_until_finished()
+    """Waits for the saves under way (``OSError``: as ``save``)."""
+    with self._writing():
+      self._latest.wait_until_finished()
+      self._best.wait_until_finished()
 
   def close(self) -> None:
-    self._latest.close()
-    self._best.close()
+    """Waits for the saves under way and closes (``OSError``: as ``save``);
+    after a failed save, nothing is left to close."""
+    if self._closed:
+      return
+    with self._writing():
+      self._latest.close()
+      self._best.close()
+    self._closed = True

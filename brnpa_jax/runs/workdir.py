@@ -15,6 +15,7 @@ from typing import Any, Iterator, Mapping
 
 import ml_collections
 
+from brnpa_jax import outputs
 from brnpa_jax.data.image_files import MAX_PIXELS
 from brnpa_jax.errors import UserError
 
@@ -109,15 +110,6 @@ def config_differences(stored: Mapping[str, Any], requested: Mapping[str, Any],
   return [(k, a.get(k, _ABSENT), b.get(k, _ABSENT))
           for k in sorted(a.keys() | b.keys())
           if k not in ignore and a.get(k, _ABSENT) != b.get(k, _ABSENT)]
-
-
-def _write_atomic(path: str, text: str) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,7 +259,7 @@ class Workdir:
                 "previous_config": previous}
       with open(self.file(CONFIG_HISTORY_FILE), "a") as f:
         f.write(json.dumps(record) + "\n")
-    _write_atomic(self.config_file, json.dumps(config_dict(config), indent=2))
+    outputs.write_text(self.config_file, json.dumps(config_dict(config), indent=2))
 
   # -- class names ---------------------------------------------------------------
   def write_class_names(self, names) -> None:
@@ -275,7 +267,7 @@ class Workdir:
     (what predictions and exported models name their classes by)."""
     if names is not None and not os.path.isfile(self.file(CLASS_NAMES_FILE)):
       os.makedirs(self.path, exist_ok=True)
-      _write_atomic(self.file(CLASS_NAMES_FILE), json.dumps(list(names)))
+      outputs.write_text(self.file(CLASS_NAMES_FILE), json.dumps(list(names)))
 
   def read_class_names(self) -> list[str] | None:
     """The class names, or None when the run has none (index them)."""
@@ -293,4 +285,4 @@ class Workdir:
       return json.load(f)
 
   def write_summary(self, summary: Mapping[str, Any]) -> None:
-    _write_atomic(self.summary_file, json.dumps(dict(summary), indent=2))
+    outputs.write_text(self.summary_file, json.dumps(dict(summary), indent=2))

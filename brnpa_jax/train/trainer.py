@@ -129,6 +129,7 @@ class Trainer:
         to_global=self.to_global, local_eval_batch=self.local_eval_batch,
         workdir=Workdir(self.workdir))
     self._ckpt: Checkpointer | None = None  # created on first use
+    self._bar = None  # the epoch's progress bar
 
   def _build_steps(self):
     cfg = self.config
@@ -210,10 +211,11 @@ class Trainer:
         ds = self.task.train_dataset(
             batch_size=self.local_batch, seed=cfg.seed, epoch=epoch,
             process_index=jax.process_index(), process_count=jax.process_count())
-        bar = tqdm(total=self.steps_per_epoch, initial=skip, unit="step",
-                   desc=f"epoch {epoch + 1}/{cfg.num_epochs}", leave=True,
-                   disable=jax.process_index() > 0, mininterval=2.0,
-                   dynamic_ncols=True)
+        bar = self._bar = tqdm(
+            total=self.steps_per_epoch, initial=skip, unit="step",
+            desc=f"epoch {epoch + 1}/{cfg.num_epochs}", leave=True,
+            disable=jax.process_index() > 0, mininterval=2.0,
+            dynamic_ncols=True)
         pending, t_epoch = [], time.time()
         for batch in tfds.as_numpy(ds.take(self.steps_per_epoch).skip(skip)):
           state, metrics = self.train_step(
@@ -341,6 +343,8 @@ class Trainer:
     return summary
 
   def close(self):
+    if self._bar is not None:
+      self._bar.close()  # ends its line: an error is printed below it
     if self._ckpt is not None:
       self._ckpt.close()
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Mapping
 
 import jax
 import numpy as np
-from clu import metric_writers
-from clu.metric_writers import interface
+
+from brnpa_jax import outputs, quiet
+
+quiet.tensorflow()  # clu's writers import it: first without its start-up lines
+from clu import metric_writers  # pylint: disable=g-import-not-at-top
+from clu.metric_writers import interface  # pylint: disable=g-import-not-at-top
 
 
 class JsonlWriter(interface.MetricWriter):
@@ -58,11 +63,35 @@ class JsonlWriter(interface.MetricWriter):
     self._file.close()
 
 
+class _NamingErrors(interface.MetricWriter):
+  """A writer whose failures caused by the file system are ``OSError``s
+  naming the workdir (``outputs.naming``): on a full disk, clu's TensorBoard
+  writer raises them wrapped, and the JSON file without a file name."""
+
+  def __init__(self, writer: interface.MetricWriter, workdir: str):
+    self._writer, self._workdir = writer, workdir
+
+  def _call(self, method: str, *args, **kwargs):
+    with outputs.naming(self._workdir):
+      return getattr(self._writer, method)(*args, **kwargs)
+
+  write_summaries = functools.partialmethod(_call, "write_summaries")
+  write_scalars = functools.partialmethod(_call, "write_scalars")
+  write_images = functools.partialmethod(_call, "write_images")
+  write_videos = functools.partialmethod(_call, "write_videos")
+  write_audios = functools.partialmethod(_call, "write_audios")
+  write_texts = functools.partialmethod(_call, "write_texts")
+  write_histograms = functools.partialmethod(_call, "write_histograms")
+  write_hparams = functools.partialmethod(_call, "write_hparams")
+  flush = functools.partialmethod(_call, "flush")
+  close = functools.partialmethod(_call, "close")
+
+
 def create_writer(workdir: str) -> interface.MetricWriter:
   """TensorBoard + logging + JSON lines on process 0; logging elsewhere."""
   if jax.process_index() > 0:
     return metric_writers.create_default_writer(workdir, just_logging=True)
-  return metric_writers.MultiWriter([
+  return _NamingErrors(metric_writers.MultiWriter([
       metric_writers.create_default_writer(workdir, asynchronous=True),
       JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
-  ])
+  ]), workdir)
