@@ -7,6 +7,13 @@ mid-save leaves the previous checkpoint intact. A checkpoint damaged later
 (a truncated file, a disk error) is reported and the next older one is
 used; the damaged one is moved to ``damaged_checkpoints/`` in the workdir,
 not deleted. Only when no checkpoint restores is it an error.
+
+Testing hook (fault injection): with ``BRNPA_FAULT=checkpoint_save:<step>``
+in the environment the process kills itself (SIGKILL) in the middle of
+writing that step's checkpoint in ``checkpoints/``: after orbax has written
+every file of it into the temporary directory and before it renames that
+directory (orbax's ``post_finalization_callback``). The chaos test uses it to
+kill inside a write deterministically; unset, nothing is added.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 from typing import Any, Callable
 
 import jax
@@ -26,6 +34,19 @@ from brnpa_jax.runs.workdir import RunError, Workdir
 
 _log = logging.getLogger(__name__)
 DAMAGED_DIR = "damaged_checkpoints"
+FAULT_ENV = "BRNPA_FAULT"
+
+
+def _fault_step() -> int | None:
+  """The step of ``BRNPA_FAULT=checkpoint_save:<step>`` (module docstring)."""
+  spec = os.environ.get(FAULT_ENV, "")
+  if not spec:
+    return None
+  point, _, step = spec.partition(":")
+  if point != "checkpoint_save" or not step.isdigit():
+    raise ValueError(f"{FAULT_ENV}={spec!r}: the one fault point is "
+                     "checkpoint_save:<step>.")
+  return int(step)
 
 
 def _warn(msg: str) -> None:
@@ -162,8 +183,13 @@ class Checkpointer:
   def __init__(self, workdir: str, max_to_keep: int = 2):
     self._workdir = Workdir(workdir)
     opts = lambda n: ocp.CheckpointManagerOptions(max_to_keep=n, create=True)
+    latest_opts = opts(max_to_keep)
+    self._fault, self._writing = _fault_step(), None
+    if self._fault is not None:
+      latest_opts.async_options = ocp.AsyncOptions(
+          post_finalization_callback=self._die_at_fault)
     self._latest = ocp.CheckpointManager(
-        self._workdir.checkpoints_dir, options=opts(max_to_keep),
+        self._workdir.checkpoints_dir, options=latest_opts,
         item_names=("state", "meta"))
     self._best = ocp.CheckpointManager(
         self._workdir.best_dir, options=opts(1), item_names=("state", "meta"))
@@ -188,9 +214,17 @@ class Checkpointer:
         # managers committing the same step at once collide ("barrier already
         # ongoing"): let the first finish before the second starts.
         managers[i - 1].wait_until_finished()
+      if self._fault is not None and mgr is self._latest:
+        mgr.wait_until_finished()  # the previous step's write has ended
+        self._writing = step
       mgr.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
           force=force)
+
+  def _die_at_fault(self) -> None:
+    """Orbax's callback between writing a checkpoint and renaming it."""
+    if self._writing == self._fault:
+      os.kill(os.getpid(), signal.SIGKILL)
 
   def _restore(self, mgr, abstract_state):
     restore = lambda step: mgr.restore(step, args=ocp.args.Composite(
