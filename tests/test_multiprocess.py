@@ -89,14 +89,16 @@ def test_a_killed_process_ends_the_other_within_the_heartbeat_timeout(
   cmd = [sys.executable, "train.py", "--config",
          "configs/default.py:runlocal,head=gap,epochs=50",
          f"--config.data.data_dir={tfds_dir}", "--config.data.process_split=slice",
-         f"--workdir={workdir}", "--multiprocess",
-         f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2",
-         "--heartbeat_timeout_seconds=10"]
+         "--config.checkpoint_every_steps=1", f"--workdir={workdir}",
+         "--multiprocess", f"--coordinator_address=localhost:{_free_port()}",
+         "--num_processes=2", "--heartbeat_timeout_seconds=10"]
   procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True) for i in range(2)]
-  # checkpoints/ exists before the first step; a committed step (every 4
-  # steps in runlocal, of 400) means training is under way.
+  # checkpoints/ exists before the first step; a committed step (one per
+  # step here, of 400) means training is under way. The run's program is its
+  # own (not the test above's): loaded from the persistent compilation cache,
+  # a multi-process CPU program stalled in its collectives (jax 0.10.2).
   ckpts = workdir / "checkpoints"
   deadline = time.time() + 400
   while not (ckpts.is_dir() and any(n.isdigit() for n in os.listdir(ckpts))):
