@@ -12,16 +12,15 @@ jax.distributed.initialize() first.
 import sys
 
 from absl import flags, logging
-from ml_collections import config_flags
 
 from brnpa_jax import cli
+from brnpa_jax.config_file import define_config_flag
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
-  config_flags.DEFINE_config_file(
-      "config", None, "Config file, optionally with an arg: "
-      "'configs/default.py:head=bcnn'; fields with --config.<field>=<value>.",
-      flag_values=fv, lock_config=True, sys_argv=argv)
+  define_config_flag(fv, argv, "Config file, optionally with an arg: "
+                     "'configs/default.py:head=bcnn'; fields with "
+                     "--config.<field>=<value>.")
   flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and overlays "
                       "are written; a rerun resumes from it.", flag_values=fv)
   flags.DEFINE_bool("allow_config_change", False, "Resume an unfinished run "

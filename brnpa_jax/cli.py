@@ -52,12 +52,6 @@ def _flag_message(e: Exception, args: Sequence[str]) -> str:
     return (f"{arg or name}: the config has no field {name!r}"
             + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
             + "; see the config file for its fields.")
-  if "Traceback (most recent call last)" in text:
-    # config_flags wraps the config file's own error (a bad switch) with its
-    # traceback: the flag, then the error's last line.
-    flag = re.match(r"flag (--[\w.]+)", text)
-    last = [l for l in text.splitlines() if l.strip()][-1]
-    return f"{flag.group(1) if flag else 'a flag'}: {last.split(': ', 1)[-1]}"
   return text.splitlines()[0] if text else type(e).__name__
 
 
@@ -69,8 +63,9 @@ def run(define: Callable[[flags.FlagValues, list[str]], None],
   Args:
     define: ``define(fv, argv)`` declares the tool's flags on ``fv``
       (``flags.DEFINE_string(..., flag_values=fv)``;
-      ``config_flags.DEFINE_config_file(..., flag_values=fv, sys_argv=argv)``
-      so that ``--config.field=value`` overrides are read from ``argv``).
+      ``config_file.define_config_flag(fv, argv, ...)`` so that
+      ``--config.field=value`` overrides are read from ``argv`` and the
+      config is validated before ``main`` runs).
     main: the tool's body, given the parsed flags; its return value is
       ignored unless it is an int (the exit status).
     doc: shown by ``--help`` above the flags.
@@ -94,9 +89,12 @@ def run(define: Callable[[flags.FlagValues, list[str]], None],
     return 0
   try:
     rest = fv([prog] + args)
-  except (flags.Error, UserError, KeyError, AttributeError, ValueError) as e:
-    # Flag parsing, including a config file's own errors (a bad switch, an
-    # unknown --config.field): all are the user's.
+  except UserError as e:
+    # A config file that gives no config, or a config value out of range
+    # (brnpa_jax.config_file loads and validates --config while parsing).
+    return _fail(prog, str(e), verbose or "--verbose" in args)
+  except (flags.Error, KeyError, AttributeError, ValueError) as e:
+    # Flag parsing, including an unknown --config.field: the user's.
     return _fail(prog, _flag_message(e, args) + f"\n(see {prog} --help)",
                  verbose or "--verbose" in args)
   if len(rest) > 1:

@@ -3,12 +3,24 @@
 Every config file's ``get_config(arg)`` takes such a string. Keys must be
 among the config's declared switches (an unknown key is an error naming the
 valid ones); values are converted to the type of the switch's default, and a
-bare key means ``True``.
+bare key means ``True``. The result records which switches were given
+(``Switches.given``), so that a preset such as ``runlocal`` changes only
+what the user left to it.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
+
+from brnpa_jax.errors import ConfigError
+
+
+class Switches(dict):
+  """Switch name -> value, and ``given``: the names set in the arg string."""
+
+  def __init__(self, values: Mapping[str, Any], given=()):
+    super().__init__(values)
+    self.given = frozenset(given)
 
 
 def _convert(key: str, value: str, default: Any) -> Any:
@@ -18,16 +30,20 @@ def _convert(key: str, value: str, default: Any) -> Any:
       return True
     if lowered in ("0", "false", "no", "off"):
       return False
-    raise ValueError(f"config arg {key}={value!r}: expected true or false.")
-  if isinstance(default, int):
-    return int(value)
-  if isinstance(default, float):
-    return float(value)
+    raise ConfigError(f"config arg {key}={value!r}: expected true or false.")
+  try:
+    if isinstance(default, int):
+      return int(value)
+    if isinstance(default, float):
+      return float(value)
+  except ValueError:
+    kind = "an integer" if isinstance(default, int) else "a number"
+    raise ConfigError(f"config arg {key}={value!r}: expected {kind}.") from None
   return value
 
 
 def parse_arg(arg: str | None, switches: Mapping[str, Any],
-              choices: Mapping[str, tuple] | None = None) -> dict[str, Any]:
+              choices: Mapping[str, tuple] | None = None) -> Switches:
   """Parses ``"key=value,flag"`` against declared switches and their defaults.
 
   Args:
@@ -36,17 +52,23 @@ def parse_arg(arg: str | None, switches: Mapping[str, Any],
     choices: optional switch name -> allowed values.
 
   Returns:
-    The switches with the given values applied.
+    The switches with the given values applied; ``.given`` names those the
+    string set.
+
+  Raises:
+    ConfigError: an unknown switch, or a value of the wrong type or not
+      among its choices.
   """
-  out = dict(switches)
+  out, given = dict(switches), set()
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
     key = key.strip()
     if key not in switches:
-      raise ValueError(f"Unknown config arg {key!r}; valid: {sorted(switches)}.")
+      raise ConfigError(f"Unknown config arg {key!r}; valid: {sorted(switches)}.")
     out[key] = _convert(key, value.strip(), switches[key]) if sep else True
+    given.add(key)
     allowed = (choices or {}).get(key)
     if allowed is not None and out[key] not in allowed:
-      raise ValueError(f"config arg {key}={out[key]!r}: valid values are "
-                       f"{list(allowed)}.")
-  return out
+      raise ConfigError(f"config arg {key}={out[key]!r}: valid values are "
+                        f"{list(allowed)}.")
+  return Switches(out, given)

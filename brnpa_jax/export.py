@@ -24,6 +24,9 @@ from brnpa_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from brnpa_jax.models.classifier import make_infer_fn
 from brnpa_jax.runs import load_run
 
+# What jax.export lowers for (any of them, on any machine).
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
 
 def export_run(workdir: str, out: str, *, checkpoint: str = "auto",
                platforms: Sequence[str] | None = None) -> str:
@@ -48,8 +51,13 @@ def _define(fv: flags.FlagValues, argv) -> None:
   del argv
   cli.define_run_flags(fv)
   flags.DEFINE_string("out", None, "Artifact path to write.", flag_values=fv)
-  flags.DEFINE_list("platforms", None, "e.g. cpu,cuda (default: this backend).",
-                    flag_values=fv)
+  flags.DEFINE_list("platforms", None, "Platforms to lower for, of "
+                    f"{', '.join(PLATFORMS)}; e.g. cpu,cuda (default: this "
+                    "backend).", flag_values=fv)
+  flags.register_validator(
+      "platforms", lambda names: not set(names or ()) - set(PLATFORMS),
+      f"valid platforms are {', '.join(PLATFORMS)} (a GPU is cuda or rocm).",
+      flag_values=fv)
   flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
 
 

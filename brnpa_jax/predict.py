@@ -4,9 +4,10 @@ r"""Batch inference: top-k predictions, ranked maps and norms, optional overlays
   python -m brnpa_jax.predict --workdir runs/default --images test --out preds/ --overlays
   python -m brnpa_jax.predict --exported model.jaxexport --images photos/ --out preds/
 
-``--images`` is a folder (searched recursively for image files, decoded with
-Pillow, resized and centre-cropped exactly as the evaluation pipeline does) or
-a split of the run's dataset (e.g. ``test`` or ``validation[:200]``). The
+``--images`` is a folder (searched recursively for image files, which are
+read as training folders read them, ``brnpa_jax.data.image_files``, then
+resized and centre-cropped exactly as the evaluation pipeline does) or a
+split of the run's dataset (e.g. ``test`` or ``validation[:200]``). The
 model restored is the run's best checkpoint, else its latest, built from the
 workdir's ``config.json`` (``brnpa_jax.runs.load_run``). With ``--exported``
 the artifact of ``brnpa_jax.export`` runs instead of the model code.
@@ -15,7 +16,8 @@ Batches have a fixed shape (``--batch``; the last one is padded), so the
 function is compiled once. Written to ``--out``:
 
 - ``predictions.csv``: file, label (splits only), then class and probability
-  of the top-k predictions;
+  of the top-k predictions; a file is named by its path under ``--images``,
+  with bytes that are not UTF-8 as ``\xNN`` escapes (as in ``maps.npz``);
 - ``maps.npz``: ``files``, ``probs`` (N, classes), ``maps`` (N, K, h, w) in
   rank order, ``norms`` (N, h, w), ``topk_classes``, ``topk_probs`` and, for
   splits, ``labels``;
@@ -38,9 +40,9 @@ from typing import Callable, Iterator, Sequence
 import jax
 import numpy as np
 from absl import flags
-from PIL import Image
 
 from brnpa_jax import cli
+from brnpa_jax.data import image_files
 from brnpa_jax.data.normalization import denormalize
 from brnpa_jax.errors import ConfigError, InputNotFoundError, UserError
 from brnpa_jax.explain.overlay import save_overlay_grid
@@ -48,19 +50,16 @@ from brnpa_jax.artifact import load_exported
 from brnpa_jax.models.classifier import INFERENCE_OUTPUTS, make_infer_fn
 from brnpa_jax.runs import RestoredRun, Workdir, load_run
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif",
-                    ".tiff", ".ppm")
-ON_CORRUPT = ("error", "skip")
+IMAGE_EXTENSIONS = image_files.IMAGE_EXTENSIONS
+ON_CORRUPT = image_files.ON_CORRUPT
 OUTPUT_KEYS = INFERENCE_OUTPUTS
 
 
 # -- inputs ----------------------------------------------------------------------
 def list_images(folder: str) -> list[str]:
-  """Image files under ``folder`` (recursive), sorted, relative to it."""
-  found = []
-  for root, _, files in os.walk(folder):
-    found += [os.path.relpath(os.path.join(root, f), folder) for f in files
-              if f.lower().endswith(IMAGE_EXTENSIONS)]
+  """Image files under ``folder`` (``image_files.list_images``): relative
+  paths, sorted."""
+  found = image_files.list_images(folder)
   if not found:
     raise InputNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) "
                              f"under {folder}.")
@@ -82,19 +81,16 @@ def _eval_transform_fn(size: int, resize_ratio: float, resize_mode: str):
   return lambda image: transform(image).numpy()
 
 
-def _decode(path: str) -> np.ndarray:
-  """uint8 RGB pixels of an image file (raises on a damaged one)."""
-  with Image.open(path) as im:
-    return np.asarray(im.convert("RGB"))
-
-
 def folder_batches(folder: str, size: int, resize_ratio: float, batch: int,
-                   on_corrupt: str = "error", resize_mode: str = "short_side"
+                   on_corrupt: str = "error", resize_mode: str = "short_side",
+                   max_pixels: int = image_files.MAX_PIXELS
                    ) -> Iterator[tuple[list[str], np.ndarray, None]]:
   """``(files, images (batch, S, S, 3), None)``; the last batch zero-padded.
 
-  A file Pillow cannot decode (truncated, not an image) is an error naming
-  it, or with ``on_corrupt='skip'`` a warning, and the file is left out.
+  ``files`` are ``image_files.display_name`` of the paths under ``folder``.
+  A file that cannot be read (truncated, not an image, over ``max_pixels``)
+  is an error naming it, or with ``on_corrupt='skip'`` a warning, and the
+  file is left out.
   """
   if on_corrupt not in ON_CORRUPT:
     raise ConfigError(f"--on_corrupt={on_corrupt!r}: use one of {ON_CORRUPT}.")
@@ -103,16 +99,15 @@ def folder_batches(folder: str, size: int, resize_ratio: float, batch: int,
   for name in list_images(folder):
     path = os.path.join(folder, name)
     try:
-      pixels = _decode(path)
-    except (OSError, SyntaxError, ValueError) as e:  # what Pillow raises
+      pixels = image_files.read_image(path, max_pixels=max_pixels)
+    except image_files.CorruptImageError as e:
       if on_corrupt == "error":
-        raise ConfigError(f"cannot decode {path} ({type(e).__name__}: {e}); "
-                          "fix or remove it, or pass --on_corrupt=skip.") from e
-      print(f"Warning: skipped {path}, which does not decode "
-            f"({type(e).__name__}: {e}).", file=sys.stderr, flush=True)
+        raise ConfigError(f"cannot decode {e}; fix or remove it, or pass "
+                          "--on_corrupt=skip.") from e
+      print(f"Warning: skipped {e}", file=sys.stderr, flush=True)
       continue
     images[len(names)] = transform(pixels)
-    names.append(name)
+    names.append(image_files.display_name(name))
     if len(names) == batch:
       yield names, images, None
       names, images = [], np.zeros((batch, size, size, 3), np.float32)
@@ -188,6 +183,12 @@ def predict(batches: Iterator, compile_fn: Callable, *,
   if not files:
     raise ConfigError("no inputs to predict on (every image was skipped).")
   outputs = {k: np.concatenate([c[k] for c in chunks]) for k in OUTPUT_KEYS}
+  bad = ~np.all([np.isfinite(v.reshape(len(files), -1)).all(1)
+                 for v in outputs.values()], axis=0)
+  if bad.any():  # written as they are, but never silently
+    print(f"Warning: the outputs of {bad.sum()} of {len(files)} inputs hold "
+          "NaN or Inf: the model's weights are likely not finite.",
+          file=sys.stderr, flush=True)
   return Predictions(files, np.concatenate(labels) if labels else None, outputs,
                      model_s, compile_s, time.perf_counter() - t_start,
                      shown if keep_images else None)
@@ -266,7 +267,8 @@ def _looks_like_a_path(images: str) -> bool:
 def run_predict(*, images: str, out: str, workdir: str | None = None,
                 exported: str | None = None, checkpoint: str = "auto",
                 batch: int = 64, topk: int = 5, overlays: bool = False,
-                on_corrupt: str = "error", verbose: bool = True) -> Predictions:
+                on_corrupt: str = "error", verbose: bool = True,
+                max_pixels: int = image_files.MAX_PIXELS) -> Predictions:
   """Restores a run (or loads an artifact), predicts, writes the outputs.
 
   Args:
@@ -281,6 +283,7 @@ def run_predict(*, images: str, out: str, workdir: str | None = None,
     overlays: also write one PNG of the ranked maps per image.
     on_corrupt: ``error`` (default) or ``skip`` an image that does not decode.
     verbose: print the throughput and what was written.
+    max_pixels: larger images are corrupt (read from the header).
 
   Returns:
     The ``Predictions`` (outputs in input order, padding removed).
@@ -313,7 +316,8 @@ def run_predict(*, images: str, out: str, workdir: str | None = None,
     size, ratio = data_cfg.image_size, data_cfg.resize_ratio
     mode = data_cfg.get("resize", "short_side")
     compile_fn = compile_model(run)
-  batches = (folder_batches(images, size, ratio, batch, on_corrupt, mode)
+  batches = (folder_batches(images, size, ratio, batch, on_corrupt, mode,
+                            max_pixels)
              if is_folder
              else split_batches(data_cfg, images, batch))
   preds = predict(batches, compile_fn, keep_images=overlays)
@@ -340,14 +344,17 @@ def _define(fv: flags.FlagValues, argv) -> None:
   flags.DEFINE_string("exported", None, "Run this brnpa_jax.export artifact "
                       "instead of the model code.", flag_values=fv)
   flags.DEFINE_integer("batch", 64, "Fixed batch size (the last batch is padded).",
-                       flag_values=fv)
+                       lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("topk", 5, "Predictions per image in the CSV.",
-                       flag_values=fv)
+                       lower_bound=1, flag_values=fv)
   flags.DEFINE_bool("overlays", False, "Also write one PNG of the ranked maps "
                     "per image.", flag_values=fv)
   flags.DEFINE_enum("on_corrupt", "error", list(ON_CORRUPT), "An image that does "
                     "not decode: stop (error) or warn and leave it out (skip).",
                     flag_values=fv)
+  flags.DEFINE_integer("max_pixels", image_files.MAX_PIXELS, "An image with "
+                       "more pixels is treated as corrupt (a decompression "
+                       "bomb); see --on_corrupt.", lower_bound=1, flag_values=fv)
   flags.mark_flags_as_required(["images", "out"], flag_values=fv)
 
 
@@ -356,7 +363,8 @@ def _main(fv: flags.FlagValues) -> None:
     raise ConfigError("pass --workdir (a training run) or --exported (an artifact).")
   run_predict(images=fv.images, out=fv.out, workdir=fv.workdir,
               exported=fv.exported, checkpoint=fv.checkpoint, batch=fv.batch,
-              topk=fv.topk, overlays=fv.overlays, on_corrupt=fv.on_corrupt)
+              topk=fv.topk, overlays=fv.overlays, on_corrupt=fv.on_corrupt,
+              max_pixels=fv.max_pixels)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

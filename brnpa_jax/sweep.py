@@ -25,11 +25,12 @@ from typing import Any, Sequence
 import jax
 import optuna
 from absl import flags, logging
-from ml_collections import config_flags
 
 from brnpa_jax import cli
+from brnpa_jax.config_check import check_search_space
+from brnpa_jax.config_file import define_config_flag
 from brnpa_jax.errors import ConfigError
-from brnpa_jax.train import trainer
+from brnpa_jax.train import program, trainer
 
 # Sampled field -> (kind, values): 'choice' (categorical), 'log' (log-uniform
 # [lo, hi]) or 'uniform'. Names are config paths.
@@ -64,6 +65,19 @@ def search_space(config, batch_sizes: Sequence[int]) -> dict[str, tuple]:
                         "section with temperature and alpha.")
     space.update(DISTILL_SPACE)
   return space
+
+
+def check_space(config, space) -> None:
+  """Refuses a search space with a value that gives an invalid config
+  (``config_check``) or a batch the devices do not divide, before the study
+  is created."""
+  check_search_space(config, space, trial_config,
+                     flags={"batch_size": "--batch_sizes"})
+  for b in space["batch_size"][1]:
+    try:
+      program.make_layout(trial_config(config, {"batch_size": b}))
+    except ConfigError as e:
+      raise ConfigError(f"--batch_sizes: {e}") from None
 
 
 def _suggest(trial, name: str, kind: str, values):
@@ -127,8 +141,9 @@ def run_sweep(config, workdir: str, trials: int, *,
   Returns:
     The Optuna study.
   """
-  os.makedirs(workdir, exist_ok=True)
   space = search_space(config, batch_sizes or default_batch_sizes(config))
+  check_space(config, space)
+  os.makedirs(workdir, exist_ok=True)
   storage = optuna.storages.JournalStorage(
       optuna.storages.journal.JournalFileBackend(os.path.join(workdir, STUDY_FILE)))
   study = optuna.create_study(
@@ -195,25 +210,24 @@ def write_best(study, workdir: str) -> dict[str, Any] | None:
 
 
 def _define(fv: flags.FlagValues, argv) -> None:
-  config_flags.DEFINE_config_file("config", None, "Base config, as for train.py.",
-                                  flag_values=fv, lock_config=True, sys_argv=argv)
+  define_config_flag(fv, argv, "Base config, as for train.py.")
   flags.DEFINE_string("workdir", None, "Holds the study and the trials' runs; "
                       "a rerun resumes.", flag_values=fv)
   flags.DEFINE_integer("trials", 25, "Completed trials wanted in total.",
-                       flag_values=fv)
+                       lower_bound=1, flag_values=fv)
   flags.DEFINE_list("batch_sizes", None, "Batch-size choices (default: half, "
                     "one and two times the config's).", flag_values=fv)
+  flags.register_validator(
+      "batch_sizes", lambda sizes: all(s.isdigit() and int(s) > 0
+                                       for s in sizes or ()),
+      "give positive integers, e.g. --batch_sizes=8,16,32.", flag_values=fv)
   flags.DEFINE_integer("sweep_seed", 0, "The sampler's seed.", flag_values=fv)
   flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
 
 
 def _main(fv: flags.FlagValues) -> None:
   logging.set_verbosity(logging.WARNING)  # as train.py: progress, not INFO logs
-  try:
-    batch_sizes = [int(b) for b in fv.batch_sizes or ()] or None
-  except ValueError:
-    raise ConfigError(f"--batch_sizes={','.join(fv.batch_sizes)}: give "
-                      "integers, e.g. --batch_sizes=8,16,32.") from None
+  batch_sizes = [int(b) for b in fv.batch_sizes or ()] or None
   run_sweep(fv.config, fv.workdir, fv.trials, batch_sizes=batch_sizes,
             seed=fv.sweep_seed)
 

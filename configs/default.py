@@ -24,8 +24,10 @@ ResNet scale: 64 = the published network, 16 = a quarter of its channels),
 res (low: output stride 32, high: 8; for a ViT, low: its patch grid, high:
 patches at half stride), k (number of maps), refine, init (norm|random),
 aux_heads, dtype (float32|bfloat16), epochs, runlocal (tiny model of the
-backbone's family and little data, seconds). Any field can also be set with
-``--config.<field>=<value>``; an unknown switch or field is an error.
+backbone's family, width 8 unless width= is given, and little data: seconds).
+Any field can also be set with ``--config.<field>=<value>``; an unknown switch
+or field is an error, and so is a value out of its range (checked before
+anything is written; see docs/training.md).
 """
 
 from brnpa_jax.recipes.embedded import CHOICES, SWITCHES, default_config

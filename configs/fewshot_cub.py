@@ -32,7 +32,8 @@ Switches: backbone (resnet12|resnet12_narrow|resnet18|...), width (channels of
 the first stage, 64), head (brnpa|gap|bcnn), res (low|high), k, phase
 (pretrain|episodic), pretrain_workdir, ways/shots/queries (training episodes),
 metric (euclidean|cosine), teacher (a low-resolution pretraining workdir to
-distil from), size (input side, 84), epochs, dtype, runlocal.
+distil from), size (input side, 84), epochs, dtype, runlocal (width 8, 32 px,
+a few episodes: seconds; switches given explicitly keep their values).
 """
 
 import ml_collections

@@ -25,7 +25,8 @@ high: output stride 8; low: 32), k (number of maps), p (identities per
 batch), per_id (images per identity; batch = p x per_id), soft_margin,
 val_identities (training identities held out for model selection; 0:
 select on the test query/gallery, as re-id papers do: optimistic), dtype,
-epochs, runlocal (tiny model, 32x16 images, seconds). Any field can also be
+epochs, runlocal (the tiny model of the backbone's family, 32x16 images,
+seconds; switches given explicitly keep their values). Any field can also be
 set with ``--config.<field>=<value>``.
 
 The recipe is Luo et al.'s "Bag of Tricks" baseline: Adam 3.5e-4 with 10
@@ -39,6 +40,7 @@ import ml_collections
 
 from brnpa_jax.config_args import parse_arg
 from brnpa_jax.models import BACKBONES, HEADS, STRIDES
+from brnpa_jax.models.registry import tiny_preset
 
 SWITCHES = {
     "dataset": "market1501", "data_dir": "~/datasets", "head": "brnpa",
@@ -86,7 +88,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1
   c.eval_batch_size = 128
   c.num_epochs = a["epochs"] or 120
-  # Steps with a non-finite loss or gradient are skipped; more stop the run.
+  # Steps with a non-finite loss, gradient or update are skipped; more stop
+  # the run.
   c.max_nonfinite_steps = 10
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
@@ -94,7 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_overlays = 6
 
   if a["runlocal"]:
-    c.model.backbone, c.model.width = "resnet_tiny", 8
+    c.model.backbone, c.model.width = tiny_preset(a["backbone"]), 8
     c.data.height, c.data.width, c.data.image_size = 32, 16, (32, 16)
     c.data.pad, c.data.num_threads = 2, 2
     c.optim.lr, c.optim.warmup_epochs = 1e-3, 0

@@ -5,8 +5,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from flax import traverse_util
 
-from brnpa_jax.models import BACKBONES, build_model
+from brnpa_jax.models import BACKBONES, build_model, registry
+from brnpa_jax.models.blocks import DropPath, drop_path_rates
 from brnpa_jax.models.registry import family
 from brnpa_jax.models.resnet12 import ResNet12
 from brnpa_jax.models.vit import VisionTransformer
@@ -186,3 +188,87 @@ def test_heads_and_bfloat16_on_convnext_and_vit(backbone, grid, c):
   logits, aux = jax.jit(bf16.apply)(variables, x)
   assert aux["features"].dtype == jnp.bfloat16
   assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
+
+
+@pytest.mark.parametrize("backbone,patch,res,grid", [
+    ("convnext_test", 2, "low", 4), ("convnext_test", 2, "high", 16),
+    ("convnext_test", 1, "low", 8), ("vit_test", 4, "low", 16),
+    ("vit_test", 4, "high", 32)])
+def test_small_image_variants_keep_timm_names(backbone, patch, res, grid):
+  """``patch_size`` (ConvNeXt's stem, a ViT's patches, timm's argument) sets
+  the grid; every parameter keeps the preset's name, and only the stem or
+  patch kernel and the position embeddings (stored for ``img_size``) change
+  shape."""
+  cfg = _model_cfg(backbone=backbone, width=8, res=res, patch_size=patch,
+                   img_size=64)
+  model = build_model(cfg, 5)
+  assert model.backbone.output_stride == 64 // grid
+  x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  init = lambda m: jax.eval_shape(
+      lambda x: m.init_with_output(jax.random.key(0), x), x)
+  (_, aux), variables = init(model)
+  assert aux["features"].shape[1:3] == (grid, grid)
+  _, preset = init(build_model(_model_cfg(backbone=backbone, width=8, res=res), 5))
+  flat = traverse_util.flatten_dict(variables, sep="/")
+  flat_preset = traverse_util.flatten_dict(preset, sep="/")
+  assert set(flat) == set(flat_preset)
+  changed = {k for k in flat if flat[k].shape != flat_preset[k].shape}
+  if backbone == "convnext_test":
+    assert changed == {"params/backbone/stem_0/kernel"}
+    assert flat["params/backbone/stem_0/kernel"].shape == (patch, patch, 3, 8)
+  else:
+    assert changed == {"params/backbone/patch_embed/proj/kernel"} | (
+        {"params/backbone/pos_embed"} if patch != 8 else set())
+    assert flat["params/backbone/pos_embed"].shape == (1, 1 + (64 // patch) ** 2, 32)
+
+
+def test_drop_path_drops_whole_examples_at_timms_rates():
+  assert drop_path_rates(0.1, 5) == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1])
+  x = jnp.ones((64, 4, 4, 3))
+  y = DropPath(0.5).apply({}, x, True, rngs={"dropout": jax.random.key(0)})
+  per_example = np.asarray(y).reshape(64, -1)
+  assert set(np.unique(per_example)) == {0.0, 2.0}  # kept ones scaled by 1/(1-p)
+  assert (per_example.min(1) == per_example.max(1)).all()  # whole examples
+  assert 16 < (per_example[:, 0] == 0).sum() < 48
+  np.testing.assert_array_equal(DropPath(0.5).apply({}, x, False), x)
+
+
+@pytest.mark.parametrize("backbone,res,grid", [
+    ("convnext_test", "low", 2), ("vit_test", "low", 8), ("vit_test", "high", 16)])
+def test_conv_stem_has_the_patch_stems_stride(backbone, res, grid):
+  """``stem=conv``: 3x3 convs with BatchNorm at the stride of the patch stem
+  they replace (one fewer stride-2 conv for a ViT's ``res=high``), then the
+  family's 1x1 projection under timm's name."""
+  model = build_model(_model_cfg(backbone=backbone, width=8, res=res,
+                                 stem="conv"), 5)
+  x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  (_, aux), variables = jax.eval_shape(
+      lambda x: model.init_with_output(jax.random.key(0), x), x)
+  assert aux["features"].shape[1:3] == (grid, grid)
+  params = variables["params"]["backbone"]
+  if backbone == "convnext_test":  # 4 = 2 x 2: two convs
+    stem = params["stem_conv"]
+    assert params["stem_0"]["kernel"].shape == (1, 1, 8, 8)
+  else:  # 8 = 2 x 2 x 2
+    stem = params["patch_embed"]["stem"]
+    assert params["patch_embed"]["proj"]["kernel"].shape == (1, 1, 32, 32)
+  n = 2 if backbone == "convnext_test" else 3
+  assert set(stem) == {f"{k}_{i}" for k in ("conv", "bn") for i in range(n)}
+  assert set(variables["batch_stats"]["backbone"]) == set(
+      ["stem_conv"] if backbone == "convnext_test" else ["patch_embed"])
+
+
+@pytest.mark.parametrize("backbone,fields,size", [
+    ("convnext_test", dict(patch_size=2, res="high"), (30, 45)),
+    ("convnext_test", dict(stem="conv", res="low"), (95, 70)),
+    ("vit_test", dict(patch_size=4, img_size=64, res="high"), (22, 13)),
+    ("vit_test", dict(stem="conv", res="high"), (36, 21))])
+def test_feature_grid_of_small_image_variants(backbone, fields, size):
+  """``registry.feature_grid`` (no tracing) is the traced grid of every
+  variant, odd sizes included (a conv stem rounds up where a patch floors)."""
+  cfg = _model_cfg(backbone=backbone, width=8, **fields)
+  model = build_model(cfg, 5)
+  x = jax.ShapeDtypeStruct((1, *size, 3), jnp.float32)
+  (_, aux), _ = jax.eval_shape(
+      lambda x: model.init_with_output(jax.random.key(0), x), x)
+  assert registry.feature_grid(cfg, size) == aux["features"].shape[1:3]

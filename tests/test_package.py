@@ -14,7 +14,8 @@ PACKAGE = os.path.join(REPO, "brnpa_jax")
 # A module may import only from rooms of the same or a lower rank.
 RANKS = {
     "errors": 0, "cli": 1, "artifact": 1, "attention": 1, "models": 2,
-    "data": 3, "runs": 4, "config_args": 4, "recipes": 5, "tasks": 6,
+    "data": 3, "runs": 4, "config_args": 4, "config_check": 4,
+    "config_file": 4, "recipes": 5, "tasks": 6,
     "train": 7, "explain": 8,
     # Command-line tools and the package's front door sit on top.
     "predict": 9, "export": 9, "sweep": 9, "tools": 9, "__init__": 9,

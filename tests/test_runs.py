@@ -15,8 +15,9 @@ from brnpa_jax import cli
 from brnpa_jax.runs import (RESUME_SAFE_FIELDS, Checkpointer, ConfigMismatchError,
                             RunError, Workdir, load_run, restore_variables)
 from brnpa_jax.runs.checkpoints import DAMAGED_DIR
-from brnpa_jax.runs.workdir import config_differences
+from brnpa_jax.runs.workdir import ADDED_FIELDS, config_differences
 from brnpa_jax.train.trainer import train_and_evaluate
+from configs import default
 from helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,6 +58,28 @@ def test_config_differences_name_each_field():
   assert {"log_every_steps", "mesh.num_devices"} <= set(RESUME_SAFE_FIELDS)
 
 
+def test_a_run_from_before_a_field_existed_is_the_same_config():
+  """A stored config that lacks a field added since (the run was trained
+  under the value that reproduces the old code) equals a config that has it
+  at that value, and differs from one that has another value."""
+  requested = default.get_config("runlocal")
+  stored = json.loads(requested.to_json_best_effort())
+  removed = []
+  for field in ADDED_FIELDS:
+    *parents, leaf = field.split(".")
+    node = stored
+    for p in parents:
+      node = node.get(p, {})
+    if leaf in node:
+      removed.append(field)
+      del node[leaf]
+  assert removed and config_differences(stored, requested) == []
+  changed = requested.copy_and_resolve_references()
+  changed.model.drop_path_rate = 0.1
+  assert config_differences(stored, changed) == [
+      ("model.drop_path_rate", 0.0, 0.1)]
+
+
 def test_config_is_written_once_and_changes_are_recorded(tmp_path):
   wd = Workdir(str(tmp_path / "run"))
   config = ml_collections.ConfigDict({"optim": {"lr": 0.002}, "seed": 0})
@@ -65,6 +88,7 @@ def test_config_is_written_once_and_changes_are_recorded(tmp_path):
   first = open(wd.config_file).read()
   wd.write_config(ml_collections.ConfigDict({"optim": {"lr": 0.5}, "seed": 0}))
   assert open(wd.config_file).read() == first  # written once
+  os.makedirs(os.path.join(wd.checkpoints_dir, "100"))  # the run has trained
   changed = ml_collections.ConfigDict({"optim": {"lr": 0.1}, "seed": 0})
   with pytest.raises(ConfigMismatchError, match=r"optim.lr: stored 0.002, "
                      r"requested 0.1[\s\S]*--allow_config_change") as e:

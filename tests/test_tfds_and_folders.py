@@ -8,8 +8,8 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from brnpa_jax.data import (catalog, image_folder, input_pipeline, tfds_datasets,
-                            transforms)
+from brnpa_jax.data import (catalog, image_files, image_folder, input_pipeline,
+                            tfds_datasets, transforms)
 from fake_tfds import H, W, mock_tfds
 
 
@@ -213,8 +213,8 @@ def test_folder_classes_splits_and_kinds(tree):
   for f in ds.files("trainval") + ds.files("test"):
     split, cls, mode = files[f.path]
     assert ds.classes[f.label] == cls and f"/{split}/" in f.path
-    expected = {"RGB": image_folder.NATIVE_JPEG, "L": image_folder.NATIVE_JPEG,
-                "CMYK": image_folder.PILLOW}.get(mode, image_folder.NATIVE_PNG)
+    expected = {"RGB": image_files.NATIVE_JPEG, "L": image_files.NATIVE_JPEG,
+                "CMYK": image_files.PILLOW}.get(mode, image_files.NATIVE_PNG)
     assert f.kind == expected, (f.path, mode)
   again = image_folder.ImageFolder(str(root), validation_percent=25)
   assert again.files("validation") == val
@@ -226,15 +226,13 @@ def test_folder_decodes_every_mode_to_rgb_like_pillow(tree):
   root, files = tree
   ds = image_folder.ImageFolder(str(root))
   for f in ds.files("trainval"):
-    got = image_folder.decode_file(tf.constant(f.path), tf.constant(f.kind)).numpy()
+    got = image_files.decode_file(tf.constant(f.path), tf.constant(f.kind)).numpy()
     with Image.open(f.path) as im:
       want = np.asarray(im.convert("RGB"))
     assert got.shape == (18, 24, 3) and got.dtype == np.uint8
-    # Same pixels as torchvision's loader (Pillow); JPEG decoders may differ
-    # by rounding.
-    tol = 0 if f.path.endswith(".png") else 2
-    np.testing.assert_allclose(got.astype(int), want.astype(int), atol=tol,
-                               err_msg=f.path)
+    # The same pixels as torchvision's loader (Pillow's convert('RGB')) for
+    # every 8-bit mode, native decoders included.
+    np.testing.assert_array_equal(got, want, err_msg=f.path)
     if files[f.path][2] == "CMYK":
       rgb = np.asarray(_colour(list(files).index(f.path)), int)
       assert np.abs(got.astype(int) - rgb).mean() < 20  # colours survive

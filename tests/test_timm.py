@@ -1,8 +1,11 @@
-"""ConvNeXt and ViT against timm: layouts, golden outputs, weight import.
+"""ConvNeXt and ViT against timm: layouts, golden outputs, weight import,
+initialisation.
 
 The golden outputs in tests/golden come from timm's models run on the same
-random weights (``python -m brnpa_jax.tools.timm_golden``) and the ``.pth``
-file was written by PyTorch, so this test needs neither PyTorch nor timm.
+random weights (``python -m brnpa_jax.tools.timm_golden``), timm's own
+initialisation statistics (``python -m brnpa_jax.tools.timm_init_golden``)
+and a ``.pth`` file PyTorch wrote, so this test needs neither PyTorch nor
+timm.
 """
 
 import json
@@ -15,11 +18,11 @@ import pytest
 from flax import traverse_util
 
 from brnpa_jax.models import timm_names, weights
-from brnpa_jax.tools import convert_weights, pth_golden
+from brnpa_jax.tools import convert_weights, pth_golden, timm_init_golden
 from brnpa_jax.tools.timm_golden import (CASES, TIMM_NAMES, golden_input,
                                          grid_step, random_state_dict,
                                          timm_shapes)
-from helpers import abstract_variables, weights_model
+from helpers import FAST_PRNG, abstract_variables, weights_model
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 TOLERANCE = 1e-4  # max |ours - timm| / max |timm|, float32
@@ -141,3 +144,44 @@ def test_pth_of_timm_layout(monkeypatch):
     np.testing.assert_array_equal(got[k], v, err_msg=k)
   assert got["params/backbone/patch_embed/proj/kernel"].shape == (8, 8, 3, 256)
   assert convert_weights.infer_arch(got) == "vit_test"
+
+
+@pytest.fixture(scope="module")
+def timm_init():
+  with open(os.path.join(GOLDEN, "timm_init_stats.json")) as f:
+    return json.load(f)
+
+
+@pytest.mark.parametrize("case", sorted(timm_init_golden.CASES))
+def test_initialisation_is_timms(case, timm_init):
+  """Every parameter of a fresh ConvNeXt / ViT (and its classifier) is drawn
+  as timm draws it: the same standard deviation and mean (within 4.5 sampling
+  standard errors of ours), constants equal, and uniform draws (the ViT's
+  patch embedding) within timm's bounds; timm's statistics pooled over
+  ``NUM_DRAWS`` of its own inits (``tools/timm_init_golden.py``)."""
+  golden = timm_init["cases"][case]
+  model = weights_model(golden["preset"], num_classes=timm_init["num_classes"])
+  key = jax.random.key(0, impl=FAST_PRNG)
+  flat = traverse_util.flatten_dict(
+      jax.jit(model.init)(key, np.zeros((1, 64, 64, 3), np.float32)), sep="/")
+  family = timm_names.flat_family(flat)
+  assert {timm_names.flat_name_to_timm(family, k) for k in flat} == set(
+      golden["params"])
+  bad = []
+  for flat_name, value in flat.items():
+    ref = golden["params"][timm_names.flat_name_to_timm(family, flat_name)]
+    x = np.asarray(value, np.float64)
+    assert _torch_shape(flat_name, x.shape) == tuple(ref["shape"])
+    if ref["std"] < 1e-3 * abs(ref["mean"]) or ref["std"] == 0:  # a constant
+      ok = np.allclose(x, ref["mean"], rtol=1e-6, atol=0)
+    else:
+      err = 4.5 / np.sqrt(x.size)
+      ok = (abs(x.std() - ref["std"]) <= err / np.sqrt(2) * ref["std"]
+            and abs(x.mean() - ref["mean"]) <= err * ref["std"])
+      if ref["max_abs"] < 2.5 * ref["std"]:  # uniform (a normal's reach more)
+        ok &= 0.9 * ref["max_abs"] <= np.abs(x).max() <= ref["max_abs"] * 1.001
+    if not ok:
+      bad.append(f"{flat_name}: std {x.std():.4g} (timm {ref['std']:.4g}), "
+                 f"mean {x.mean():.3g} ({ref['mean']:.3g}), max |x| "
+                 f"{np.abs(x).max():.3g} ({ref['max_abs']:.3g})")
+  assert not bad, "\n".join(bad)

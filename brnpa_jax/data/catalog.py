@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Mapping, Sequence
 
 import ml_collections
 
 from brnpa_jax.data import parts
+from brnpa_jax.data.image_files import MAX_PIXELS
 from brnpa_jax.errors import ConfigError, UserError
 
 VALIDATION_PERCENT = 10
@@ -39,6 +41,23 @@ CARVED_SPLITS = {
 }
 NATIVE_SPLITS = {"train": "train", "validation": "validation", "test": "test",
                  "trainval": "train+validation"}
+
+
+# Our split names (every dataset of DATASETS has them; a TFDS dataset also
+# takes TFDS slices of them, e.g. test[:100] or train[:10%]+validation).
+SPLITS = ("train", "validation", "test", "trainval")
+# data.resize: the short side to size / resize_ratio (aspect kept), or both
+# sides (the authors' release); see transforms.resize.
+RESIZE_MODES = ("short_side", "square")
+# data.process_split: how processes divide the training data (see
+# input_pipeline.make_train_dataset).
+PROCESS_SPLITS = ("shard", "slice")
+
+
+def split_names(split: str) -> list[str]:
+  """The split names in a split expression: ``train[:10%]+test`` ->
+  ``['train', 'test']``."""
+  return [re.sub(r"\[[^\]]*\]$", "", part.strip()) for part in split.split("+")]
 
 
 class DatasetNotPreparedError(FileNotFoundError, UserError):
@@ -188,5 +207,5 @@ def fine_grained_data_config(name: str = "caltech_birds2011", data_dir: str = ""
   cfg.process_split = "shard"
   cfg.folder = ml_collections.ConfigDict(dict(
       validation_percent=float(VALIDATION_PERCENT), seed=0, verify=True,
-      on_corrupt="error"))
+      on_corrupt="error", max_pixels=MAX_PIXELS))
   return cfg

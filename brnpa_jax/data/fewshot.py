@@ -25,20 +25,23 @@ Datasets (``data.name``) and their class splits, defined here:
   (``train``/``val``/``test`` by default, ``data.folder.splits``), each with
   one folder per class: the mini-ImageNet (Ravi & Larochelle), tieredImageNet
   and CIFAR-FS layouts once their split files are applied. Classes are sorted
-  by folder name. Files are listed, checked and decoded as ``image_folder``
-  (the classification reader) does: RGB, an unreadable file is an error
-  naming its path.
+  by folder name. Files are listed, checked and decoded by
+  ``brnpa_jax.data.image_files``, as the classification reader does: RGB, an
+  unreadable file is an error naming its path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Callable, Iterator
 
 import numpy as np
 
+from brnpa_jax.data import image_files
 from brnpa_jax.data.normalization import normalize, resize_size
+from brnpa_jax.errors import BadInputError, InputNotFoundError
 
 SPLITS = ("base", "val", "novel")
 OMNIGLOT_BACKGROUND = 964
@@ -159,52 +162,61 @@ def load_folder_split(data_cfg, split: str) -> ImageSet:
   """Reads ``<root>/<split folder>/<class>/<image>`` into memory.
 
   Listing, the image extensions, hidden-file rules, corrupt-file checks
-  (every file decoded once by Pillow, in threads) and decoding are those of
-  ``image_folder``, the classification reader.
+  (every file decoded once, in threads) and decoding are those of
+  ``brnpa_jax.data.image_files``, as for the classification reader.
 
   Raises:
-    FileNotFoundError: missing root or split folder.
-    ValueError: a split folder without class folders or images;
-      ``image_folder.CorruptImageError`` naming every unreadable file.
+    InputNotFoundError: missing root or split folder.
+    BadInputError: a split folder without class folders, a class folder
+      without images; ``image_files.CorruptImageError`` naming unreadable
+      files.
   """
   import concurrent.futures  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from brnpa_jax.data import image_folder  # pylint: disable=g-import-not-at-top
   root = os.path.expanduser(data_cfg.folder.root)
   folder = dict(zip(SPLITS, data_cfg.folder.splits))[split]
   path = os.path.join(root, folder)
   if not os.path.isdir(path):
-    raise FileNotFoundError(
+    raise InputNotFoundError(
         f"No {split} folder {path}: data.folder.root must hold the folders "
         f"{tuple(data_cfg.folder.splits)} (base, val, novel classes), each with "
         "one folder of images per class.")
-  classes = image_folder._list_class_folders(path)  # pylint: disable=protected-access
+  classes = image_files.list_folders(path)
   if not classes:
-    raise ValueError(f"{path} has no class folders.")
+    raise BadInputError(f"{path} has no class folders.")
   files, labels = [], []
   for label, name in enumerate(classes):
-    found = image_folder._list_images(os.path.join(path, name))  # pylint: disable=protected-access
+    class_folder = os.path.join(path, name)
+    found = [os.path.join(class_folder, f)
+             for f in image_files.list_images(class_folder)]
     if not found:
-      raise ValueError(f"Class folder {os.path.join(path, name)} has no images "
-                       f"({', '.join(image_folder.IMAGE_EXTENSIONS)}).")
+      raise BadInputError(
+          f"Class folder {image_files.display_name(class_folder)} has no images "
+          f"({', '.join(image_files.IMAGE_EXTENSIONS)}): add some or delete it.")
     files += found
     labels += [label] * len(found)
 
+  max_pixels = data_cfg.folder.get("max_pixels", image_files.MAX_PIXELS)
+
   def inspect(f):
     try:
-      return image_folder.inspect_image(f, verify=True), None
-    except image_folder.CorruptImageError as e:
+      return image_files.inspect_image(f, verify=True,
+                                       max_pixels=max_pixels), None
+    except image_files.CorruptImageError as e:
       return None, str(e)
   with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as ex:
     kinds, errors = zip(*ex.map(inspect, files))
   errors = [e for e in errors if e]
   if errors:
-    raise image_folder.CorruptImageError(
-        f"{len(errors)} unreadable image(s); remove or replace them:\n  "
-        + "\n  ".join(errors))
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    raise image_files.CorruptImageError(
+        f"{len(errors)} unreadable image(s): " + " | ".join(errors[:3])
+        + f"{more}. Remove or replace them.")
   side = stored_size(data_cfg)
-  ds = tf.data.Dataset.from_tensor_slices((files, list(kinds), labels))
-  ds = ds.map(lambda f, k, l: (_square_tf(image_folder.decode_file(f, k), side),
+  ds = tf.data.Dataset.from_tensor_slices(([os.fsencode(f) for f in files],
+                                          list(kinds), labels))
+  decode = functools.partial(image_files.decode_file, max_pixels=max_pixels)
+  ds = ds.map(lambda f, k, l: (_square_tf(decode(f, k), side),
                                tf.cast(l, tf.int32)),
               num_parallel_calls=tf.data.AUTOTUNE)
   images, labels = _collect(ds)

@@ -19,24 +19,28 @@ archive (``images/``, ``images.txt``, ``train_test_split.txt``) into
 ``OUT/train`` and ``OUT/test`` with symbolic links.
 
 The class index is the position of the folder name in the sorted names of
-``train/``; ``validation/`` and ``test/`` may only use those names. Files
-whose extension is not an image's (``IMAGE_EXTENSIONS``) and hidden entries
-are ignored, as torchvision's ``ImageFolder`` does.
+``train/``; ``validation/`` and ``test/`` may only use those names. A class
+folder of ``train/`` without a readable image is an error naming it (a class
+the model could never learn). Files are listed by
+``image_files.list_images``: images in nested folders of a class folder
+belong to the class; files whose extension is not an image's and hidden
+entries are ignored, as torchvision's ``ImageFolder`` does; links are
+followed, a folder reached twice is read once, and a broken link is an
+unreadable file.
 
 Opening the folder scans it once per process (cached): every image's header
 is read with Pillow, and with ``verify`` (the default) every image is also
-decoded once, in threads, so that a truncated or otherwise corrupt file is
-reported by its path before training starts rather than as an anonymous
-TensorFlow error mid-epoch (on CUB's 11,788 JPEGs: a few seconds on a
-16-core machine). A corrupt file is an error listing the paths, or, with
-``on_corrupt='skip'``, a warning listing them, and the file is left out.
+decoded once, in threads, so that a truncated or otherwise corrupt file, or
+one over the pixel limit (``max_pixels``), is reported by its path before
+training starts rather than as an anonymous TensorFlow error mid-epoch (on
+CUB's 11,788 JPEGs: a few seconds on a 16-core machine). A corrupt file is an
+error naming the paths, or, with ``on_corrupt='skip'``, a warning listing
+them, and the file is left out.
 
-Decoding: RGB and greyscale JPEGs and 8-bit PNGs (greyscale, palette, with or
-without alpha) are decoded by TensorFlow's native ops inside tf.data (fast,
-parallel, no Python), with the same results as Pillow's ``convert('RGB')``
-(alpha dropped, palettes expanded, grey replicated); everything else (CMYK
-JPEGs, TIFF, WebP, BMP, GIF, 16-bit PNG) is decoded by Pillow through
-``tf.py_function`` and converted to RGB.
+Decoding is ``image_files.decode_file``: TensorFlow's native ops inside
+tf.data where they give exactly Pillow's pixels, Pillow through
+``tf.py_function`` elsewhere, every mode converted by its value range
+(``image_files`` says how: 16-bit, float, alpha, EXIF orientation).
 
 The validation split and the order of every split are fixed by a hash of
 (``seed``, relative path): they do not depend on the machine, on the numpy
@@ -56,25 +60,19 @@ from typing import Sequence
 
 import numpy as np
 from absl import flags
-from PIL import Image
 import tensorflow as tf
 
 from brnpa_jax import cli
 from brnpa_jax.errors import InputNotFoundError
+from brnpa_jax.data import image_files
 from brnpa_jax.data.catalog import VALIDATION_PERCENT, DatasetNotPreparedError
+from brnpa_jax.data.image_files import CorruptImageError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm",
-                    ".tif", ".tiff", ".webp")
 # Folder names of each split: the exact name, else one folder ending in
 # ``_<name>`` (the authors' release reads data/CUB-200-2011_train and _test).
 SPLIT_FOLDERS = {"train": ("train",), "validation": ("validation", "val"),
                  "test": ("test",)}
-ON_CORRUPT = ("error", "skip")
-
-# How a file is decoded in the pipeline (see the module docstring).
-NATIVE_JPEG, NATIVE_PNG, PILLOW = 0, 1, 2
-_NATIVE_MODES = {"JPEG": (NATIVE_JPEG, ("L", "RGB")),
-                 "PNG": (NATIVE_PNG, ("L", "LA", "RGB", "RGBA", "P"))}
+ON_CORRUPT = image_files.ON_CORRUPT
 
 LAYOUT_HELP = """Expected layout (one sub-folder per class):
   {root}/train/<class>/<image>.jpg        required
@@ -86,33 +84,16 @@ Set data.data_dir (the config arg data_dir=...) to the folder that holds
 train/."""
 
 
-class CorruptImageError(ValueError):
-  """An image file cannot be decoded; the message names the file(s)."""
-
-
 @dataclasses.dataclass(frozen=True)
 class ImageFile:
   path: str
   label: int
-  kind: int  # NATIVE_JPEG, NATIVE_PNG or PILLOW
+  kind: int  # image_files.NATIVE_JPEG, NATIVE_PNG or PILLOW
 
 
 def _order_key(seed: int, relpath: str) -> str:
-  return hashlib.sha1(f"{seed}:{relpath}".encode()).hexdigest()
-
-
-def _list_class_folders(folder: str) -> list[str]:
-  return sorted(e.name for e in os.scandir(folder)
-                if e.is_dir() and not e.name.startswith("."))
-
-
-def _list_images(folder: str) -> list[str]:
-  out = []
-  for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-    out += [os.path.join(dirpath, f) for f in sorted(filenames)
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
-  return out
+  # The name's bytes, whatever they are (os.fsencode: UTF-8 for valid names).
+  return hashlib.sha1(f"{seed}:".encode() + os.fsencode(relpath)).hexdigest()
 
 
 def _find_split_folder(root: str, names: Sequence[str]) -> str | None:
@@ -131,50 +112,6 @@ def _find_split_folder(root: str, names: Sequence[str]) -> str | None:
   return os.path.join(root, found[0]) if found else None
 
 
-def inspect_image(path: str, verify: bool) -> int:
-  """How ``path`` will be decoded (``NATIVE_JPEG|NATIVE_PNG|PILLOW``).
-
-  Args:
-    path: an image file.
-    verify: also decode the whole image (catches truncated files).
-
-  Raises:
-    CorruptImageError: naming ``path`` when Pillow cannot read it.
-  """
-  try:
-    with Image.open(path) as im:
-      fmt, mode = im.format, im.mode
-      if verify:
-        im.load()
-  except Exception as e:  # Pillow raises many types for bad files
-    raise CorruptImageError(f"{path}: {type(e).__name__}: {e}") from e
-  kind, modes = _NATIVE_MODES.get(fmt, (PILLOW, ()))
-  return kind if mode in modes else PILLOW
-
-
-def pillow_rgb(path) -> np.ndarray:
-  """uint8 (H, W, 3) of any image Pillow reads (``convert('RGB')``)."""
-  path = path.decode() if isinstance(path, bytes) else str(path)
-  try:
-    with Image.open(path) as im:
-      return np.asarray(im.convert("RGB"))
-  except Exception as e:
-    raise CorruptImageError(f"{path}: {type(e).__name__}: {e}") from e
-
-
-def decode_file(path, kind):
-  """Reads and decodes one file in tf.data: uint8 (H, W, 3)."""
-  def pillow():
-    image = tf.py_function(lambda p: pillow_rgb(p.numpy()), [path], tf.uint8)
-    return tf.ensure_shape(image, (None, None, 3))
-  image = tf.switch_case(kind, [
-      lambda: tf.io.decode_jpeg(tf.io.read_file(path), channels=3,
-                                dct_method="INTEGER_ACCURATE"),
-      lambda: tf.io.decode_png(tf.io.read_file(path), channels=3),
-      pillow])
-  return tf.ensure_shape(image, (None, None, 3))
-
-
 class ImageFolder:
   """A scanned image-folder dataset (see the module docstring).
 
@@ -188,13 +125,15 @@ class ImageFolder:
     verify: decode every image once while scanning.
     on_corrupt: ``'error'`` or ``'skip'`` (with a warning).
     workers: threads for scanning (0: from the CPU count).
+    max_pixels: larger images are corrupt (``image_files.MAX_PIXELS``).
   """
 
   def __init__(self, root: str, *, validation_percent: float = VALIDATION_PERCENT,
                seed: int = 0, verify: bool = True, on_corrupt: str = "error",
-               workers: int = 0):
+               workers: int = 0, max_pixels: int = image_files.MAX_PIXELS):
     if on_corrupt not in ON_CORRUPT:
       raise ValueError(f"on_corrupt={on_corrupt!r}: use one of {ON_CORRUPT}.")
+    self.max_pixels = max_pixels
     if not 0 <= validation_percent < 100:
       raise ValueError(f"validation_percent={validation_percent}: use [0, 100).")
     self.root = os.path.abspath(os.path.expanduser(root))
@@ -205,7 +144,7 @@ class ImageFolder:
       raise DatasetNotPreparedError(
           (f"No train/ folder in {self.root}. " if os.path.isdir(self.root)
            else f"Image folder {self.root} does not exist. ") + help_text)
-    self.classes = _list_class_folders(folders["train"])
+    self.classes = image_files.list_folders(folders["train"])
     if not self.classes:
       raise DatasetNotPreparedError(
           f"{folders['train']} has no class sub-folders. " + help_text)
@@ -215,6 +154,7 @@ class ImageFolder:
                              verify, on_corrupt, workers)
     files = {s: [(p, y) for p, y in ps if p in self._kinds]
              for s, ps in files.items()}
+    self._refuse_empty_classes(folders["train"], files["train"])
     if folders["validation"] is None:
       files["train"], files["validation"] = self._hold_out(files["train"],
                                                            validation_percent)
@@ -222,7 +162,7 @@ class ImageFolder:
     self._splits = {s: self._ordered(ps) for s, ps in files.items()}
 
   def _list(self, folder: str, split: str, help_text: str):
-    unknown = sorted(set(_list_class_folders(folder)) - set(self.classes))
+    unknown = sorted(set(image_files.list_folders(folder)) - set(self.classes))
     if unknown:
       raise DatasetNotPreparedError(
           f"{folder} has class folders that train/ lacks: {unknown[:5]}. "
@@ -230,7 +170,9 @@ class ImageFolder:
     out = []
     for label, name in enumerate(self.classes):
       if os.path.isdir(os.path.join(folder, name)):
-        out += [(p, label) for p in _list_images(os.path.join(folder, name))]
+        class_folder = os.path.join(folder, name)
+        out += [(os.path.join(class_folder, p), label)
+                for p in image_files.list_images(class_folder)]
     if not out and split == "train":
       raise DatasetNotPreparedError(f"No images under {folder}. " + help_text)
     return out
@@ -240,23 +182,38 @@ class ImageFolder:
 
     def one(path):
       try:
-        return path, inspect_image(path, verify), None
+        return path, image_files.inspect_image(
+            path, verify=verify, max_pixels=self.max_pixels), None
       except CorruptImageError as e:
         return path, None, str(e)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
       results = list(pool.map(one, paths))
     bad = [err for _, _, err in results if err]
+    if bad and on_corrupt == "error":
+      more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+      raise CorruptImageError(
+          f"{len(bad)} unreadable image file(s) in "
+          f"{image_files.display_name(self.root)}: " + " | ".join(bad[:3])
+          + f"{more}. Replace or delete them, or set "
+          "data.folder.on_corrupt='skip' to leave them out.")
     if bad:
       listing = "\n  ".join(bad[:20]) + (f"\n  ... ({len(bad) - 20} more)"
                                           if len(bad) > 20 else "")
-      if on_corrupt == "error":
-        raise CorruptImageError(
-            f"{len(bad)} unreadable image file(s) in {self.root}:\n  {listing}\n"
-            "Replace or delete them, or set data.folder.on_corrupt='skip' to "
-            "leave them out.")
       logging.warning("Skipping %d unreadable image file(s) in %s:\n  %s",
-                      len(bad), self.root, listing)
+                      len(bad), image_files.display_name(self.root), listing)
     return {p: kind for p, kind, err in results if not err}
+
+  def _refuse_empty_classes(self, folder: str, files) -> None:
+    """A class of train/ without an image is one the model cannot learn."""
+    have = {label for _, label in files}
+    empty = [image_files.display_name(c) for i, c in enumerate(self.classes)
+             if i not in have]
+    if empty:
+      raise DatasetNotPreparedError(
+          f"{len(empty)} class folder(s) of {image_files.display_name(folder)} "
+          f"hold no readable image: {', '.join(empty[:5])}"
+          + (" ..." if len(empty) > 5 else "") + ". Add images to them or "
+          "delete them (a class needs training images).")
 
   def _hold_out(self, files, percent):
     """(train, validation): ``percent`` of each class, chosen by hash."""
@@ -297,7 +254,8 @@ class ImageFolder:
     return len(self.classes)
 
   def class_names(self) -> list[str]:
-    return list(self.classes)
+    """The class folders' names (``image_files.display_name``), in label order."""
+    return [image_files.display_name(c) for c in self.classes]
 
   def count(self, split: str) -> int:
     return len(self.files(split))
@@ -324,7 +282,7 @@ class ImageFolder:
       index = np.random.default_rng(shuffle_seed).permutation(index)
     part = [files[i] for i in index]
     ds = tf.data.Dataset.from_tensor_slices({
-        "image": tf.constant([f.path for f in part], tf.string),
+        "image": tf.constant([os.fsencode(f.path) for f in part], tf.string),
         "kind": tf.constant([f.kind for f in part], tf.int32),
         "label": tf.constant([f.label for f in part], tf.int64),
         "id": tf.constant(index, tf.int64)})
@@ -332,17 +290,19 @@ class ImageFolder:
 
     def decode(ex):
       out = {k: v for k, v in ex.items() if k in wanted and k != "kind"}
-      out["image"] = decode_file(ex["image"], ex["kind"])
+      out["image"] = image_files.decode_file(ex["image"], ex["kind"],
+                                             max_pixels=self.max_pixels)
       return out
     return ds.map(lambda ex: {k: v for k, v in ex.items() if k in wanted}), decode
 
 
 @functools.lru_cache(maxsize=8)
 def load(root: str, validation_percent: float = VALIDATION_PERCENT, seed: int = 0,
-         verify: bool = True, on_corrupt: str = "error") -> ImageFolder:
+         verify: bool = True, on_corrupt: str = "error",
+         max_pixels: int = image_files.MAX_PIXELS) -> ImageFolder:
   """``ImageFolder(...)``, scanned once per process for the same arguments."""
   return ImageFolder(root, validation_percent=validation_percent, seed=seed,
-                     verify=verify, on_corrupt=on_corrupt)
+                     verify=verify, on_corrupt=on_corrupt, max_pixels=max_pixels)
 
 
 def arrange_cub(cub_dir: str, out: str, copy: bool = False) -> dict[str, int]:

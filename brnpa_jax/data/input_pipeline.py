@@ -37,6 +37,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
 from brnpa_jax.data import catalog  # pylint: disable=g-import-not-at-top
+from brnpa_jax.data import image_files  # pylint: disable=g-import-not-at-top
 from brnpa_jax.data import image_folder  # pylint: disable=g-import-not-at-top
 from brnpa_jax.data import parts  # pylint: disable=g-import-not-at-top
 from brnpa_jax.data import parts_tfds  # pylint: disable=g-import-not-at-top
@@ -119,7 +120,8 @@ def _folder_source(data_cfg):
       catalog.data_dir(data_cfg),
       validation_percent=f.get("validation_percent", catalog.VALIDATION_PERCENT),
       seed=f.get("seed", 0), verify=f.get("verify", True),
-      on_corrupt=f.get("on_corrupt", "error"))
+      on_corrupt=f.get("on_corrupt", "error"),
+      max_pixels=f.get("max_pixels", image_files.MAX_PIXELS))
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -212,8 +214,9 @@ def make_train_dataset(data_cfg, *, batch_size: int, seed: int, epoch: int,
   """
   source = get_source(data_cfg)
   mode = data_cfg.get("process_split", "shard")
-  if mode not in ("shard", "slice"):
-    raise ValueError(f"data.process_split={mode!r}: use 'shard' or 'slice'.")
+  if mode not in catalog.PROCESS_SPLITS:
+    raise ValueError(f"data.process_split={mode!r}: use one of "
+                     f"{catalog.PROCESS_SPLITS}.")
   slicing = mode == "slice" and process_count > 1
   file_seed, shuffle_seed, aug_seed = _epoch_seeds(seed, epoch)
   ds, decode = source.read(

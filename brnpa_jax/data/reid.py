@@ -14,10 +14,10 @@ detections) and ``0000`` distractors (background, other people). Training
 uses neither; the gallery keeps distractors (as negatives) and drops junk;
 queries never hold either. Training identities are relabelled ``0..N-1``.
 
-Images are decoded with Pillow (RGB) and augmented in numpy with generators
-seeded from (seed, epoch, step, row), so an epoch is reproducible whatever
-the thread scheduling. Training batches follow the identity-balanced P x K
-sampler of ``pk_batches``.
+Images are decoded by ``image_files.read_image`` (RGB) and augmented in
+numpy with generators seeded from (seed, epoch, step, row), so an epoch is
+reproducible whatever the thread scheduling. Training batches follow the
+identity-balanced P x K sampler of ``pk_batches``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from brnpa_jax.data import image_files
 from brnpa_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 FOLDERS = {"train": "bounding_box_train", "query": "query",
@@ -253,13 +254,9 @@ def pk_batches(labels: np.ndarray, p: int, k: int, seed: int, epoch: int
 
 # -- pixels -------------------------------------------------------------------
 def load_image(path: str) -> np.ndarray:
-  """uint8 (H, W, 3) RGB; an unreadable file is an error naming it."""
-  try:
-    with Image.open(path) as im:
-      return np.asarray(im.convert("RGB"))
-  except (OSError, ValueError, SyntaxError) as e:
-    raise ValueError(f"Cannot decode image {path}: {e}. Replace or delete the "
-                     "file.") from e
+  """uint8 (H, W, 3) RGB (``image_files.read_image``); an unreadable file is
+  a ``CorruptImageError`` (a ``ValueError``) naming it."""
+  return image_files.read_image(path)
 
 
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from brnpa_jax.data import catalog
 from brnpa_jax.data.normalization import (  # re-exported
     IMAGENET_MEAN, IMAGENET_STD, denormalize, resize_size)
 
@@ -53,13 +54,10 @@ def resize_short_side(image, masks: dict, short_side: int):
   return image, masks
 
 
-RESIZE_MODES = ("short_side", "square")
-
-
 def resize(image, masks: dict, side: int, mode: str = "short_side"):
   """Resizes image and masks to ``side`` (see the module docstring)."""
-  if mode not in RESIZE_MODES:
-    raise ValueError(f"resize={mode!r}: use one of {RESIZE_MODES}.")
+  if mode not in catalog.RESIZE_MODES:
+    raise ValueError(f"resize={mode!r}: use one of {catalog.RESIZE_MODES}.")
   if mode == "short_side":
     return resize_short_side(image, masks, side)
   image = tf.image.resize(image, (side, side), method="bilinear", antialias=True)

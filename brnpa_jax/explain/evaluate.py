@@ -44,9 +44,10 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from brnpa_jax import cli
-from brnpa_jax.data import input_pipeline
+from brnpa_jax.data import catalog, input_pipeline
 from brnpa_jax.errors import ConfigError
 from brnpa_jax.explain import metrics
+from brnpa_jax.explain.explainers import EXPLAINERS
 from brnpa_jax.runs import load_run as restore_run
 from brnpa_jax.models import build_model
 
@@ -432,20 +433,22 @@ def _define(fv: flags.FlagValues, argv) -> None:
   d("multi_string", "workdir", None, "A run's workdir; repeat for several runs.")
   d("multi_string", "methods", None, "Comma-separated: own and explainers; once, "
     "or once per --workdir (default: own).")
-  d("string", "split", "test", "The split to evaluate.")
+  d("string", "split", "test", "The split to evaluate: "
+    f"{', '.join(catalog.SPLITS)}, or a slice such as test[:100].")
   d("string", "out", None, "Folder for tables and figures.")
-  d("integer", "num_images", None, "The first N examples (default: all).")
+  d("integer", "num_images", None, "The first N examples (default: all).",
+    lower_bound=1)
   flags.DEFINE_enum("protocol", "release", ["release", "standard", "both"],
                     "Deletion/insertion protocol.", flag_values=fv)
   d("integer", "steps", None, "Release protocol steps (default: one per cell; "
-    "the paper also uses 196).")
+    "the paper also uses 196).", lower_bound=1)
   d("integer", "pixels_per_step", None, "Standard protocol (default: the image "
-    "width, 224 on 224x224).")
-  d("integer", "batch_size", 50, "Images per batch.")
+    "width, 224 on 224x224).", lower_bound=1)
+  d("integer", "batch_size", 50, "Images per batch.", lower_bound=1)
   d("integer", "chunk_size", 64, "Perturbed images per forward in "
-    "deletion/insertion.")
+    "deletion/insertion.", lower_bound=1)
   d("float", "tolerance", metrics.POINTING_TOLERANCE, "Pointing game tolerance "
-    "in pixels.")
+    "in pixels.", lower_bound=0)
   d("string", "ground_truth", None, "Ground truth of the pointing games: a "
     "mask key (part_mask, object_mask) or bbox (default: the dataset's, "
     "GROUND_TRUTH).")
@@ -462,6 +465,27 @@ def _define(fv: flags.FlagValues, argv) -> None:
                     "bfloat16 the DAUC/IAUC means stay within "
                     f"{metrics.BF16_AUC_TOLERANCE} of float32.", flag_values=fv)
   flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
+  # Checked while parsing, before a run is restored or --out is touched.
+  flags.register_validator("methods", _check_methods, flag_values=fv)
+  flags.register_validator("split", _check_split, flag_values=fv)
+
+
+def _check_methods(values) -> bool:
+  unknown = sorted({m for v in values or () for m in v.split(",")}
+                   - set(EXPLAINERS))
+  if unknown:
+    raise flags.ValidationError(f"unknown method(s) {unknown}; valid: "
+                                f"{', '.join(EXPLAINERS)}.")
+  return True
+
+
+def _check_split(split: str) -> bool:
+  unknown = [n for n in catalog.split_names(split) if n not in catalog.SPLITS]
+  if unknown:
+    raise flags.ValidationError(f"unknown split {unknown[0]!r}; valid: "
+                                f"{', '.join(catalog.SPLITS)}, or a slice "
+                                "such as test[:100].")
+  return True
 
 
 def _main(fv: flags.FlagValues) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from brnpa_jax.models.conv import conv_general_dilated
@@ -83,8 +84,35 @@ class Bottleneck(ResidualBlock):
 # -- pieces of the timm-layout families (ConvNeXt, ViT) ---------------------------
 # timm's LayerNorm (ConvNeXt and ViT): eps 1e-6, statistics in float32.
 LayerNorm = functools.partial(nn.LayerNorm, epsilon=1e-6)
-# timm's default initialisation of their linear layers.
-trunc_normal_init = nn.initializers.truncated_normal(0.02)
+
+
+def trunc_normal(std: float, bound: float = 2.0):
+  """timm's ``trunc_normal_(std=std)``: a normal cut at +-``bound`` *absolute*.
+
+  JAX's ``truncated_normal(std)`` cuts at +-2 standard deviations (its
+  standard deviation is then 0.88 std: 0.0176 for 0.02); timm cuts at +-2 in
+  value, far in the tail for small ``std``, so its draws keep ``std``. The cut
+  is also kept within 5 standard deviations (std then 0.99999 of ``std``):
+  beyond that the inverse-CDF sampler's float32 edge maps a uniform draw of
+  exactly -1 to the bound itself (a 100-sigma weight about once per 8 M).
+  """
+  cut = min(bound / std, 5.0)
+  return nn.initializers.truncated_normal(std, lower=-cut, upper=cut)
+
+
+def torch_default_bias(fan_in: int):
+  """PyTorch's default bias of a linear or conv layer: U(+-1/sqrt(fan_in))."""
+  bound = fan_in ** -0.5
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+      key, shape, dtype, -bound, bound)
+
+
+# timm's initialisation of the ConvNeXt and ViT linear and conv layers (and
+# of their classifiers): std 0.02, zero bias.
+trunc_normal_init = trunc_normal(0.02)
+# PyTorch's default kernel init of a conv layer (kaiming_uniform, a=sqrt(5)):
+# U(+-1/sqrt(fan_in)), what timm leaves on a ViT's patch embedding.
+torch_default_kernel = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
 class Mlp(nn.Module):
@@ -98,3 +126,61 @@ class Mlp(nn.Module):
                               kernel_init=trunc_normal_init)
     y = nn.gelu(dense(self.hidden, name="fc1")(x), approximate=False)
     return dense(x.shape[-1], name="fc2")(y)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth (timm's ``DropPath``): zeroes a residual branch for whole
+  examples with probability ``rate`` and scales the kept ones by
+  1 / (1 - rate). Flax's ``Dropout`` broadcast over every axis but the batch;
+  it draws from the ``dropout`` rng stream and holds no parameters."""
+  rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if not self.rate:
+      return x
+    return nn.Dropout(self.rate, broadcast_dims=tuple(range(1, x.ndim)),
+                      deterministic=not train)(x)
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+  """timm's schedule: rates rising linearly from 0 to ``rate`` over all blocks."""
+  return [rate * i / max(depth - 1, 1) for i in range(depth)]
+
+
+def conv_stem_side(side: int, stride: int, last_stride: int = 2) -> int:
+  """One side of ``ConvStem``'s output for an input side, without tracing:
+  each 3x3 convolution with one pixel of padding gives ceil(side / s)."""
+  n = stride.bit_length() - 1
+  for i in range(n):
+    side = -(-side // (last_stride if i == n - 1 else 2))
+  return side
+
+
+class ConvStem(nn.Module):
+  """A convolutional stem for the transformer-style families (Xiao et al.
+  2021, "Early convolutions help transformers see better"): 3x3 convolutions
+  (``conv_i``), each with BatchNorm (``bn_i``) and a ReLU, channels doubling
+  up to ``features``, one per factor 2 of ``stride``; the caller adds its
+  own 1x1 projection. ``last_stride`` 1 keeps the last conv at stride 1 (the
+  families' ``res=high``).
+  """
+  features: int
+  stride: int
+  last_stride: int = 2
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    n = self.stride.bit_length() - 1
+    if n < 1 or self.stride != 2 ** n:
+      raise ValueError("A conv stem needs a stride of 2, 4, 8, ...; got "
+                       f"{self.stride}.")
+    for i in range(n):
+      s = self.last_stride if i == n - 1 else 2
+      c = max(8, self.features >> (n - 1 - i))
+      x = Conv(c, (3, 3), (s, s), padding=1, use_bias=False, dtype=self.dtype,
+               kernel_init=conv_init, name=f"conv_{i}")(x)
+      x = nn.relu(BatchNorm(use_running_average=not train, dtype=self.dtype,
+                            name=f"bn_{i}")(x))
+    return x

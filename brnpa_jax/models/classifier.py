@@ -80,8 +80,13 @@ class Classifier(nn.Module):
       pooled = vectors.reshape(vectors.shape[0], -1)
     aux = dict(aux, features=feats, embedding=pooled)
     pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)
+    # The family's own init of its classifier (timm's std 0.02 for ConvNeXt
+    # and ViT), else Flax's default (the ResNets keep theirs).
+    kernel_init = getattr(self.backbone, "classifier_init",
+                          nn.linear.default_kernel_init)
     dense: Callable[..., nn.Module] = lambda name: nn.Dense(
-        self.num_classes, use_bias=self.use_bias, dtype=self.dtype, name=name)
+        self.num_classes, use_bias=self.use_bias, dtype=self.dtype,
+        kernel_init=kernel_init, name=name)
     logits = dense("classifier")(pooled).astype(jnp.float32)
     if self.aux_heads:
       vectors = aux["vectors"]

@@ -48,6 +48,8 @@ STRIDES = {"low": resnet.LOW_RES_STRIDES, "high": resnet.HIGH_RES_STRIDES,
            "reid_high": resnet.REID_HIGH_RES_STRIDES}
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# ConvNeXt's and ViT's ``stem``: timm's patchify stem, or a conv stem.
+STEMS = ("patch", "conv")
 
 
 def _choose(kind: str, name: str, options) -> None:
@@ -69,8 +71,8 @@ def tiny_preset(backbone: str) -> str:
 
 def backbone_kwargs(model_cfg, dtype=jnp.float32) -> dict:
   """Constructor arguments of the config's backbone: its family translates
-  ``res``; ``width`` and ``zero_init_residual`` go to the families that
-  have them."""
+  ``res``; ``width``, ``patch_size``, ``img_size``, ``drop_path_rate``,
+  ``stem`` and ``zero_init_residual`` go to the families that have them."""
   cls = family(model_cfg.backbone)
   if model_cfg.res not in cls.resolutions:
     raise ValueError(
@@ -78,12 +80,26 @@ def backbone_kwargs(model_cfg, dtype=jnp.float32) -> dict:
         f"valid: {sorted(cls.resolutions)}.")
   fields = {f.name for f in dataclasses.fields(cls)}
   kwargs = dict(cls.resolutions[model_cfg.res], dtype=dtype)
-  if model_cfg.get("width") and "width" in fields:
-    kwargs["width"] = model_cfg.width
+  # Set (non-zero) fields go to the families that have them; the small-image
+  # variants are ``patch_size`` (ConvNeXt's stem, a ViT's patches) and
+  # ``img_size`` (the grid a ViT's position embeddings are stored for).
+  for name in ("width", "patch_size", "img_size", "drop_path_rate", "stem"):
+    if model_cfg.get(name) and name in fields:
+      kwargs[name] = model_cfg[name]
   if (model_cfg.get("zero_init_residual") is not None
       and "zero_init_residual" in fields):
     kwargs["zero_init_residual"] = model_cfg.zero_init_residual
   return kwargs
+
+
+def feature_grid(model_cfg, image_hw) -> tuple[int, int]:
+  """The (h, w) of the feature map the config's backbone gives an input of
+  ``image_hw`` (an int side or an (H, W) pair), from its strides alone: no
+  network is built or traced. A side of 0 means the input is smaller than
+  the backbone's output stride (or a ViT's patch)."""
+  h, w = (image_hw, image_hw) if isinstance(image_hw, int) else image_hw
+  backbone = BACKBONES[model_cfg.backbone](**backbone_kwargs(model_cfg))
+  return backbone.feature_grid(int(h), int(w))
 
 
 def build_model(model_cfg, num_classes: int, dtype: str = "float32") -> Classifier:
@@ -95,7 +111,8 @@ def build_model(model_cfg, num_classes: int, dtype: str = "float32") -> Classifi
       ``resolutions``: ``low|high`` for all, ``reid_high`` for the
       convolutional ones), ``num_maps``, ``refine``, ``init``,
       ``aux_heads``, ``dropout``, ``use_bias`` and optionally ``width``,
-      ``zero_init_residual`` and ``freeze_bn``.
+      ``patch_size``, ``img_size``, ``drop_path_rate``, ``stem`` (0, '' or
+      absent: the preset's), ``zero_init_residual`` and ``freeze_bn``.
     num_classes: size of the output layer.
     dtype: computation dtype name, ``float32`` or ``bfloat16``.
 

@@ -61,6 +61,17 @@ class ResNet(nn.Module):
       stride *= s
     return stride
 
+  def feature_grid(self, height: int, width: int) -> tuple[int, int]:
+    """The (h, w) of the feature map of an input, without tracing: each
+    strided layer (the stem's convolution and max-pool, a stage's first
+    block) gives ceil(side / stride)."""
+    out = []
+    for side in (height, width):
+      for s in (2, 2, *self.strides):
+        side = -(-side // s)
+      out.append(side)
+    return tuple(out)
+
   @nn.compact
   def __call__(self, x_BxHxWx3, train: bool = False):
     """Returns the last stage's post-ReLU feature map (B, H/os, W/os, C)."""

@@ -101,6 +101,11 @@ class ResNet12(nn.Module):
       stride *= p
     return stride
 
+  def feature_grid(self, height: int, width: int) -> tuple[int, int]:
+    """The (h, w) of the feature map of an input, without tracing: the
+    unpadded max-pools floor each side."""
+    return height // self.output_stride, width // self.output_stride
+
   @nn.compact
   def __call__(self, x_BxHxWx3, train: bool = False):
     """Returns the last stage's feature map (B, H/os, W/os, C)."""
@@ -108,7 +113,7 @@ class ResNet12(nn.Module):
       raise ValueError(f"ResNet-12 has four stages; got strides "
                        f"{tuple(self.strides)} and widths {tuple(self.stage_widths)}.")
     h, w = x_BxHxWx3.shape[1:3]
-    if min(h, w) < self.output_stride:
+    if min(self.feature_grid(h, w)) < 1:
       raise ValueError(f"Input {h}x{w} is smaller than ResNet-12's output "
                        f"stride {self.output_stride}; use larger images.")
     x = x_BxHxWx3.astype(self.dtype)

@@ -38,7 +38,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from brnpa_jax.models.blocks import LayerNorm, Mlp, trunc_normal_init
+from brnpa_jax.models.blocks import (ConvStem, DropPath, LayerNorm, Mlp,
+                                     conv_stem_side, drop_path_rates,
+                                     torch_default_bias, torch_default_kernel,
+                                     trunc_normal_init)
 
 NUM_PREFIX_TOKENS = 1  # the class token
 
@@ -93,37 +96,52 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block: x + attn(norm1(x)), then + mlp(norm2(x))."""
+  """Pre-norm transformer block: x + attn(norm1(x)), then + mlp(norm2(x)),
+  each branch under stochastic depth ``drop_path``."""
   num_heads: int
   mlp_ratio: float = 4.0
+  drop_path: float = 0.0
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, train: bool = False):
     c = x.shape[-1]
-    x = x + Attention(self.num_heads, dtype=self.dtype, name="attn")(
+    y = Attention(self.num_heads, dtype=self.dtype, name="attn")(
         LayerNorm(dtype=self.dtype, name="norm1")(x))
-    return x + Mlp(int(c * self.mlp_ratio), dtype=self.dtype, name="mlp")(
+    x = x + DropPath(self.drop_path)(y, train)
+    y = Mlp(int(c * self.mlp_ratio), dtype=self.dtype, name="mlp")(
         LayerNorm(dtype=self.dtype, name="norm2")(x))
+    return x + DropPath(self.drop_path)(y, train)
 
 
 class PatchEmbed(nn.Module):
-  """The patch embedding: one convolution (``proj``), stride = patch/overlap."""
+  """The patch embedding, ``stem='patch'``: one p x p convolution (``proj``)
+  at stride p/overlap, with PyTorch's default initialisation (timm leaves it
+  so): kernel and bias uniform in +-1/sqrt(fan_in). ``stem='conv'``: a
+  convolutional tokenizer, ``blocks.ConvStem`` (``conv_i``, ``bn_i``) of the
+  same stride, then a 1x1 ``proj``."""
   features: int
   patch_size: int
   overlap: int = 1
+  stem: str = "patch"
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, train: bool = False):
     p, o = self.patch_size, self.overlap
     if p % o or (p - p // o) % 2:
       raise ValueError(f"A {p}-pixel patch cannot overlap {o}-fold (its "
                        "stride and padding must be whole pixels).")
+    if self.stem == "conv":
+      x = ConvStem(self.features, p, last_stride=2 // o, dtype=self.dtype,
+                   name="stem")(x, train)
+      p = o = 1  # the 1x1 projection below
     pad = (p - p // o) // 2
     return nn.Conv(self.features, (p, p), (p // o, p // o),
                    padding=((pad, pad), (pad, pad)), dtype=self.dtype,
-                   kernel_init=nn.initializers.lecun_normal(), name="proj")(x)
+                   kernel_init=torch_default_kernel,
+                   bias_init=torch_default_bias(p * p * x.shape[-1]),
+                   name="proj")(x)
 
 
 class VisionTransformer(nn.Module):
@@ -134,13 +152,18 @@ class VisionTransformer(nn.Module):
     embed_dim: token width at ``width`` 64 (384 for ViT-S, 768 for ViT-B).
     depth: number of blocks.
     num_heads: attention heads (kept when ``width`` scales the token width).
-    pos_grid: (gh, gw) grid the position embeddings are stored for
-      (224 px / patch for the timm ``*_224`` models).
+    img_size: the image side the position embeddings are stored for
+      (timm's ``img_size``: 224 for the ``*_224`` models), a grid of
+      ``pos_grid`` = img_size / patch_size on each side.
     overlap: 1: patches side by side; 2: stride patch/2 (module docstring).
     width: channel scale on the ResNets' scale: 64 gives ``embed_dim`` (the
       published network), 16 a quarter of it (rounded to a multiple of
       ``num_heads``).
     mlp_ratio: MLP hidden width / token width.
+    drop_path_rate: stochastic depth of the last block (timm's
+      ``drop_path_rate``), rising linearly from 0 over the blocks.
+    stem: ``patch`` (timm's patch embedding) or ``conv`` (a convolutional
+      tokenizer of the same stride, ``PatchEmbed``).
     dtype: computation dtype; parameters stay float32, attention weights
       are computed in float32.
   """
@@ -148,16 +171,20 @@ class VisionTransformer(nn.Module):
   embed_dim: int = 384
   depth: int = 12
   num_heads: int = 6
-  pos_grid: Sequence[int] = (14, 14)
+  img_size: int = 224
   overlap: int = 1
   width: int = 64
   mlp_ratio: float = 4.0
+  drop_path_rate: float = 0.0
+  stem: str = "patch"
   dtype: Any = jnp.float32
 
   # Tokens after a LayerNorm take both signs: BR-NPA rectifies them.
   nonnegative_features = False
   # timm's token-pooled ViTs apply the final norm per token, before pooling.
   pooled_norm = False
+  # timm's init of the classifier on top (``Classifier``): std 0.02, zero bias.
+  classifier_init = staticmethod(trunc_normal_init)
   # What a config's ``res`` means for this family.
   resolutions = {"low": {"overlap": 1}, "high": {"overlap": 2}}
 
@@ -171,20 +198,39 @@ class VisionTransformer(nn.Module):
     return self.channels
 
   @property
+  def pos_grid(self) -> tuple[int, int]:
+    """The token grid the position embeddings are stored for."""
+    return (self.img_size // self.patch_size,) * 2
+
+  @property
   def output_stride(self) -> int:
+    """Input pixels per token-grid cell."""
     return self.patch_size // self.overlap
+
+  def feature_grid(self, height: int, width: int) -> tuple[int, int]:
+    """The (h, w) token grid of an input, without tracing: the patch
+    embedding's padding of (patch - stride) / 2 pixels a side gives
+    floor(side / stride) tokens once a side holds a whole patch; a conv
+    stem's padded 3x3 convolutions round each side up."""
+    if self.stem == "conv":
+      return tuple(conv_stem_side(n, self.patch_size, 2 // self.overlap)
+                   for n in (height, width))
+    if min(height, width) < self.patch_size:
+      return 0, 0
+    return height // self.output_stride, width // self.output_stride
 
   @nn.compact
   def __call__(self, x_BxHxWx3, train: bool = False):
-    """Returns the patch tokens (B, H/s, W/s, C), s = ``output_stride``."""
-    del train  # no BatchNorm, no dropout
+    """Returns the patch tokens (B, H/s, W/s, C), s = ``output_stride``;
+    ``train`` turns stochastic depth on and a conv stem's BatchNorm to batch
+    statistics."""
     h, w = x_BxHxWx3.shape[1:3]
-    if min(h, w) < self.patch_size:
+    if min(self.feature_grid(h, w)) < 1:
       raise ValueError(f"Input {h}x{w} is smaller than the ViT's "
                        f"{self.patch_size}-pixel patches; use larger images.")
     c = self.channels
-    x = PatchEmbed(c, self.patch_size, self.overlap, dtype=self.dtype,
-                   name="patch_embed")(x_BxHxWx3.astype(self.dtype))
+    x = PatchEmbed(c, self.patch_size, self.overlap, self.stem, dtype=self.dtype,
+                   name="patch_embed")(x_BxHxWx3.astype(self.dtype), train)
     b, gh, gw, _ = x.shape
     cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, c))
     pos = self.param("pos_embed", trunc_normal_init,
@@ -193,17 +239,17 @@ class VisionTransformer(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, c)).astype(x.dtype),
                          x.reshape(b, gh * gw, c)], axis=1)
     x = x + pos.astype(x.dtype)
-    for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_ratio, dtype=self.dtype,
-                name=f"blocks_{i}")(x)
+    for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
+      x = Block(self.num_heads, self.mlp_ratio, rate, dtype=self.dtype,
+                name=f"blocks_{i}")(x, train)
     x = LayerNorm(dtype=self.dtype, name="norm")(x)
     return x[:, NUM_PREFIX_TOKENS:].reshape(b, gh, gw, c)
 
 
-def _vit(patch_size, embed_dim, depth, num_heads, image_size=224):
+def _vit(patch_size, embed_dim, depth, num_heads, img_size=224):
   return functools.partial(
       VisionTransformer, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-      num_heads=num_heads, pos_grid=(image_size // patch_size,) * 2)
+      num_heads=num_heads, img_size=img_size)
 
 
 # timm's models of these names (DeiT's non-distilled models are ViTs of the
@@ -213,4 +259,4 @@ ViTSmall16 = _vit(16, 384, 12, 6)
 ViTBase16 = _vit(16, 768, 12, 12)
 # Two blocks, 8-pixel patches, position embeddings for 64 px: compiles in
 # seconds, for tests (``runlocal``'s width 8 gives 32-wide tokens, 4 heads).
-ViTTest = _vit(8, 256, 2, 4, image_size=64)
+ViTTest = _vit(8, 256, 2, 4, img_size=64)

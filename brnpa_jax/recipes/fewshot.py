@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from brnpa_jax.config_args import parse_arg
+from brnpa_jax.config_args import Switches, parse_arg
 from brnpa_jax.models import BACKBONES, HEADS, STRIDES
 
 SWITCHES = {
@@ -26,7 +26,7 @@ def fewshot_config(arg: str | None, *, name: str, image_size: int,
                    resize_ratio: float, flip: bool, pretrain_epochs: int,
                    episodic_epochs: int, pretrain_batch: int,
                    extra_switches: dict | None = None
-                   ) -> tuple[ml_collections.ConfigDict, dict]:
+                   ) -> tuple[ml_collections.ConfigDict, Switches]:
   """A few-shot config for dataset ``name``, adjusted by the ``arg`` switches.
 
   Returns:
@@ -88,15 +88,17 @@ def fewshot_config(arg: str | None, *, name: str, image_size: int,
   c.grad_accum_steps = 1
   c.eval_batch_size = 200
   c.num_epochs = a["epochs"] or (episodic_epochs if episodic else pretrain_epochs)
-  # Steps with a non-finite loss or gradient are skipped; more stop the run.
+  # Steps with a non-finite loss, gradient or update are skipped; more stop
+  # the run.
   c.max_nonfinite_steps = 10
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   c.max_to_keep = 2
   c.num_overlays = 8  # ranked maps of one image per novel class, at the end
 
-  if a["runlocal"]:
-    c.model.backbone, c.model.width = "resnet12", 8
+  if a["runlocal"]:  # a smoke test; switches given explicitly stay
+    if "width" not in a.given:
+      c.model.width = 8
     c.data.image_size = a["size"] or 32
     c.fewshot.episodes_per_epoch = 4
     c.fewshot.eval_episodes, c.fewshot.eval_episode_batch = 20, 10

@@ -21,8 +21,10 @@ Every paper config takes these switches (``configs/<file>.py:dataset=cars196``):
   init_from  converted ImageNet weights of the backbone (see below)
   patience   early-stopping patience in epochs (0: off)
   dtype      float32 | bfloat16
-  runlocal   a smoke test: tiny model (resnet_tiny), 2 epochs, 32 px (64 px
-             when a model is at low resolution: a 2x2 map, room for K=3)
+  runlocal   a smoke test: the tiny model of the backbone's family
+             (resnet_tiny), batch 16, 2 epochs, 32 px (64 px when a model is
+             at low resolution: a 2x2 map, room for K=3); switches given
+             explicitly (size, batch, epochs) keep their values
 
 Pretrained weights: ``python -m brnpa_jax.tools.convert_weights --weights IN --out OUT``
 turns a torchvision / timm ResNet checkpoint (``.pth``, ``.safetensors``,
@@ -35,9 +37,10 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from brnpa_jax.config_args import parse_arg
+from brnpa_jax.config_args import Switches, parse_arg
 from brnpa_jax.data.catalog import FINE_GRAINED, fine_grained_data_config
 from brnpa_jax.models import BACKBONES, STRIDES
+from brnpa_jax.models.registry import tiny_preset
 
 EARLY_STOPPING_PATIENCE = 10  # epochs; our choice, the paper does not say
 
@@ -59,13 +62,13 @@ def run_name(dataset: str) -> str:
 
 def parse(arg: str | None, extra: Mapping[str, Any] | None = None,
           extra_choices: Mapping[str, tuple] | None = None,
-          drop: tuple[str, ...] = ()) -> dict[str, Any]:
+          drop: tuple[str, ...] = ()) -> Switches:
   """The common switches (less ``drop``, those a config fixes) plus a
   config's own, parsed from ``arg``."""
   switches = {k: v for k, v in {**SWITCHES, **(extra or {})}.items()
               if k not in drop}
   out = parse_arg(arg, switches, {**CHOICES, **(extra_choices or {})})
-  return {**{k: SWITCHES[k] for k in drop}, **out}
+  return Switches({**{k: SWITCHES[k] for k in drop}, **out}, out.given)
 
 
 def paper_config(a: Mapping[str, Any], *, head: str,
@@ -101,7 +104,8 @@ def paper_config(a: Mapping[str, Any], *, head: str,
   c.eval_batch_size = 48
   c.num_epochs = a["epochs"] or 50
   c.early_stopping_patience = a["patience"]
-  # Steps with a non-finite loss or gradient are skipped; more stop the run.
+  # Steps with a non-finite loss, gradient or update are skipped; more stop
+  # the run.
   c.max_nonfinite_steps = 10
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
@@ -110,17 +114,22 @@ def paper_config(a: Mapping[str, Any], *, head: str,
   return c
 
 
-def finish(c: ml_collections.ConfigDict, a: Mapping[str, Any]
+def finish(c: ml_collections.ConfigDict, a: Switches
            ) -> ml_collections.ConfigDict:
-  """Applies ``runlocal`` (tiny model, 32 or 64 px, 2 epochs) and locks ``c``."""
+  """Applies ``runlocal`` (tiny model, 32 or 64 px, batch 16, 2 epochs) and
+  locks ``c``; a switch given explicitly (``size``, ``batch``, ``epochs``)
+  keeps its value."""
   if a["runlocal"]:
-    c.model.backbone, c.model.width = "resnet_tiny", 8
-    # At output stride 32 (the model's, or a distillation teacher's) 32 px
-    # is one position, and BR-NPA needs K of them.
-    low = c.model.res == "low" or c.task == "distill"
-    c.data.image_size = 64 if low else 32
+    c.model.backbone, c.model.width = tiny_preset(a["backbone"]), 8
+    if "size" not in a.given:
+      # At output stride 32 (the model's, or a distillation teacher's) 32 px
+      # is one position, and BR-NPA needs K of them.
+      low = c.model.res == "low" or c.task == "distill"
+      c.data.image_size = 64 if low else 32
     c.data.shuffle_buffer = 256
-    c.batch_size, c.eval_batch_size = 16, 16
+    if "batch" not in a.given:
+      c.batch_size = 16
+    c.eval_batch_size = 16
     c.num_epochs = a["epochs"] or 2
     c.log_every_steps, c.checkpoint_every_steps, c.num_overlays = 2, 4, 4
   c.lock()

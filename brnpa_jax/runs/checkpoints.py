@@ -30,10 +30,9 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
-from brnpa_jax.runs.workdir import RunError, Workdir
+from brnpa_jax.runs.workdir import DAMAGED_DIR, RunError, Workdir
 
 _log = logging.getLogger(__name__)
-DAMAGED_DIR = "damaged_checkpoints"
 FAULT_ENV = "BRNPA_FAULT"
 
 

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Mapping
 
 import ml_collections
 
+from brnpa_jax.data.image_files import MAX_PIXELS
 from brnpa_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -23,6 +24,7 @@ SUMMARY_FILE = "summary.json"
 CLASS_NAMES_FILE = "class_names.json"
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"
+DAMAGED_DIR = "damaged_checkpoints"
 
 # Fields a run may be resumed with other values of: they change when and
 # where things happen, not what is trained.
@@ -36,6 +38,17 @@ RESUME_SAFE_FIELDS = (
     "mesh.fsdp",               # ...or layout: the state is resharded
     "data.data_dir",           # where the (same) prepared data is found
 )
+# Fields added to the configs after runs were trained without them, with the
+# value that does what the code did before they existed: a stored config
+# that lacks one was trained under that value, so it resumes (and a finished
+# run prints its summary) under a config that has it.
+ADDED_FIELDS = {
+    "model.patch_size": 0,         # 0: the backbone's own patch / stem
+    "model.img_size": 0,           # 0: a ViT's own position-embedding grid
+    "model.drop_path_rate": 0.0,   # no stochastic depth
+    "model.stem": "patch",         # the family's own stem
+    "data.folder.max_pixels": MAX_PIXELS,  # the pixel limit then in force
+}
 _ABSENT = "<absent>"
 
 
@@ -92,6 +105,7 @@ def config_differences(stored: Mapping[str, Any], requested: Mapping[str, Any],
                        ignore=RESUME_SAFE_FIELDS) -> list[tuple[str, Any, Any]]:
   """``(field, stored, requested)`` for each dotted field that differs."""
   a, b = _flatten(config_dict(stored)), _flatten(config_dict(requested))
+  a.update({k: v for k, v in ADDED_FIELDS.items() if k not in a and k in b})
   return [(k, a.get(k, _ABSENT), b.get(k, _ABSENT))
           for k in sorted(a.keys() | b.keys())
           if k not in ignore and a.get(k, _ABSENT) != b.get(k, _ABSENT)]
@@ -148,6 +162,15 @@ class Workdir:
 
   def is_finished(self) -> bool:
     return os.path.isfile(self.summary_file)
+
+  def has_checkpoints(self) -> bool:
+    """True once the run has saved a state (in ``checkpoints/``, ``best/``
+    or, set aside, ``damaged_checkpoints/``): training happened under its
+    config."""
+    steps = lambda d: os.path.isdir(d) and any(
+        n.isdigit() for n in os.listdir(d))
+    return (steps(self.checkpoints_dir) or steps(self.best_dir)
+            or os.path.isdir(self.file(DAMAGED_DIR)))
 
   def check_is_directory(self) -> None:
     """Raises RunError when the path exists but is not a directory."""
@@ -208,7 +231,10 @@ class Workdir:
     """Compares ``config`` with the stored one, if any.
 
     Fields in ``RESUME_SAFE_FIELDS`` may differ. Returns the other
-    differences when ``allow_change`` accepts them (an unfinished run only).
+    differences when they are accepted: a run that has saved no checkpoint
+    holds no training under its config, so a new config replaces it (a
+    start that failed never blocks the corrected command); an unfinished
+    run with checkpoints takes one only with ``allow_change``.
 
     Raises:
       ConfigMismatchError: fields differ and the change is not allowed, or
@@ -219,15 +245,16 @@ class Workdir:
     with open(self.config_file) as f:
       stored = json.load(f)
     differences = config_differences(stored, config)
-    if differences and (self.is_finished() or not allow_change):
-      raise ConfigMismatchError(self.path, differences,
-                                finished=self.is_finished())
+    finished = self.is_finished()
+    if differences and (finished or (self.has_checkpoints()
+                                     and not allow_change)):
+      raise ConfigMismatchError(self.path, differences, finished=finished)
     return differences
 
   def write_config(self, config, changes=()) -> None:
     """Writes ``config.json`` when the run starts, or when ``changes`` (from
-    ``check_config(allow_change=True)``) were accepted: the old config and the
-    changes are then appended to ``config_history.jsonl``."""
+    ``check_config``) were accepted: the old config and the changes are then
+    appended to ``config_history.jsonl``."""
     if self.has_config() and not changes:
       return
     os.makedirs(self.path, exist_ok=True)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from brnpa_jax.config_check import FEWSHOT_PHASES as PHASES
 from brnpa_jax.data import fewshot as data_lib
 from brnpa_jax.data.generators import as_tf_dataset
 from brnpa_jax.data.normalization import denormalize
@@ -38,8 +39,6 @@ from brnpa_jax.tasks.base import RunContext, Task, Visual
 
 from brnpa_jax.tasks.prototypes import (  # noqa: F401  (the task's API)
     METRICS, episode_accuracies, prototype_logits, prototypical_loss)
-
-PHASES = ("pretrain", "episodic")
 
 
 def mean_ci95(values) -> tuple[float, float]:

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-METRICS = ("euclidean", "cosine")
+from brnpa_jax.config_check import FEWSHOT_METRICS as METRICS
+
 _EPS = 1e-12
 
 

@@ -42,37 +42,41 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl import flags  # noqa: E402  pylint: disable=wrong-import-position
-from ml_collections import config_flags  # noqa: E402  pylint: disable=wrong-import-position
 
 from brnpa_jax import cli  # noqa: E402  pylint: disable=wrong-import-position
+from brnpa_jax.config_file import define_config_flag  # noqa: E402  pylint: disable=wrong-import-position
 from brnpa_jax.errors import UserError  # noqa: E402  pylint: disable=wrong-import-position
+from brnpa_jax.models.registry import DTYPES  # noqa: E402  pylint: disable=wrong-import-position
 
 GiB = 1024 ** 3
 
 
 def _define(fv: flags.FlagValues, argv) -> None:
-  config_flags.DEFINE_config_file(
-      "config", None, "Config file, optionally with an arg: "
-      "'configs/default.py:runlocal'; fields with --config.<field>=<value>.",
-      flag_values=fv, lock_config=True, sys_argv=argv)
+  define_config_flag(fv, argv, "Config file, optionally with an arg: "
+                     "'configs/default.py:runlocal'; fields with "
+                     "--config.<field>=<value>.")
   flags.DEFINE_list("topology", None, "TPU topology, e.g. v5e:4x4, v4:2x2x1, "
                       "v5p:2x2x1 or a slice name (v5e-16); comma-separated "
                       "for several.", flag_values=fv)
   flags.DEFINE_list("steps", ["train", "eval", "predict"], "Step kinds to "
                     "compile.", flag_values=fv)
   flags.DEFINE_integer("num_classes", 0, "Classifier size; 0: the dataset's "
-                       "(known for the catalogued datasets).", flag_values=fv)
+                       "(known for the catalogued datasets).", lower_bound=0,
+                       flag_values=fv)
   flags.DEFINE_bool("fit", False, "Search the largest per-device batch that "
                     "fits (train step), per --fit_dtypes.", flag_values=fv)
-  flags.DEFINE_list("fit_dtypes", ["float32", "bfloat16"], "Dtypes for --fit.",
+  flags.DEFINE_list("fit_dtypes", list(DTYPES), "Dtypes for --fit.",
                     flag_values=fv)
+  flags.register_validator(
+      "fit_dtypes", lambda names: set(names) <= set(DTYPES),
+      f"valid dtypes are {', '.join(DTYPES)}.", flag_values=fv)
   flags.DEFINE_integer("fit_step", 4, "Batch granularity of --fit.",
-                       flag_values=fv)
+                       lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("fit_start", 0, "First batch per device --fit tries "
                        "(0: --fit_step); a good guess saves compiles.",
-                       flag_values=fv)
+                       lower_bound=0, flag_values=fv)
   flags.DEFINE_integer("fit_max_compiles", 4, "Compiles per --fit search.",
-                       flag_values=fv)
+                       lower_bound=1, flag_values=fv)
   flags.DEFINE_string("json", None, "Also write the results to this JSON file.",
                       flag_values=fv)
   flags.mark_flags_as_required(["config", "topology"], flag_values=fv)

@@ -84,7 +84,8 @@ def timm_shapes(arch: str, num_classes: int = GOLDEN_CLASSES
   out = {}
   if isinstance(net, ConvNeXt):
     dims = net.channels
-    out["stem.0.weight"], out["stem.0.bias"] = (dims[0], 3, 4, 4), (dims[0],)
+    p = net.patch_size
+    out["stem.0.weight"], out["stem.0.bias"] = (dims[0], 3, p, p), (dims[0],)
     out["stem.1.weight"] = out["stem.1.bias"] = (dims[0],)
     for s, (depth, c) in enumerate(zip(net.depths, dims)):
       p = f"stages.{s}."

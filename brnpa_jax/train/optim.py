@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import optax
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "amsgrad")
-SCHEDULES = ("constant", "step", "cosine")
+from brnpa_jax.config_check import OPTIMIZERS, SCHEDULES
 
 
 def make_schedule(optim_cfg, steps_per_epoch: int, num_epochs: int) -> optax.Schedule:

@@ -14,6 +14,15 @@ from brnpa_jax.train import sharding as shd
 from brnpa_jax.train.state import TrainState, create_state, variables
 
 
+def all_finite(tree) -> jax.Array:
+  """Whether every floating-point value of ``tree`` is finite: a scalar
+  bool, one reduction per leaf, which XLA fuses with the computation that
+  produces the leaf."""
+  flags = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(flags).all() if flags else jnp.bool_(True)
+
+
 def make_train_step(model, tx: optax.GradientTransformation, loss_fn: Callable,
                     *, grad_accum_steps: int = 1, micro_batch_sharding=None):
   """Returns ``train_step(state, batch, rng, context=None) -> (state, metrics)``.
@@ -85,9 +94,13 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_fn: Callable,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
-    # A step whose loss or gradients are not finite is not applied: the state
-    # keeps its values (the batch counts as seen) and the step is reported.
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    # A step whose loss, gradients or new state (parameters, batch statistics,
+    # optimiser state: a finite gradient times a non-finite learning rate, an
+    # overflowing moment) are not finite is not applied: the state keeps its
+    # values (the batch counts as seen) and the step is reported. So no
+    # checkpoint ever holds a non-finite weight.
+    finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+              & all_finite((params, batch_stats, opt_state)))
     keep = lambda new, old: jax.tree.map(
         lambda n, o: jnp.where(finite, n, o), new, old)
     metrics["grad_norm"] = grad_norm

@@ -33,13 +33,13 @@ from brnpa_jax.train import program as program_lib
 from brnpa_jax.train import sharding as shd
 from brnpa_jax.train.writers import create_writer
 
-# Training steps with a non-finite loss or gradient (not applied) that a run
-# tolerates before it stops (config.max_nonfinite_steps).
+# Training steps with a non-finite loss, gradient or update (not applied)
+# that a run tolerates before it stops (config.max_nonfinite_steps).
 MAX_NONFINITE_STEPS = 10
 
 
 class NonFiniteError(FloatingPointError, UserError):
-  """Training kept producing non-finite losses or gradients."""
+  """Training kept producing non-finite losses, gradients or updates."""
 
 
 # Draws a task's end-of-run picture into a PNG path; returns the path
@@ -285,14 +285,15 @@ class Trainer:
     bad = [first + i for i, m in enumerate(metrics) if m["nonfinite"] > 0]
     if bad:
       meta = dict(meta, nonfinite_steps=meta.get("nonfinite_steps", 0) + len(bad))
-      _say("Steps %s had a non-finite loss or gradient and were not applied "
-           "(%d so far).", bad, meta["nonfinite_steps"])
+      _say("Steps %s had a non-finite loss, gradient or update and were not "
+           "applied (%d so far).", bad, meta["nonfinite_steps"])
       limit = self.config.get("max_nonfinite_steps", MAX_NONFINITE_STEPS)
       if meta["nonfinite_steps"] > limit:
         raise NonFiniteError(
             f"{meta['nonfinite_steps']} training steps (last: step {bad[-1]}) "
-            f"had a non-finite loss or gradient, more than max_nonfinite_steps="
-            f"{limit}; lr was {float(self.schedule(bad[-1])):.3g}. Lower "
+            "had a non-finite loss, gradient or update, more than "
+            f"max_nonfinite_steps={limit}; lr was "
+            f"{float(self.schedule(bad[-1])):.3g}. Lower "
             "--config.optim.lr, set --config.optim.grad_clip_norm, or use "
             "dtype=float32; the last checkpoint holds finite weights.")
     finite = [m for m in metrics if not m["nonfinite"]]
@@ -362,7 +363,9 @@ def train_and_evaluate(config, workdir: str, *, draw: DrawFn | None = None,
   summary is printed and returned, and nothing in the workdir changes. A run
   is resumed only under the config it was started with (fields in
   ``runs.RESUME_SAFE_FIELDS`` aside); ``allow_config_change`` resumes an
-  unfinished run under a changed config and records the change.
+  unfinished run under a changed config and records the change. A workdir
+  whose run saved no checkpoint (a start that failed) takes the new config,
+  recorded the same way.
 
   Args:
     config: the run's config.
@@ -392,8 +395,10 @@ def train_and_evaluate(config, workdir: str, *, draw: DrawFn | None = None,
         wd.write_config(config, changes)
         wd.write_class_names(trainer.task.class_names())
       if changes:
-        _say("Resuming %s under a changed config (%s); recorded in "
-             "config_history.jsonl.", wd.path, ", ".join(c[0] for c in changes))
+        _say("%s %s under a changed config (%s); recorded in "
+             "config_history.jsonl.",
+             "Resuming" if wd.has_checkpoints() else "Starting", wd.path,
+             ", ".join(c[0] for c in changes))
       return trainer.train()
   finally:
     trainer.close()
