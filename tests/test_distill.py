@@ -73,14 +73,14 @@ def test_missing_teacher_is_an_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory, tfds_dir):
-  """A low-resolution run with no learning (lr 0) and patience 1: it stops
-  after 2 of its 4 epochs. Its best checkpoint is the teacher below."""
+  """A low-resolution run that cannot change (lr 0, BatchNorm frozen), so
+  every epoch's validation ties with the first; patience 1 stops it after 2
+  of its 4 epochs. Its best checkpoint is the teacher below."""
   data_dir = tfds_dir
   workdir = tmp_path_factory.mktemp("teacher")
   cfg = tiny_config(data_dir, "runlocal,res=low,epochs=4", num_overlays=0,
-                    early_stopping_patience=1, **{"optim.lr": 0.0})
-  # threefry keys: the early-stopping check below needs an initialisation
-  # whose first epoch stays best while BatchNorm's statistics still move.
+                    early_stopping_patience=1,
+                    **{"optim.lr": 0.0, "model.freeze_bn": True})
   summary = train_and_evaluate(cfg, str(workdir))
   return data_dir, workdir, summary
 
@@ -102,11 +102,16 @@ def test_teacher_is_checked_against_the_student(teacher_run):
 
 @pytest.mark.slow
 def test_early_stopping_after_patience_epochs(teacher_run):
-  """With no learning the first epoch stays best; patience 1 stops after 2."""
+  """Every epoch ties (a tie is no improvement), so the first stays best and
+  patience 1 stops the run after epoch 2, before epochs 3 and 4."""
   _, workdir, summary = teacher_run
   rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
-  assert len([r for r in rows if "val_accuracy" in r]) == 2
-  assert summary["best_step"] == 8  # 256 examples / batch 32: end of epoch 1
+  val = [r for r in rows if "val_accuracy" in r]
+  assert [r["step"] for r in val] == [8, 16]  # 256 examples / batch 32
+  assert {k: v for k, v in val[0].items() if k != "step"} == {
+      k: v for k, v in val[1].items() if k != "step"}  # a tie, exactly
+  assert max(r.get("step", 0) for r in rows) == 16  # epochs 3 and 4: not run
+  assert summary["best_step"] == 8
 
 
 @pytest.mark.slow

@@ -1,9 +1,12 @@
-"""Links into the docs resolve: code and docs cite ``docs/<page>.md#<heading>``."""
+"""Links into the docs resolve (code and docs cite ``docs/<page>.md#<heading>``),
+and the method page names the operator's differentiation rule."""
 
 import os
 import re
 
-import pytest
+import jax
+
+from brnpa_jax.attention import brnpa as brnpa_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
@@ -43,10 +46,35 @@ def _source_files():
 
 
 def test_anchor_slugs():
+  """The two pages every other one links to, and GitHub's slugs of them."""
   got = anchors(os.path.join(DOCS, "method.md"))
   assert {"the-operator", "degenerate-inputs", "release-protocol",
           "gap-the-plain-cnn"} <= got
   assert "gap: the plain cnn" not in got
+  assert "the-operator" in anchors(os.path.join(DOCS, "differences.md"))
+
+
+def _section(path, heading):
+  """The text under a Markdown heading, up to the next heading."""
+  text = open(path, encoding="utf-8").read()
+  start = re.search(rf"^#+ {re.escape(heading)}\n", text, re.M)
+  assert start, f"{path}: no heading {heading!r}"
+  end = re.search(r"^#+ ", text[start.end():], re.M)
+  return text[start.end():start.end() + end.start() if end else None]
+
+
+def test_method_docs_name_the_operators_differentiation_rule():
+  """docs/method.md#gradients names the rule the operator's core is
+  decorated with (read from the code), and its function, not the other."""
+  rule = brnpa_module._brnpa_flat
+  if isinstance(rule, jax.custom_jvp):
+    kind, other, fn, mode = "custom JVP", "custom VJP", rule.jvp, "forward mode"
+  else:
+    assert isinstance(rule, jax.custom_vjp), type(rule)
+    kind, other, fn, mode = "custom VJP", "custom JVP", rule.bwd, "reverse mode"
+  text = " ".join(_section(os.path.join(DOCS, "method.md"), "Gradients").split())
+  assert kind in text and f"`{fn.__name__}`" in text and mode in text, text
+  assert other not in text, text
 
 
 def _target(path, page):
@@ -83,8 +111,3 @@ def test_cited_doc_headings_exist():
         if frag not in cache[target]:
           broken.append(f"{where}: {page}#{frag}: no such heading")
   assert not broken, "\n".join(broken)
-
-
-@pytest.mark.parametrize("page", ["method.md", "differences.md"])
-def test_pages_exist(page):
-  assert os.path.exists(os.path.join(DOCS, page))

@@ -1,5 +1,6 @@
 """Post-hoc explainers: analytic cases, completeness, shapes and ranges."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -94,6 +95,82 @@ def test_ablation_cam_on_linear_head_weights_are_logit_drops(gap):
                              atol=1e-4)
 
 
+def test_grad_cam_pp_on_linear_head_is_its_closed_form(gap):
+  """GAP + linear head: d logit_y / d A_c(i, j) = g_c = W[c, y] / (h w) at
+  every position. Then alpha_c = g^2 / (2 g^2 + sum_ij(A_c) g^3)
+  = 1 / (2 + W[c, y] mean(A_c)) where g > 0 (0 where g = 0), and
+  w_c = sum_ij alpha_c ReLU(g_c) = ReLU(W[c, y]) / (2 + W[c, y] mean(A_c))."""
+  model, variables, images = gap
+  kernel_CxN = variables["params"]["classifier"]["kernel"]
+  feats = model.apply(variables, images, method=Classifier.features)
+  labels = jnp.array([1, 3])
+  w = kernel_CxN[:, labels].T  # (B, C)
+  weights = jnp.where(w > 0, w / (2 + w * feats.mean(axis=(1, 2))), 0.0)
+  got = ex.explain("gradcampp", model, variables, images, labels)
+  np.testing.assert_allclose(got, _linear_cam(model, variables, images, weights),
+                             atol=1e-5)
+
+
+class _Pixels(nn.Module):
+  """A backbone whose features are the ReLU of the image itself (C = 3, at
+  the input resolution): every perturbation's effect is then analytic."""
+  nonnegative_features = True
+
+  def __call__(self, images, train=False):
+    del train
+    return jax.nn.relu(images)
+
+
+@pytest.fixture(scope="module")
+def pixels():
+  """The pixel backbone + GAP + linear head on images with |x| >= 1."""
+  model = Classifier(backbone=_Pixels(), head=GAPHead(), num_classes=NUM_CLASSES)
+  rng = np.random.default_rng(2)
+  images = (rng.choice([-1.0, 1.0], (B, H, W, 3)) * rng.uniform(1, 2, (B, H, W, 3))
+            ).astype(np.float32)
+  variables = model.init(jax.random.key(0), images)
+  return model, variables, jnp.asarray(images), jnp.array([2, 0])
+
+
+def test_score_cam_on_the_pixel_model_is_its_closed_form(pixels):
+  """Features A_c = ReLU(x_c) at the input size, so mask c is
+  M_c = (A_c - min A_c) / (max A_c - min A_c) >= 0 and the masked image's
+  features are ReLU(x_c' M_c) = A_c' M_c: its logit is
+  s_c = sum_c' W[c', y] mean(A_c' M_c) + b_y, and the CAM is
+  ReLU(sum_c softmax(s)_c A_c)."""
+  model, variables, images, labels = pixels
+  kernel, bias = (np.asarray(variables["params"]["classifier"][k], np.float64)
+                  for k in ("kernel", "bias"))
+  a = np.maximum(np.asarray(images, np.float64), 0)  # (B, H, W, C)
+  lo, hi = a.min(axis=(1, 2), keepdims=True), a.max(axis=(1, 2), keepdims=True)
+  masks = (a - lo) / (hi - lo)
+  # s[b, c] = sum_c' W[c', y_b] mean_ij(A[b, :, :, c'] M[b, :, :, c]) + b_y.
+  s = np.einsum("bijd,bijc,db->bc", a, masks, kernel[:, labels]) / (H * W)
+  s += bias[labels][:, None]
+  weights = np.exp(s - s.max(1, keepdims=True))
+  weights /= weights.sum(1, keepdims=True)
+  want = _minmax(np.einsum("bijc,bc->bij", a, weights))
+  got = ex.explain("scorecam", model, variables, images, labels, chunk=2)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("magnitude,power", [("abs", 1), ("square", 2)])
+def test_smoothgrad_on_the_pixel_model_is_its_closed_form(pixels, magnitude,
+                                                          power):
+  """d logit_y / d x_c(i, j) = W[c, y] / (H W) where x_c(i, j) > 0, else 0.
+  Noise of 1% of the image's range (at most 0.04) cannot flip a sign where
+  |x| >= 1, so every noisy copy has that gradient: the map is
+  sum_c |W[c, y]|^power [x_c > 0], up to the (H W)^power the min-max scaling
+  removes."""
+  model, variables, images, labels = pixels
+  kernel = np.asarray(variables["params"]["classifier"]["kernel"], np.float64)
+  want = _minmax(np.einsum("bijc,bc->bij", (np.asarray(images) > 0),
+                           np.abs(kernel[:, labels].T) ** power))
+  got = ex.explain("smoothgrad", model, variables, images, labels, sigma=0.01,
+                   magnitude=magnitude, num_samples=4, chunk=2)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_integrated_gradients_completeness(gap):
   model, variables, images = gap
   labels = jnp.array([2, 0])
@@ -110,6 +187,8 @@ def test_integrated_gradients_completeness(gap):
 
 @pytest.mark.parametrize("method", sorted(set(ex.EXPLAINERS) - {"rollout"}))
 def test_every_method_shape_range_and_constant_input(gap, method):
+  """Every method on a real backbone (the analytic cases above use the
+  linear head and the pixel model)."""
   model, variables, images = gap
   opts = FAST.get(method, {})
   maps = np.asarray(ex.explain(method, model, variables, images, **opts))

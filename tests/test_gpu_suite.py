@@ -4,6 +4,7 @@ the CPU, PyTorch jobs too where torch is installed) and its planning."""
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from benchmarks import gpu_suite, suite_jax, suite_plan, train_step
+from brnpa_jax.models import weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
@@ -111,14 +113,38 @@ def test_random_state_is_an_initialisation():
   assert np.all(np.asarray(state["params"]["classifier"]["bias"]) == 0)
 
 
-def test_torch_model_has_our_parameters():
+def _torchvision_key(key: str) -> str:
+  """The PyTorch peer's key in torchvision's layout, which our loader reads:
+  ``backbone.layers.0.1.conv2.weight`` -> ``layer1.1.conv2.weight``."""
+  key = re.sub(r"^backbone\.layers\.(\d+)\.",
+               lambda m: f"layer{int(m.group(1)) + 1}.", key)
+  return key.removeprefix("backbone.")
+
+
+def test_torch_model_is_our_model():
+  """The benchmarks' PyTorch peer, per head: its state dict loads strictly
+  into ours (every tensor's name and shape, nothing missing or left over)
+  and, on those weights (BatchNorm statistics randomised), gives our logits."""
   torch_models = pytest.importorskip("benchmarks.torch_models")
+  torch = torch_models.torch
+  torch.manual_seed(0)
+  images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
   for head in ("brnpa", "gap"):
+    theirs = torch_models.build_classifier(head, (1, 2, 1, 1), 5,
+                                           stage_sizes=(1, 1, 1, 1), width=4)
+    with torch.no_grad():
+      for m in theirs.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+          for t in (m.weight, m.bias, m.running_mean):
+            t.uniform_(-0.5, 0.5)
+          m.running_var.uniform_(0.5, 2.0)
+      want = theirs.eval()(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
     ours = train_step.build(head, "high", stage_sizes=(1, 1, 1, 1), width=4,
                             num_classes=5)
     shapes = jax.eval_shape(lambda r, m=ours: m.init(r, jax.numpy.zeros((1, 32, 32, 3))),
                             jax.random.key(0))
-    n_ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
-    theirs = torch_models.build_classifier(head, (1, 2, 1, 1), 5,
-                                           stage_sizes=(1, 1, 1, 1), width=4)
-    assert n_ours == sum(p.numel() for p in theirs.parameters())
+    sd = {_torchvision_key(k): v.numpy() for k, v in theirs.state_dict().items()}
+    variables = weights.load_pretrained(shapes, weights.torch_to_flat(sd))
+    got = jax.jit(ours.apply)(variables, images)[0]
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4,
+                               err_msg=head)

@@ -1,13 +1,15 @@
-"""Metrics on constructed cases whose answers are worked out by hand."""
+"""Metrics, and RISE on the same toy model, on constructed cases whose answers
+are worked out by hand."""
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from brnpa_jax.errors import ConfigError
-from brnpa_jax.explain import evaluate, metrics
+from brnpa_jax.explain import evaluate, explainers, metrics
 
 # An 8x8 image seen as a 4x4 feature map (2x2-pixel cells). The toy model
 # only looks at four scattered cells R: the probability of class 0 is
@@ -107,6 +109,35 @@ def test_curves_compile_once_per_shape(case):
   for _ in range(2):  # 16 steps x 2 images = 8 chunks per call, all alike
     curves.release(case["variables"], case["images"], case["saliency"],
                    modes=("deletion",))
+
+
+class _ToyClassifier:
+  """``toy_apply`` as the explainers call a classifier: apply -> (logits, aux)."""
+  num_classes = 2
+
+  def apply(self, variables, images_BxHxWx3):
+    return toy_apply(variables, images_BxHxWx3), {}
+
+
+def test_rise_on_the_toy_model_is_its_weighted_mask_sum(case):
+  """RISE's saliency is sum_i P(class 0 | x * M_i) M_i / (N p). The image is
+  1 on R and 0 elsewhere, so x * M_i is lit (> 0.5) exactly where R meets
+  M_i > 0.5: P = 0.05 + 0.9 * (share of R's pixels with M_i > 0.5). The map
+  then weighs R above the rest of the image."""
+  num_masks, cells, keep = 64, 4, 0.5
+  rng = jax.random.key(5)
+  got = np.asarray(explainers.explain(
+      "rise", _ToyClassifier(), case["variables"], case["images"],
+      np.zeros(2, np.int32), rng=rng, num_masks=num_masks, cells=cells,
+      keep=keep, chunk=16))
+  masks = np.asarray(explainers.rise_masks(rng, jnp.arange(num_masks), (8, 8),
+                                           cells, keep), np.float64)
+  region = case["pixels"] > 0
+  probs = 0.05 + 0.9 * (masks[:, region] > 0.5).mean(1)
+  sal = np.einsum("n,nhw->hw", probs, masks) / (num_masks * keep)
+  want = (sal - sal.min()) / (sal.max() - sal.min())
+  np.testing.assert_allclose(got, np.stack([want, want]), atol=1e-5)
+  assert want[region].mean() > want[~region].mean() + 0.1
 
 
 def test_substrates():

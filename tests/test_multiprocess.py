@@ -78,8 +78,9 @@ def test_two_processes_equal_one_process(tmp_path_factory, tfds_dir):
 
 def test_a_killed_process_ends_the_other_within_the_heartbeat_timeout(
     tmp_path, tfds_dir):
-  """SIGKILL on process 1 mid-training: process 0 does not hang on its next
-  collective but exits with the distributed runtime's error."""
+  """SIGKILL on process 1 once a training step's checkpoint is committed:
+  process 0 does not hang on its next collective but exits with the
+  distributed runtime's error."""
   cfg = tiny_config(tfds_dir, **OVERRIDES)
   input_pipeline.get_builder(cfg.data)
   workdir = tmp_path / "run"
@@ -88,17 +89,23 @@ def test_a_killed_process_ends_the_other_within_the_heartbeat_timeout(
   cmd = [sys.executable, "train.py", "--config",
          "configs/default.py:runlocal,head=gap,epochs=50",
          f"--config.data.data_dir={tfds_dir}", "--config.data.process_split=slice",
-         f"--workdir={workdir}", "--multiprocess",
-         f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2",
-         "--heartbeat_timeout_seconds=10"]
+         "--config.checkpoint_every_steps=1", f"--workdir={workdir}",
+         "--multiprocess", f"--coordinator_address=localhost:{_free_port()}",
+         "--num_processes=2", "--heartbeat_timeout_seconds=10"]
   procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True) for i in range(2)]
+  # checkpoints/ exists before the first step; a committed step (one per
+  # step here, of 400) means training is under way. The run's program is its
+  # own (not the test above's): loaded from the persistent compilation cache,
+  # a multi-process CPU program stalled in its collectives (jax 0.10.2).
+  ckpts = workdir / "checkpoints"
   deadline = time.time() + 400
-  while time.time() < deadline and not (workdir / "checkpoints").is_dir():
+  while not (ckpts.is_dir() and any(n.isdigit() for n in os.listdir(ckpts))):
     assert procs[0].poll() is None, procs[0].communicate()[0]
-    time.sleep(0.2)
-  time.sleep(1.0)  # mid-step
+    assert time.time() < deadline, "no training step checkpointed in 400 s"
+    time.sleep(0.05)
+  assert procs[1].poll() is None
   procs[1].kill()
   killed = time.time()
   out = procs[0].communicate(timeout=120)[0]

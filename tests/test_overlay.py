@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from brnpa_jax.explain import plots
+from brnpa_jax.explain import overlay, plots
 from brnpa_jax.explain.overlay import (RANK_COLOURS, heat_overlay, norm_shares,
                                        rank_overlay, save_overlay_grid,
                                        weighted_maps)
@@ -28,16 +28,6 @@ def test_overlay_paints_each_rank_in_its_colour():
   np.testing.assert_allclose(out[0, 0] / 255, RANK_COLOURS[0], atol=0.02)
   np.testing.assert_allclose(out[15, 15] / 255, RANK_COLOURS[1], atol=0.02)
   assert abs(int(out[8, 2, 0]) - 128) < 40  # far from both maps: mostly image
-
-
-def test_grid_png(tmp_path):
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
-  maps = rng.random((2, 3, 4, 4)).astype(np.float32)
-  path = save_overlay_grid(str(tmp_path / "sub" / "grid.png"), images, maps,
-                           rng.random((2, 4, 4)), ["a", "b"])
-  with Image.open(path) as im:
-    assert im.size[0] > im.size[1] > 100  # two rows of five panels
 
 
 def _png_size(path):
@@ -69,12 +59,29 @@ def test_heat_overlay_resizes_and_colours():
   assert out[15, 23, 2] > 100 and out[15, 23, 0] < 50  # cold is blue
 
 
-def test_grid_png_has_figure_size_and_rank_legend(tmp_path):
+def test_grid_png_has_figure_size_and_rank_legend(tmp_path, monkeypatch):
+  """Two rows of image, all ranks, then each rank; the all-ranks panel's
+  legend gives each rank's colour and share of the norm."""
+  figures = []
+  save = overlay.save_figure
+  monkeypatch.setattr(overlay, "save_figure",
+                      lambda fig, path: figures.append(fig) or save(fig, path))
   rng = np.random.default_rng(0)
   images = rng.integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
-  path = save_overlay_grid(str(tmp_path / "g.png"), images,
-                           rng.random((2, 3, 4, 4)), rng.random((2, 4, 4)))
+  maps, norms = rng.random((2, 3, 4, 4)), rng.random((2, 4, 4))
+  path = save_overlay_grid(str(tmp_path / "sub" / "g.png"), images, maps, norms,
+                           ["a", "b"])
   assert _png_size(path) == (round(1.9 * 5 * 110), round((1.9 * 2 + 0.3) * 110))
+  axes = np.reshape(figures[0].axes, (2, 5))
+  for i, title in enumerate(["a", "b"]):
+    shares = norm_shares(maps[i], norms[i])
+    assert axes[i, 0].get_title() == title
+    legend = axes[i, 1].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == [
+        f"{r + 1}: {s:.0%}" for r, s in enumerate(shares)]
+    for r, patch in enumerate(legend.get_patches()):
+      np.testing.assert_allclose(patch.get_facecolor()[:3], RANK_COLOURS[r])
+      assert axes[i, r + 2].get_title() == f"rank {r + 1} ({shares[r]:.0%})"
 
 
 def test_method_grid_and_curves_png(tmp_path):

@@ -139,6 +139,25 @@ def test_folder_predictions_files_and_batch_invariance(predictions, image_folder
   assert np.all(images[NUM_IMAGES:] == 0)  # padding
 
 
+def test_predictions_are_the_models_softmax(saved_run, predictions, image_folder):
+  """Independently of make_infer_fn, which predict and export share: the
+  saved model applied to the preprocessed images, softmax of its logits."""
+  _, config, state = saved_run
+  p3, _, _, _ = predictions
+  names, images, _ = next(predict.folder_batches(image_folder, SIZE, 0.875, 8))
+  assert names == p3.files
+  model = build_model(config.model, 10, config.dtype)
+  logits, aux = jax.jit(lambda x: model.apply(
+      {"params": state.params, "batch_stats": state.batch_stats}, x,
+      train=False))(images)
+  np.testing.assert_allclose(p3.outputs["probs"],
+                             jax.nn.softmax(logits[:NUM_IMAGES]), atol=1e-6)
+  np.testing.assert_allclose(p3.outputs["maps"], aux["maps"][:NUM_IMAGES],
+                             atol=1e-6)
+  np.testing.assert_allclose(p3.outputs["norms"], aux["norms"][:NUM_IMAGES],
+                             rtol=1e-6)
+
+
 def test_overlays_are_pngs(predictions):
   _, out3, p8, out8 = predictions
   assert not os.path.exists(os.path.join(out3, "overlays"))

@@ -141,9 +141,26 @@ def test_grad_accumulation_equals_large_batch():
 
 
 def test_grad_accumulation_with_batchnorm_runs_per_micro_batch():
-  mesh = shd.make_mesh(8)
-  state, losses, _ = _train(mesh, _model(), num_steps=2, grad_accum_steps=2)
-  assert all(np.isfinite(losses)) and int(state.step) == 2
+  """BatchNorm in training mode with 2 micro-batches (example i in
+  micro-batch i % 2): after one step the running statistics are those of
+  two direct BatchNorm updates from the initial state, micro-batch 0 then 1
+  (not one update on the whole batch)."""
+  model = _model()
+  steps = jit_steps(model, optax.sgd(0.05, momentum=0.9), shd.make_mesh(8),
+                    (1, SIZE, SIZE, 3), grad_accum_steps=2, **CLASSIFY)
+  state = steps.init(jax.random.key(0))
+  params, want = jax.device_get((state.params, state.batch_stats))
+  update = jax.jit(lambda stats, images: model.apply(
+      {"params": params, "batch_stats": stats}, images, train=True,
+      mutable=["batch_stats"])[1]["batch_stats"])
+  batch = _batch(0)
+  for m in range(2):
+    want = update(want, batch["image"][m::2])
+  state, metrics = steps.train(state, shd.to_global(batch, steps.data_sharding),
+                               jax.random.key(1))
+  assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1
+  for got, ref in zip(jax.tree.leaves(state.batch_stats), jax.tree.leaves(want)):
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_bfloat16_training_loss_finite_and_decreasing():

@@ -2,14 +2,15 @@
 initialisation.
 
 The golden outputs in tests/golden come from timm's models run on the same
-random weights (``python -m brnpa_jax.tools.timm_golden``) and timm's own
-initialisation statistics (``python -m brnpa_jax.tools.timm_init_golden``),
-so this test needs neither PyTorch nor timm; the ``.pth`` case is skipped
-without torch.
+random weights (``python -m brnpa_jax.tools.timm_golden``), timm's own
+initialisation statistics (``python -m brnpa_jax.tools.timm_init_golden``)
+and a ``.pth`` file PyTorch wrote, so this test needs neither PyTorch nor
+timm.
 """
 
 import json
 import os
+import sys
 
 import jax
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 from flax import traverse_util
 
 from brnpa_jax.models import timm_names, weights
-from brnpa_jax.tools import convert_weights, timm_init_golden
+from brnpa_jax.tools import convert_weights, pth_golden, timm_init_golden
 from brnpa_jax.tools.timm_golden import (CASES, TIMM_NAMES, golden_input,
                                          grid_step, random_state_dict,
                                          timm_shapes)
@@ -129,12 +130,18 @@ def test_convert_recognises_timm_checkpoints(tmp_path, arch, capsys):
   assert loaded["params"]["classifier"]["kernel"].shape[-1] == 5
 
 
-def test_pth_of_timm_layout(tmp_path):
-  torch = pytest.importorskip("torch")
-  sd = random_state_dict("vit_test", num_classes=10)
-  torch.save({"state_dict_ema": {k: torch.from_numpy(v) for k, v in sd.items()}},
-             tmp_path / "vit.pth")
-  got = weights.read_checkpoint(str(tmp_path / "vit.pth"))
+def test_pth_of_timm_layout(monkeypatch):
+  """A timm checkpoint (state_dict_ema) as PyTorch wrote it, read with
+  PyTorch unimportable: tests/golden/vit_test_ema.pth, each tensor one value
+  broadcast (stride 0), in float32, float16, bfloat16 and float64 in turn."""
+  monkeypatch.setitem(sys.modules, "torch", None)
+  got = weights.read_checkpoint(os.path.join(GOLDEN, "vit_test_ema.pth"))
+  want = weights.torch_to_flat({
+      k: np.full(shape, pth_golden.vit_value(i)[0], np.float32)
+      for i, (k, shape) in enumerate(pth_golden.vit_shapes().items())})
+  assert sorted(got) == sorted(want)
+  for k, v in want.items():
+    np.testing.assert_array_equal(got[k], v, err_msg=k)
   assert got["params/backbone/patch_embed/proj/kernel"].shape == (8, 8, 3, 256)
   assert convert_weights.infer_arch(got) == "vit_test"
 

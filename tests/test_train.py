@@ -24,7 +24,8 @@ def test_run_writes_checkpoints_metrics_overlays(finished_run):
   rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
   train_rows = [r for r in rows if "train_loss" in r]
   val_rows = [r for r in rows if "val_accuracy" in r]
-  assert len(val_rows) == 2  # one per epoch
+  assert [r["step"] for r in val_rows] == [8, 16]  # one per epoch
+  assert [r["step"] for r in train_rows] == [4, 8, 12, 16]  # every 4 steps
   assert all(np.isfinite(r["train_loss"]) for r in train_rows)
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
   assert os.path.getsize(summary["overlays"]) > 1000
@@ -87,7 +88,9 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tfds_dir, tmp_path
     assert "test_accuracy" in summary
     rows = [json.loads(l) for l in open(tmp_path / "tolerated" / "metrics.jsonl")]
     assert sum(r.get("train_nonfinite", 0) for r in rows) == 4
-    assert all(np.isfinite(r["train_loss"]) for r in rows if "train_loss" in r)
+    train_rows = [r for r in rows if "train_loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(2, 17, 2))
+    assert all(np.isfinite(r["train_loss"]) for r in train_rows)
     out = capsys.readouterr().out
     assert "Steps [3] had a non-finite loss" in out
     assert "Steps [14] had a non-finite loss" in out
@@ -103,11 +106,15 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tfds_dir, tmp_path
 
 
 def _check_finished(workdir, summary, model):
+  """One epoch of 8 steps, logged every 4: returns the training rows."""
   assert summary["model"].startswith(model), summary["model"]
   rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
-  assert all(np.isfinite(r["train_loss"]) for r in rows if "train_loss" in r)
+  train_rows = [r for r in rows if "train_loss" in r]
+  assert [r["step"] for r in train_rows] == [4, 8]
+  assert all(np.isfinite(r["train_loss"]) for r in train_rows)
   assert 0.0 <= summary["test_accuracy"] <= 1.0
   assert os.listdir(workdir / "best")
+  return train_rows
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +151,5 @@ def test_vit_trains_and_distils_into_a_high_res_student(tmp_path, tfds_dir,
   cfg.lock()
   with jax.default_prng_impl(FAST_PRNG):
     summary = train_and_evaluate(cfg, str(tmp_path))
-  _check_finished(tmp_path, summary, "vit_test brnpa res=high")
-  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-  assert all(r["train_kl"] >= 0 for r in rows if "train_kl" in r)
+  rows = _check_finished(tmp_path, summary, "vit_test brnpa res=high")
+  assert all(r["train_kl"] >= 0 for r in rows)  # every training row distils

@@ -1,19 +1,23 @@
 """Pretrained weights: torchvision equivalence, file formats, strictness, init_from.
 
 The golden outputs in tests/golden come from the real torchvision models run on
-the same random weights (``python -m brnpa_jax.tools.weights_golden``), so this
-test needs no PyTorch; the ``.pth`` cases are skipped without it.
+the same random weights (``python -m brnpa_jax.tools.weights_golden``), and the
+``.pth`` golden was written by PyTorch, so this test needs no PyTorch; only the
+round trip through the installed PyTorch is skipped without it.
 """
 
 import os
+import pickle
+import sys
+import zipfile
 
 import jax
 import numpy as np
 import pytest
 from flax import traverse_util
 
-from brnpa_jax.models import weights
-from brnpa_jax.tools import convert_weights
+from brnpa_jax.models import torch_pickle, weights
+from brnpa_jax.tools import convert_weights, pth_golden
 from brnpa_jax.tools.weights_golden import (GOLDEN_ARCHS, golden_input,
                                             random_state_dict)
 from brnpa_jax.runs import abstract_like
@@ -72,25 +76,45 @@ def test_file_formats_round_trip(tmp_path, tiny_sd, capsys):
   _assert_same(weights.read_checkpoint(str(tmp_path / "ours.npz")), ref)
 
 
-def test_pth_round_trip(tmp_path, tiny_sd):
-  torch = pytest.importorskip("torch")
-  tensors = {k: torch.from_numpy(v) for k, v in tiny_sd.items()}
-  torch.save(tensors, tmp_path / "plain.pth")
-  # A training checkpoint: wrapped, with DataParallel's prefix.
-  torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in
-                                         tensors.items()}}, tmp_path / "wrapped.pt")
-  ref = weights.torch_to_flat(tiny_sd)
-  _assert_same(weights.read_checkpoint(str(tmp_path / "plain.pth")), ref)
-  _assert_same(weights.read_checkpoint(str(tmp_path / "wrapped.pt")), ref)
-  convert_weights.convert(str(tmp_path / "plain.pth"), str(tmp_path / "o.npz"))
+def test_pth_written_by_pytorch_reads_without_it(tmp_path, monkeypatch):
+  """tests/golden/resnet_tiny.pth, a training checkpoint PyTorch wrote
+  (wrapped, DataParallel's prefix, permuted views, a shared storage, a
+  Parameter; ``python -m brnpa_jax.tools.pth_golden``), read and converted
+  with PyTorch unimportable."""
+  monkeypatch.setitem(sys.modules, "torch", None)
+  path = os.path.join(GOLDEN, "resnet_tiny.pth")
+  ref = weights.torch_to_flat(pth_golden.resnet_state_dict())
+  _assert_same(weights.read_checkpoint(path), ref)
+  convert_weights.convert(path, str(tmp_path / "o.npz"))
   _assert_same(weights.read_checkpoint(str(tmp_path / "o.npz")), ref)
 
 
-def test_pth_without_torch_is_clear_error(tmp_path, monkeypatch):
-  (tmp_path / "w.pth").write_bytes(b"")
-  monkeypatch.setitem(__import__("sys").modules, "torch", None)
-  with pytest.raises(ImportError, match="needs PyTorch.*convert_weights"):
+def test_pth_round_trip(tmp_path, tiny_sd):
+  """The installed PyTorch's own files, in both of its formats."""
+  torch = pytest.importorskip("torch")
+  tensors = {k: torch.from_numpy(v) for k, v in tiny_sd.items()}
+  torch.save(tensors, tmp_path / "plain.pth")
+  torch.save({"model": tensors}, tmp_path / "legacy.pt",
+             _use_new_zipfile_serialization=False)
+  ref = weights.torch_to_flat(tiny_sd)
+  _assert_same(weights.read_checkpoint(str(tmp_path / "plain.pth")), ref)
+  _assert_same(weights.read_checkpoint(str(tmp_path / "legacy.pt")), ref)
+
+
+def test_pth_errors_are_clear(tmp_path, monkeypatch):
+  """Only the legacy format needs PyTorch; a file of neither format and a
+  pickle that names anything but tensors are refused."""
+  (tmp_path / "legacy.pth").write_bytes(torch_pickle._LEGACY_MAGIC + b"...")
+  monkeypatch.setitem(sys.modules, "torch", None)
+  with pytest.raises(ImportError, match="legacy.*needs PyTorch.*convert_weights"):
+    weights.read_checkpoint(str(tmp_path / "legacy.pth"))
+  (tmp_path / "w.pth").write_bytes(b"not a checkpoint")
+  with pytest.raises(ValueError, match="not a PyTorch file"):
     weights.read_checkpoint(str(tmp_path / "w.pth"))
+  with zipfile.ZipFile(tmp_path / "code.pth", "w") as z:
+    z.writestr("code/data.pkl", pickle.dumps({"w": eval}))
+  with pytest.raises(ValueError, match=r"builtins.eval is not allowed"):
+    weights.read_checkpoint(str(tmp_path / "code.pth"))
 
 
 def test_bad_paths_are_clear_errors(tmp_path):

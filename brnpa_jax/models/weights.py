@@ -13,8 +13,9 @@ renamed by ``models/timm_names.py`` (``stages.1.blocks.0.conv_dw.weight`` ->
 result against a model's variables and refuses any missing, unexpected or
 mis-shaped key, listing all of them.
 
-Files: ``.safetensors`` and ``.npz`` are read without PyTorch; ``.pth``,
-``.pt`` and ``.bin`` need it. A ``.npz`` written by
+Files: ``.safetensors``, ``.npz`` and PyTorch's ``.pth``, ``.pt`` and ``.bin``
+are read without PyTorch (``models/torch_pickle.py``; only PyTorch's legacy
+pre-1.6 format needs it). A ``.npz`` written by
 ``python -m brnpa_jax.tools.convert_weights`` already holds our names.
 Strides, ViT patch overlap and the input size are not weights, so one
 checkpoint loads into every resolution of its backbone.
@@ -31,7 +32,7 @@ import numpy as np
 from flax import traverse_util
 
 from brnpa_jax.errors import BadInputError, InputNotFoundError
-from brnpa_jax.models import timm_names
+from brnpa_jax.models import timm_names, torch_pickle
 
 # Top-level modules a checkpoint supplies besides the classifier: the
 # backbone and ConvNeXt's norm of the pooled vector.
@@ -123,15 +124,7 @@ def _is_ours(keys) -> bool:
 
 
 def _read_torch(path: str) -> dict[str, np.ndarray]:
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(
-        f"Reading {path} needs PyTorch (pip install torch). Without it, convert "
-        "the checkpoint once where PyTorch is installed (python -m "
-        "brnpa_jax.tools.convert_weights --weights IN --out OUT.npz) or use its .safetensors "
-        "version.") from e
-  obj = torch.load(path, map_location="cpu", weights_only=True)
+  obj = torch_pickle.load(path)
   # Training checkpoints wrap the weights (timm: state_dict / state_dict_ema).
   for wrapper in ("state_dict", "model", "state_dict_ema"):
     if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
@@ -140,8 +133,7 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
   if not isinstance(obj, Mapping):
     raise BadInputError(f"{path} holds a {type(obj).__name__}, not a state dict "
                      "(save model.state_dict(), not the model).")
-  return {k: v.detach().float().cpu().numpy() for k, v in obj.items()
-          if isinstance(v, torch.Tensor)}
+  return {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}
 
 
 def read_checkpoint(path: str) -> dict[str, np.ndarray]:
@@ -149,7 +141,7 @@ def read_checkpoint(path: str) -> dict[str, np.ndarray]:
 
   Args:
     path: ``.safetensors``, ``.npz`` (torchvision names or ours), or
-      ``.pth`` / ``.pt`` / ``.bin`` (PyTorch needed).
+      ``.pth`` / ``.pt`` / ``.bin`` (``torch.save``'s files).
 
   Returns:
     Flat name -> float32 array, ready for ``load_pretrained``.

@@ -17,6 +17,13 @@ not printed. The checkpoints written before it are complete, so the same
 command resumes from the newest once space is freed; temporary directories
 that a killed run left behind are removed when the run resumes (orbax's
 ``cleanup_tmp_directories``).
+
+Testing hook (fault injection): with ``BRNPA_FAULT=checkpoint_save:<step>``
+in the environment the process kills itself (SIGKILL) in the middle of
+writing that step's checkpoint in ``checkpoints/``: after orbax has written
+every file of it into the temporary directory and before it renames that
+directory (orbax's ``post_finalization_callback``). The chaos test uses it to
+kill inside a write deterministically; unset, nothing is added.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from typing import Any, Callable, Iterator
@@ -38,6 +46,8 @@ from brnpa_jax.outputs import os_errno
 from brnpa_jax.runs.workdir import DAMAGED_DIR, RunError, Workdir
 
 _log = logging.getLogger(__name__)
+
+
 class _BackgroundReports(logging.Filter):
   """Drops orbax's and asyncio's log records of a failed write: the run
   reports that failure itself, once (``Checkpointer``)."""
@@ -106,6 +116,21 @@ def _remove_temporaries(*directories: str, settle: float = 1.0) -> None:
     if time.monotonic() - quiet >= settle:
       return
     time.sleep(settle / 10)
+
+
+FAULT_ENV = "BRNPA_FAULT"
+
+
+def _fault_step() -> int | None:
+  """The step of ``BRNPA_FAULT=checkpoint_save:<step>`` (module docstring)."""
+  spec = os.environ.get(FAULT_ENV, "")
+  if not spec:
+    return None
+  point, _, step = spec.partition(":")
+  if point != "checkpoint_save" or not step.isdigit():
+    raise ValueError(f"{FAULT_ENV}={spec!r}: the one fault point is "
+                     "checkpoint_save:<step>.")
+  return int(step)
 
 
 def _warn(msg: str) -> None:
@@ -245,8 +270,13 @@ class Checkpointer:
     # A killed run's unfinished checkpoints are removed before the first save.
     opts = lambda n: ocp.CheckpointManagerOptions(
         max_to_keep=n, create=True, cleanup_tmp_directories=True)
+    latest_opts = opts(max_to_keep)
+    self._fault, self._fault_writing = _fault_step(), None
+    if self._fault is not None:
+      latest_opts.async_options = ocp.AsyncOptions(
+          post_finalization_callback=self._die_at_fault)
     self._latest = ocp.CheckpointManager(
-        self._workdir.checkpoints_dir, options=opts(max_to_keep),
+        self._workdir.checkpoints_dir, options=latest_opts,
         item_names=("state", "meta"))
     self._best = ocp.CheckpointManager(
         self._workdir.best_dir, options=opts(1), item_names=("state", "meta"))
@@ -300,9 +330,17 @@ class Checkpointer:
           # managers committing the same step at once collide ("barrier
           # already ongoing"): let the first finish before the second starts.
           managers[i - 1].wait_until_finished()
+        if self._fault is not None and mgr is self._latest:
+          mgr.wait_until_finished()  # the previous step's write has ended
+          self._fault_writing = step
         mgr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
             force=force)
+
+  def _die_at_fault(self) -> None:
+    """Orbax's callback between writing a checkpoint and renaming it."""
+    if self._fault_writing == self._fault:
+      os.kill(os.getpid(), signal.SIGKILL)
 
   def _restore(self, mgr, abstract_state):
     restore = lambda step: mgr.restore(step, args=ocp.args.Composite(

@@ -3,7 +3,8 @@ r"""Converts a torchvision / timm checkpoint into a file our configs load.
   python -m brnpa_jax.tools.convert_weights --weights resnet50-11ad3fa6.pth --out resnet50.npz
   python -m brnpa_jax.tools.convert_weights --weights model.safetensors --out convnext_tiny.npz
 
-``--weights`` is ``.pth`` / ``.pt`` / ``.bin`` (needs PyTorch), ``.safetensors`` or
+``--weights`` is ``.pth`` / ``.pt`` / ``.bin`` (no PyTorch needed but for its
+legacy pre-1.6 format), ``.safetensors`` or
 ``.npz``: a ResNet in torchvision's key layout (timm's ResNets share it), or
 timm's ``convnext_*``, ``vit_*`` or ``deit_*`` (non-distilled) layout.
 ``--out`` is a ``.npz`` of our variable tree (``params/backbone/conv1/kernel``, ...,
