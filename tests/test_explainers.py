@@ -303,7 +303,9 @@ def test_rollout_of_one_block_is_the_class_tokens_attention():
   cls_row = np.asarray(attn).mean(1)[:, 0, 1:].reshape(B, h, w)
   want = _minmax(jax.image.resize(cls_row, (B, H, W), "bilinear"))
   got = ex.explain("rollout", model, variables, images, token="cls")
-  np.testing.assert_allclose(got, want, atol=1e-5)
+  # timm's initialisation gives near-uniform attention: the min-max scaling
+  # stretches a narrow range, so float32 rounding shows at ~1e-5 absolute.
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_rollout_needs_a_transformer(gap):
