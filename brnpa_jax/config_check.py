@@ -27,6 +27,8 @@ import math
 import numbers
 from typing import Any, Callable, Iterable
 
+from brnpa_jax.choices import (FEWSHOT_METRICS, FEWSHOT_PHASES, OPTIMIZERS,
+                               SCHEDULES, TASKS)
 from brnpa_jax.data import catalog, image_files, parts
 from brnpa_jax.data import fewshot as fewshot_data
 from brnpa_jax.data import reid as reid_data
@@ -35,13 +37,6 @@ from brnpa_jax.models import BACKBONES, HEADS
 from brnpa_jax.models.registry import (DTYPES, STEMS, backbone_kwargs, family,
                                        feature_grid)
 
-# Names a config may use where no lower room owns the list (the trainer's
-# optimiser and schedules, the tasks and their options read them from here).
-OPTIMIZERS = ("sgd", "adam", "adamw", "amsgrad")
-SCHEDULES = ("constant", "step", "cosine")
-TASKS = ("classification", "distill", "fewshot", "reid")
-FEWSHOT_PHASES = ("pretrain", "episodic")
-FEWSHOT_METRICS = ("euclidean", "cosine")
 
 # Fields the trainer reads from every config, and those a task, optimiser
 # or schedule adds.

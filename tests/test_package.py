@@ -13,7 +13,7 @@ PACKAGE = os.path.join(REPO, "brnpa_jax")
 
 # A module may import only from rooms of the same or a lower rank.
 RANKS = {
-    "errors": 0, "outputs": 0, "quiet": 0, "cli": 1, "artifact": 1,
+    "errors": 0, "choices": 0, "outputs": 0, "quiet": 0, "cli": 1, "artifact": 1,
     "attention": 1, "models": 2, "data": 3, "runs": 4, "config_args": 4,
     "config_check": 4, "config_file": 4, "recipes": 5, "tasks": 6,
     "train": 7, "explain": 8,

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from brnpa_jax.config_check import FEWSHOT_PHASES as PHASES
+from brnpa_jax.choices import FEWSHOT_PHASES as PHASES
 from brnpa_jax.data import fewshot as data_lib
 from brnpa_jax.data.generators import as_tf_dataset
 from brnpa_jax.data.normalization import denormalize

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from brnpa_jax.config_check import FEWSHOT_METRICS as METRICS
+from brnpa_jax.choices import FEWSHOT_METRICS as METRICS
 
 _EPS = 1e-12
 

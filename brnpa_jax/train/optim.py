@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import optax
 
-from brnpa_jax.config_check import OPTIMIZERS, SCHEDULES
+from brnpa_jax.choices import OPTIMIZERS, SCHEDULES
 
 
 def make_schedule(optim_cfg, steps_per_epoch: int, num_epochs: int) -> optax.Schedule:
