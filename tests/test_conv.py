@@ -140,17 +140,39 @@ def test_max_pool_equals_flax_values_and_gradients_without_ties(
   assert "reduce_window" not in text and "maximum" in text
 
 
-def test_max_pool_shares_the_gradient_of_tied_maxima_and_keeps_its_total():
-  x = jnp.zeros((1, 4, 4, 1)).at[0, 0, 0, 0].set(1.0)  # one max, then ties at 0
-  ours = jax.grad(lambda x: jnp.sum(max_pool(x, (2, 2), (2, 2))))(x)
-  ref = jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 2), (2, 2))))(x)
-  assert float(ours[0, 0, 0, 0]) == float(ref[0, 0, 0, 0]) == 1.0
-  # A window of four tied zeros: each gets a share (halved at each maximum
-  # of the chain), the window's total stays that of reduce_window's one winner.
-  tied = ours[0, 2:, 2:, 0]
-  assert bool(jnp.all(tied > 0)) and float(jnp.sum(tied)) == 1.0
-  assert float(jnp.sum(ref[0, 2:, 2:, 0])) == 1.0
-  assert float(jnp.sum(ours)) == float(jnp.sum(ref)) == 4.0
+def _tied_inputs(shape):
+  """Inputs whose windows hold tied maxima."""
+  stem = nn.Conv(4, (3, 3), padding=1)
+  image = jnp.full(shape[:3] + (3,), 0.5)  # a constant image (IG's baselines)
+  feats = stem.apply(stem.init(jax.random.key(6), image), image)
+  return {
+      "constant": jnp.full(shape, 0.7),
+      "zeros": jnp.zeros(shape),
+      "relu_constant_stem": jax.nn.relu(feats),
+      "rounded": jnp.round(jax.random.normal(jax.random.key(7), shape)),
+  }
+
+
+@pytest.mark.parametrize("window,strides,padding", [
+    ((3, 3), (2, 2), ((1, 1), (1, 1))),   # the ResNet stem
+    ((2, 2), (2, 2), ((0, 0), (0, 0))),   # ResNet-12
+])
+def test_max_pool_gives_tied_maxima_reduce_windows_gradient(window, strides,
+                                                             padding):
+  ref = lambda x: nn.max_pool(x, window, strides, padding=padding)
+  ours = lambda x: max_pool(x, window, strides, padding)
+  for name, x in _tied_inputs((2, 8, 9, 4)).items():
+    cot = jax.random.normal(jax.random.key(8), ref(x).shape)
+    grad = lambda f: jax.jit(jax.grad(lambda x: jnp.sum(f(x) * cot)))(x)
+    np.testing.assert_array_equal(ours(x), ref(x), err_msg=name)
+    # Exactly: each window's gradient goes to one position, as reduce_window's
+    # select-and-scatter does (a shared gradient would differ by 1/2 or more).
+    np.testing.assert_array_equal(grad(ours), grad(ref), err_msg=name)
+  # Forward mode gives the same first maximum's tangent.
+  x = _tied_inputs((2, 8, 9, 4))["constant"]
+  t = jax.random.normal(jax.random.key(9), x.shape)
+  np.testing.assert_array_equal(jax.jvp(ours, (x,), (t,))[1],
+                                jax.jvp(ref, (x,), (t,))[1])
 
 
 def test_max_pool_bfloat16_values():

@@ -24,7 +24,8 @@ price is compile time, 11 s -> 50 s for that train step (49 slices per
 convolution; ``benchmarks/README.md``).
 
 ``max_pool`` is ``flax.linen.max_pool`` whose CPU form is a maximum of
-strided slices, for a cheaper backward pass (see its docstring).
+strided slices, for a cheaper backward pass, with ``reduce_window``'s
+gradient on tied maxima (see its docstring).
 """
 
 from __future__ import annotations
@@ -154,12 +155,15 @@ def max_pool(x_BxHxWxC: jax.Array, window: Sequence[int], strides: Sequence[int]
   On the CPU it is the elementwise maximum of the window's strided slices:
   XLA:CPU differentiates ``reduce_window`` with a select-and-scatter that is
   6x slower (3x3 / 2 pooling of 4x112x112x64: 45 ms vs 7.5 ms forward and
-  backward). The values are identical, and so are the gradients unless
-  several positions of a window hold its maximum: then they share its
-  gradient (``lax.max``'s convention) instead of one of them taking it all.
-  Ties are rare in float data; after a ReLU (the ResNet stem) they are zeros,
-  whose ReLU gradient is zero anyway, so the parameters' gradients do not
-  change. Other backends keep ``reduce_window``.
+  backward). The values are identical, and so are the gradients, ties
+  included: a custom JVP (forward mode works too) gives each window's
+  tangent, and so its gradient, to its first maximum in the window's
+  row-major scan order, the position that ``reduce_window``'s
+  select-and-scatter (``select_prim=ge``) picks. Without it,
+  ``jnp.maximum`` would share the gradient among tied maxima, and a
+  spatially constant input (Integrated Gradients' black baseline, after the
+  stem's ReLU) would get another input gradient on the CPU than on a GPU or
+  TPU. Other backends keep ``reduce_window``.
   """
   (wh, ww), (sh, sw) = tuple(window), tuple(strides)
   padding = tuple(tuple(p) for p in padding)
@@ -167,18 +171,45 @@ def max_pool(x_BxHxWxC: jax.Array, window: Sequence[int], strides: Sequence[int]
   def reduce_window(x):
     return nn.max_pool(x, (wh, ww), (sh, sw), padding=padding)
 
-  def slices(x):
-    b, h, w, c = x.shape
-    x = jnp.pad(x, ((0, 0),) + padding + ((0, 0),), constant_values=-jnp.inf)
-    ho = (h + sum(padding[0]) - wh) // sh + 1
-    wo = (w + sum(padding[1]) - ww) // sw + 1
-    out = None
+  def taps(x_padded, ho, wo):
+    """The window's strided slices of the padded input, in scan order."""
+    b, _, _, c = x_padded.shape
     for i in range(wh):
       for j in range(ww):
-        s = lax.slice(x, (0, i, j, 0),
-                      (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
-                      (1, sh, sw, 1))
-        out = s if out is None else jnp.maximum(out, s)
+        yield i, j, lax.slice(x_padded, (0, i, j, 0),
+                              (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
+                              (1, sh, sw, 1))
+
+  def grid(x):
+    _, h, w, _ = x.shape
+    return ((h + sum(padding[0]) - wh) // sh + 1,
+            (w + sum(padding[1]) - ww) // sw + 1)
+
+  def pad(x, value):
+    return jnp.pad(x, ((0, 0),) + padding + ((0, 0),), constant_values=value)
+
+  def maximum(x):
+    out = None
+    for _, _, s in taps(pad(x, -jnp.inf), *grid(x)):
+      out = s if out is None else jnp.maximum(out, s)
     return out
+
+  @jax.custom_jvp
+  def slices(x):
+    return maximum(x)
+
+  @slices.defjvp
+  def _first_maximum_jvp(primals, tangents):
+    # Each window's tangent is that of its first maximum in scan order; its
+    # transpose (reverse mode) sends the window's gradient there alone.
+    (x,), (t,) = primals, tangents
+    out = maximum(x)
+    ho, wo = grid(x)
+    t_out = jnp.zeros(out.shape, t.dtype)
+    # In reverse scan order, so the first maximum is written last.
+    for (_, _, s), (_, _, ts) in reversed(list(zip(taps(pad(x, -jnp.inf), ho, wo),
+                                                   taps(pad(t, 0), ho, wo)))):
+      t_out = jnp.where(s == out, ts, t_out)
+    return out, t_out
 
   return lax.platform_dependent(x_BxHxWxC, cpu=slices, default=reduce_window)
