@@ -141,8 +141,10 @@ def hog(x_HxW: jax.Array, orientations: int = HOG_ORIENTATIONS,
   votes = votes[:nr * cell, :nc * cell].reshape(nr, cell, nc, cell, orientations)
   cells = votes.mean(axis=(1, 3))  # (nr, nc, orientations)
   br, bc = nr - block + 1, nc - block + 1
-  blocks = jnp.stack([jnp.stack([cells[r:r + block, c:c + block]
-                                 for c in range(bc)]) for r in range(br)])
+  # blocks[r, c, i, j] = cells[r + i, c + j]: one slice per cell of a block.
+  blocks = jnp.stack([cells[i:i + br, j:j + bc] for i in range(block)
+                      for j in range(block)], axis=2)
+  blocks = blocks.reshape(br, bc, block, block, orientations)
   eps = 1e-5
   norm = lambda v: v / jnp.sqrt(jnp.sum(v * v, axis=(2, 3, 4), keepdims=True)
                                 + eps * eps)
@@ -307,7 +309,7 @@ def randomisation_checks(run, images, labels, methods, *,
                                                  "random_logit", "efficient"),
                          layers: Sequence[str] | None = None,
                          smooth_samples: int = 10, noise_magnitude: float = 0.1,
-                         bins: int = ENTROPY_BINS, seed: int = 0,
+                         bins: int = ENTROPY_BINS, seed: int = 0, rng=None,
                          batch_size: int = 16, mesh=None,
                          figure_images: int = 1) -> dict[str, Any]:
   """Model-parameter randomisation and random-logit tests of several methods.
@@ -329,6 +331,8 @@ def randomisation_checks(run, images, labels, methods, *,
     seed: of the re-initialisation, the random other classes, the
       explainers' randomness and the smoothing noise (``jax.random.key(seed)``
       folded with 0, 1, 2 and 3).
+    rng: a key to use instead of ``jax.random.key(seed)`` (another PRNG
+      implementation, e.g. ``rbg``, compiles the re-initialisation faster).
     batch_size: images per program call (rounded up to a multiple of the
       mesh's devices).
     mesh: a ``jax.sharding.Mesh``: images are split over its devices, the
@@ -355,7 +359,7 @@ def randomisation_checks(run, images, labels, methods, *,
   if labels.shape != (n,):
     raise ValueError(f"labels must be ({n},), got {labels.shape}.")
   layers = list(layers) if layers is not None else layer_order(model, variables, images)
-  rng = jax.random.key(seed)
+  rng = jax.random.key(seed) if rng is None else rng
   explains = (dict(methods) if isinstance(methods, Mapping) else
               {m: explainer(m, model, rng=jax.random.fold_in(rng, 2),
                             **dict((options or {}).get(m, {})))
@@ -392,7 +396,7 @@ def randomisation_checks(run, images, labels, methods, *,
       none = jnp.zeros(len(layers), bool)
       keep = lambda a: np.asarray(a)[:stop - start]
       plain = programs["plain"]
-      ref, _, h0 = plain(variables, fresh, none, x, y, jnp.zeros(x.shape[:3]))
+      ref, _, h0 = plain(variables, fresh, none, x, y, place(np.zeros(x.shape[:3], np.float32)))
       ref = place(ref)
       parts.setdefault("entropy_original", []).append(keep(h0))
       if "random_logit" in tests:
