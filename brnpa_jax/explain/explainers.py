@@ -19,7 +19,9 @@ Conventions (those of pytorch-grad-cam, captum and the papers):
   ``w_c = sum_ij alpha * ReLU(g)``.
 - ``scorecam`` (Wang et al.): each channel upsampled to the input and min-max
   normalised is a mask; ``w = softmax over channels`` of the class logit of
-  the image times that mask (pytorch-grad-cam's form of the algorithm).
+  the image times that mask (pytorch-grad-cam's weights; its masks are
+  upsampled with aligned corners, ours with half-pixel centres:
+  docs/explanations.md#where-we-differ-from-pytorch-grad-cam-and-quantus).
 - ``ablationcam`` (Desai & Ramaswamy): ``w_c`` = class-logit drop when channel
   c is zeroed, ``y - y_c``. The paper divides by ``y``, a per-image positive
   factor that the normalisation removes (and that flips the map's sign when
