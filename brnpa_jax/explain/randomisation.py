@@ -358,7 +358,9 @@ def randomisation_checks(run, images, labels, methods, *,
   n = len(images)
   if labels.shape != (n,):
     raise ValueError(f"labels must be ({n},), got {labels.shape}.")
-  layers = list(layers) if layers is not None else layer_order(model, variables, images)
+  if layers is None:
+    layers = layer_order(model, variables, images)
+  layers = list(layers)
   rng = jax.random.key(seed) if rng is None else rng
   explains = (dict(methods) if isinstance(methods, Mapping) else
               {m: explainer(m, model, rng=jax.random.fold_in(rng, 2),
@@ -396,7 +398,8 @@ def randomisation_checks(run, images, labels, methods, *,
       none = jnp.zeros(len(layers), bool)
       keep = lambda a: np.asarray(a)[:stop - start]
       plain = programs["plain"]
-      ref, _, h0 = plain(variables, fresh, none, x, y, place(np.zeros(x.shape[:3], np.float32)))
+      zeros = place(np.zeros(x.shape[:3], np.float32))  # no reference yet
+      ref, _, h0 = plain(variables, fresh, none, x, y, zeros)
       ref = place(ref)
       parts.setdefault("entropy_original", []).append(keep(h0))
       if "random_logit" in tests:
