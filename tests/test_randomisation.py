@@ -158,7 +158,8 @@ def gap_checks():
   model, variables, images = _model("gap")
   run = types.SimpleNamespace(model=model, variables=variables)
   labels = jnp.array([0, 3, 1])
-  methods = {"edges": _edges, "gradcam": rnd.explainer("gradcam", model)}
+  methods = {"edges": _edges, "gradcam": rnd.explainer("gradcam", model),
+             "own": rnd.explainer("own", model)}
   # Two devices, two images per call: the second call is padded.
   result = rnd.randomisation_checks(
       run, images, labels, methods, tests=("cascading", "random_logit", "efficient"),
@@ -178,6 +179,14 @@ def test_a_map_that_ignores_the_weights_stays_and_grad_cam_changes(gap_checks):
                                atol=1e-5)
   np.testing.assert_allclose(result["efficient"]["edges"]["entropy_rise"], 0.0,
                              atol=1e-6)
+  # The GAP model's own map (the feature norms) reads neither the classifier
+  # nor the class: equal, and so similar by exactly 1, in all four measures.
+  for measure in rnd.SIMILARITIES:
+    np.testing.assert_allclose(result["cascading"]["own"][measure][0], 1.0,
+                               atol=1e-6, err_msg=measure)
+    np.testing.assert_allclose(result["random_logit"]["own"][measure], 1.0,
+                               atol=1e-6, err_msg=measure)
+  assert np.nanmean(result["cascading"]["own"]["spearman"][-1]) < 0.9
   # Grad-CAM of a randomised model is another map (the whole model: last row).
   grad_cam = result["cascading"]["gradcam"]
   assert np.nanmean(grad_cam["spearman"][-1]) < 0.5
@@ -224,5 +233,6 @@ def test_randomisation_figure(gap_checks, tmp_path):
   assert os.path.getsize(path) > 0
   from PIL import Image
   width, height = Image.open(path).size
-  cols = 2 + len(result["layers"])
-  assert (width, height) == (round(1.6 * cols * 110), round((1.6 * 2 + 0.3) * 110))
+  cols, rows = 2 + len(result["layers"]), 3
+  assert (width, height) == (round(1.6 * cols * 110),
+                             round((1.6 * rows + 0.3) * 110))
