@@ -104,14 +104,53 @@ def load_config(spec: str, *, module_name: str = "config_config",
   return config
 
 
-class _Parser(flags.ArgumentParser):
-  """Parses the ``--config`` value through ``load_config``."""
+_SECTIONS = (Mapping, ml_collections.ConfigDict)
 
-  def __init__(self, name: str):
-    self.name = name
+
+class OverridePathError(UserError):
+  """``--config.a.b=v`` where ``a`` is a value, not a section."""
+
+
+def check_override_paths(config, argv, name: str = "config") -> None:
+  """Every ``--<name>.a.b=value`` in ``argv`` must reach ``b`` through
+  sections: one that walks into a value (``--config.model.backbone.x``,
+  where ``backbone`` is a string) is an ``OverridePathError``
+  (ml_collections would fail with a ``TypeError``). A missing field is left to ml_collections'
+  message (``cli`` turns it into one line)."""
+  prefix = f"--{name}."
+  for arg in argv:
+    if not arg.startswith(prefix):
+      continue
+    parts = arg[len(prefix):].split("=", 1)[0].split(".")
+    node = config
+    for i, part in enumerate(parts[:-1]):
+      if not isinstance(node, _SECTIONS):
+        section = ".".join(parts[:i])
+        raise OverridePathError(
+            f"{prefix}{'.'.join(parts)}: {section} is {node!r}, not a section "
+            f"of fields; set it with {prefix}{section}=VALUE.")
+      if part not in node:
+        break
+      node = node[part]
+    else:
+      if len(parts) > 1 and not isinstance(node, _SECTIONS):
+        section = ".".join(parts[:-1])
+        raise OverridePathError(
+            f"{prefix}{'.'.join(parts)}: {section} is {node!r}, not a section "
+            f"of fields; set it with {prefix}{section}=VALUE.")
+
+
+class _Parser(flags.ArgumentParser):
+  """Parses the ``--config`` value through ``load_config``, then checks the
+  overrides' paths."""
+
+  def __init__(self, name: str, argv=()):
+    self.name, self.argv = name, list(argv)
 
   def parse(self, argument):
-    return load_config(argument, module_name=f"{self.name}_config")
+    config = load_config(argument, module_name=f"{self.name}_config")
+    check_override_paths(config, self.argv, self.name)
+    return config
 
   def flag_type(self):
     return "config object"
@@ -134,7 +173,7 @@ def define_config_flag(fv: flags.FlagValues, argv, help_string: str,
   holder = config_flags.DEFINE_config_file(
       name, None, help_string, flag_values=fv, lock_config=True,
       sys_argv=list(argv))
-  fv[name].parser = _Parser(name)  # the overrides stay ml_collections'
+  fv[name].parser = _Parser(name, argv)  # the overrides stay ml_collections'
   # Validators run once every flag, overrides included, is parsed.
   flags.register_validator(
       name, lambda config: config is None or validate(config, f"--{name}") or True,

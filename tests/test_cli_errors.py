@@ -44,6 +44,16 @@ def test_bad_switch_and_unknown_field(tmp_path, capsys):
   assert not os.listdir(tmp_path)  # no workdir was created
 
 
+def test_override_inside_a_value(tmp_path, capsys):
+  # Found by tests/test_fuzz_cli.py: a TypeError traceback from ml_collections.
+  for arg, needle in (("--config.model.backbone.x=1", "model.backbone is"),
+                      ("--config.optim.lr.y.z=2", "optim.lr is"),
+                      ("--config.seed.a=2", "seed is")):
+    status = _train("--config", DEFAULT, arg, f"--workdir={tmp_path}/run")
+    _expect_user_error(capsys, status, needle, "not a section")
+  assert not os.listdir(tmp_path)
+
+
 def test_workdir_that_is_a_file(tmp_path, capsys):
   (tmp_path / "run").write_text("not a directory")
   status = _train("--config", f"{DEFAULT}:runlocal", f"--workdir={tmp_path}/run")
@@ -80,6 +90,21 @@ def test_one_class_folder_and_tiny_dataset(tmp_path, capsys):
                      "--config.batch_size")
   assert not os.path.exists(tmp_path / "run1")
   assert not os.path.exists(tmp_path / "run2")
+
+
+def test_folder_layout_mistakes_are_short(tmp_path, capsys):
+  # Found by tests/test_fuzz_cli.py: the layout's help made these 8 lines.
+  root = tmp_path / "data"
+  cases = {"missing": "does not exist", "no_train": "No train/ folder",
+           "no_classes": "has no class sub-folders", "no_images": "No images"}
+  (root / "no_train").mkdir(parents=True)
+  (root / "no_classes" / "train").mkdir(parents=True)
+  (root / "no_images" / "train" / "cat").mkdir(parents=True)
+  for name, needle in cases.items():
+    status = _train("--config", f"{LOWRES}:runlocal,dataset=folder,"
+                    f"data_dir={root / name}", f"--workdir={tmp_path}/{name}.run")
+    _expect_user_error(capsys, status, needle, "train/<class>/<image>")
+    assert not os.path.exists(tmp_path / f"{name}.run")
 
 
 def test_predict_export_evaluate_name_what_is_missing(tmp_path, capsys):
