@@ -166,6 +166,9 @@ def run(define: Callable[[flags.FlagValues, list[str]], None],
     # Flag parsing, including an unknown --config.field: the user's.
     return _fail(prog, _flag_message(e, args) + f"\n(see {prog} --help)",
                  verbose or "--verbose" in args)
+  except KeyboardInterrupt:  # Ctrl-C while a config file loads
+    print(f"{prog}: interrupted", file=sys.stderr)
+    return INTERRUPTED
   if len(rest) > 1:
     return _fail(prog, f"unexpected arguments {rest[1:]} (flags are "
                  f"--name=value; see {prog} --help)", fv["verbose"].value)

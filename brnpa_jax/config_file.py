@@ -79,7 +79,9 @@ def load_config(spec: str, *, module_name: str = "config_config",
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module  # as ml_collections' loader does
     module_spec.loader.exec_module(module)
-  except Exception as e:  # pylint: disable=broad-except  # the file's own error
+  # The file's own error; a sys.exit() in it too (it would end the tool
+  # with the file's status and no message).
+  except (Exception, SystemExit) as e:  # pylint: disable=broad-except
     raise ConfigFileError(f"{_line_in(path, e)}: {_describe(e)}") from e
   get_config = getattr(module, "get_config", None)
   if not callable(get_config):
@@ -90,7 +92,7 @@ def load_config(spec: str, *, module_name: str = "config_config",
     config = get_config(arg) if has_arg else get_config()
   except UserError as e:  # a bad switch: the recipe's own message
     raise ConfigFileError(f"--config {spec}: {e}") from e
-  except Exception as e:  # pylint: disable=broad-except
+  except (Exception, SystemExit) as e:  # pylint: disable=broad-except
     raise ConfigFileError(f"{_line_in(path, e)}: {_describe(e)}") from e
   if isinstance(config, Mapping) and not isinstance(
       config, ml_collections.ConfigDict):

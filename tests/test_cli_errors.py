@@ -54,6 +54,16 @@ def test_override_inside_a_value(tmp_path, capsys):
   assert not os.listdir(tmp_path)
 
 
+def test_ctrl_c_while_the_config_loads(tmp_path, capsys):
+  # Found by tests/test_fuzz_cli.py: a KeyboardInterrupt escaped cli.run.
+  slow = tmp_path / "slow.py"
+  slow.write_text("raise KeyboardInterrupt\n")
+  status = _train("--config", str(slow), f"--workdir={tmp_path}/run")
+  err = capsys.readouterr().err
+  assert status == 130 and err.strip() == "train.py: interrupted", err
+  assert not os.path.exists(tmp_path / "run")
+
+
 def test_workdir_that_is_a_file(tmp_path, capsys):
   (tmp_path / "run").write_text("not a directory")
   status = _train("--config", f"{DEFAULT}:runlocal", f"--workdir={tmp_path}/run")

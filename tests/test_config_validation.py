@@ -67,6 +67,10 @@ BAD_FILES = {  # name: (content, what the message names)
     "raises_in_get_config": ("def get_config(arg=None):\n  c = {}\n"
                              "  return c['batch']\n", ("line 3", "KeyError")),
     "no_get_config": ("CONFIG = {'batch_size': 8}\n", ("get_config",)),
+    # Found by tests/test_fuzz_cli.py: SystemExit escaped the tool.
+    "exits_on_import": ("import sys\n\nsys.exit(0)\n", ("line 3", "SystemExit")),
+    "exits_in_get_config": ("import sys\n\ndef get_config(arg=None):\n"
+                            "  sys.exit(3)\n", ("line 4", "SystemExit: 3")),
     "returns_a_list": ("def get_config(arg=None):\n  return [1, 2]\n",
                        ("list", "ConfigDict")),
     "returns_none": ("def get_config(arg=None):\n  x = 1\n", ("None",)),
