@@ -405,6 +405,9 @@ def test_sweep_arguments(tmp_path, tfds_dir, capsys):
   _expect_user_error(capsys, status, "--batch_sizes", "positive integers")
   status = sweep.main(["--config", *config, workdir, "--trials=-2"])
   _expect_user_error(capsys, status, "--trials")
+  # Found by tests/test_fuzz_cli.py: a ValueError traceback from Optuna.
+  status = sweep.main(["--config", *config, workdir, "--sweep_seed=-1"])
+  _expect_user_error(capsys, status, "--sweep_seed")
   # The search space against the config: micro-batches, then the devices.
   status = sweep.main(["--config", *config, "--config.grad_accum_steps=4",
                        workdir, "--batch_sizes=16,6"])

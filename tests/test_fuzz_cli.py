@@ -668,7 +668,7 @@ def _out_path(rng, root, read_only, tool) -> str:
   return os.path.join(root, "new.out")
 
 
-def test_outputs(fuzz, tmp_path, finished_run, read_only_dir):
+def test_outputs(fuzz, tmp_path, finished_run, read_only_dir, tfds_dir):
   for i in fuzz.indices():
     rng = fuzz.rng(i)
     root = tmp_path / str(i)
@@ -676,9 +676,13 @@ def test_outputs(fuzz, tmp_path, finished_run, read_only_dir):
     images.mkdir(parents=True)
     for j in range(2):
       Image.new("RGB", (8, 8), (j * 40, 10, 200)).save(images / f"{j}.png")
-    tool = rng.choice(["predict", "predict", "export", "evaluate"])
+    tool = rng.choice(["predict", "predict", "export", "evaluate", "train"])
     out = _out_path(rng, str(root), read_only_dir, tool)
-    if tool == "predict":
+    if tool == "train":  # --workdir, stopped before the first step
+      argv = [f"--config={DEFAULT}:runlocal", f"--workdir={out}",
+              f"--config.data.data_dir={tfds_dir}"]
+      check = _config_json_ok(out)
+    elif tool == "predict":
       argv = [f"--workdir={finished_run.workdir}", f"--images={images}",
               f"--out={out}", f"--batch={PREDICT_BATCH}"]
       check = _predictions_ok(out, str(images), "error")
@@ -720,7 +724,7 @@ def _tool_args(rng, root, run, tfds) -> tuple[str, list[str], list[str], list]:
             "--trials=" + pick(["-2", "0", "1", "x", "2.5", "1"], good=("1",)),
             "--batch_sizes=" + pick(["0,-3", "8,x", "", "16", "32", ",", "3"],
                                     good=("16", "32", "")),
-            "--sweep_seed=" + pick(["0", "-1", "z"], good=("0", "-1"))]
+            "--sweep_seed=" + pick(["0", "-1", "z", "4294967296"], good=("0",))]
   elif tool == "evaluate":
     argv = [f"--workdir={run}", f"--out={out}", "--figures=false",
             "--methods=" + pick(["own,gradcamm", "x", "", ",", "own"],
@@ -749,6 +753,7 @@ def _tool_args(rng, root, run, tfds) -> tuple[str, list[str], list[str], list]:
     argv = [f"--config={DEFAULT}:runlocal", f"--workdir={out}",
             f"--config.data.data_dir={tfds}",
             pick(["--num_processes=-1", "--allow_config_change=2",
+                  "--process_id=-1", "--heartbeat_timeout_seconds=0",
                   "--heartbeat_timeout_seconds=x", "--config.seed=1=2",
                   "--config", "--config="])]
   argv += extra
