@@ -32,11 +32,13 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0, "
                       "with --multiprocess.", flag_values=fv)
   flags.DEFINE_integer("num_processes", None, "With --multiprocess.",
-                       flag_values=fv)
-  flags.DEFINE_integer("process_id", None, "With --multiprocess.", flag_values=fv)
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "With --multiprocess.",
+                       lower_bound=0, flag_values=fv)
   flags.DEFINE_integer("heartbeat_timeout_seconds", 100, "With --multiprocess: "
                        "a process that stops answering for this long ends the "
-                       "run on every host, with an error.", flag_values=fv)
+                       "run on every host, with an error.", lower_bound=1,
+                       flag_values=fv)
   flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
 
 

@@ -82,6 +82,25 @@ def os_error_message(e: OSError) -> str | None:
   return None
 
 
+@contextlib.contextmanager
+def _any_path_printable() -> Iterator[None]:
+  """Standard output writes a string that cannot be encoded (a path of
+  non-UTF-8 bytes, held as surrogate escapes) with ``\\xNN`` escapes
+  instead of failing after the tool's work is done: under a UTF-8 locale
+  Python's stdout is strict (stderr already escapes)."""
+  stream = sys.stdout
+  errors = getattr(stream, "errors", None)
+  if errors != "strict" or not hasattr(stream, "reconfigure"):
+    yield
+    return
+  stream.reconfigure(errors="backslashreplace")
+  try:
+    yield
+  finally:
+    with contextlib.suppress(Exception):  # a stream closed meanwhile
+      stream.reconfigure(errors=errors)
+
+
 class _Terminated(BaseException):
   """SIGTERM, raised so that clean-up (``finally``) runs."""
 
@@ -144,6 +163,12 @@ def run(define: Callable[[flags.FlagValues, list[str]], None],
     The exit status: 0, 2 for a user mistake or an ``OSError`` about a path,
     1 for an internal error, 130 after Ctrl-C, 143 after SIGTERM.
   """
+  with _any_path_printable():
+    return _run(define, main, doc=doc, argv=argv, prog=prog,
+                start_jax=start_jax)
+
+
+def _run(define, main, *, doc, argv, prog, start_jax) -> int:
   prog = _prog(prog)
   args = list(sys.argv[1:] if argv is None else argv)
   verbose = os.environ.get("BRNPA_VERBOSE", "") not in ("", "0")
@@ -166,6 +191,9 @@ def run(define: Callable[[flags.FlagValues, list[str]], None],
     # Flag parsing, including an unknown --config.field: the user's.
     return _fail(prog, _flag_message(e, args) + f"\n(see {prog} --help)",
                  verbose or "--verbose" in args)
+  except KeyboardInterrupt:  # Ctrl-C while a config file loads
+    print(f"{prog}: interrupted", file=sys.stderr)
+    return INTERRUPTED
   if len(rest) > 1:
     return _fail(prog, f"unexpected arguments {rest[1:]} (flags are "
                  f"--name=value; see {prog} --help)", fv["verbose"].value)

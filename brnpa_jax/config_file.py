@@ -79,7 +79,9 @@ def load_config(spec: str, *, module_name: str = "config_config",
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module  # as ml_collections' loader does
     module_spec.loader.exec_module(module)
-  except Exception as e:  # pylint: disable=broad-except  # the file's own error
+  # The file's own error; a sys.exit() in it too (it would end the tool
+  # with the file's status and no message).
+  except (Exception, SystemExit) as e:  # pylint: disable=broad-except
     raise ConfigFileError(f"{_line_in(path, e)}: {_describe(e)}") from e
   get_config = getattr(module, "get_config", None)
   if not callable(get_config):
@@ -90,7 +92,7 @@ def load_config(spec: str, *, module_name: str = "config_config",
     config = get_config(arg) if has_arg else get_config()
   except UserError as e:  # a bad switch: the recipe's own message
     raise ConfigFileError(f"--config {spec}: {e}") from e
-  except Exception as e:  # pylint: disable=broad-except
+  except (Exception, SystemExit) as e:  # pylint: disable=broad-except
     raise ConfigFileError(f"{_line_in(path, e)}: {_describe(e)}") from e
   if isinstance(config, Mapping) and not isinstance(
       config, ml_collections.ConfigDict):
@@ -104,14 +106,53 @@ def load_config(spec: str, *, module_name: str = "config_config",
   return config
 
 
-class _Parser(flags.ArgumentParser):
-  """Parses the ``--config`` value through ``load_config``."""
+_SECTIONS = (Mapping, ml_collections.ConfigDict)
 
-  def __init__(self, name: str):
-    self.name = name
+
+class OverridePathError(UserError):
+  """``--config.a.b=v`` where ``a`` is a value, not a section."""
+
+
+def check_override_paths(config, argv, name: str = "config") -> None:
+  """Every ``--<name>.a.b=value`` in ``argv`` must reach ``b`` through
+  sections: one that walks into a value (``--config.model.backbone.x``,
+  where ``backbone`` is a string) is an ``OverridePathError``
+  (ml_collections would fail with a ``TypeError``). A missing field is left to ml_collections'
+  message (``cli`` turns it into one line)."""
+  prefix = f"--{name}."
+  for arg in argv:
+    if not arg.startswith(prefix):
+      continue
+    parts = arg[len(prefix):].split("=", 1)[0].split(".")
+    node = config
+    for i, part in enumerate(parts[:-1]):
+      if not isinstance(node, _SECTIONS):
+        section = ".".join(parts[:i])
+        raise OverridePathError(
+            f"{prefix}{'.'.join(parts)}: {section} is {node!r}, not a section "
+            f"of fields; set it with {prefix}{section}=VALUE.")
+      if part not in node:
+        break
+      node = node[part]
+    else:
+      if len(parts) > 1 and not isinstance(node, _SECTIONS):
+        section = ".".join(parts[:-1])
+        raise OverridePathError(
+            f"{prefix}{'.'.join(parts)}: {section} is {node!r}, not a section "
+            f"of fields; set it with {prefix}{section}=VALUE.")
+
+
+class _Parser(flags.ArgumentParser):
+  """Parses the ``--config`` value through ``load_config``, then checks the
+  overrides' paths."""
+
+  def __init__(self, name: str, argv=()):
+    self.name, self.argv = name, list(argv)
 
   def parse(self, argument):
-    return load_config(argument, module_name=f"{self.name}_config")
+    config = load_config(argument, module_name=f"{self.name}_config")
+    check_override_paths(config, self.argv, self.name)
+    return config
 
   def flag_type(self):
     return "config object"
@@ -134,7 +175,7 @@ def define_config_flag(fv: flags.FlagValues, argv, help_string: str,
   holder = config_flags.DEFINE_config_file(
       name, None, help_string, flag_values=fv, lock_config=True,
       sys_argv=list(argv))
-  fv[name].parser = _Parser(name)  # the overrides stay ml_collections'
+  fv[name].parser = _Parser(name, argv)  # the overrides stay ml_collections'
   # Validators run once every flag, overrides included, is parsed.
   flags.register_validator(
       name, lambda config: config is None or validate(config, f"--{name}") or True,

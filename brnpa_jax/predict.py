@@ -104,6 +104,9 @@ def folder_batches(folder: str, size: int, resize_ratio: float, batch: int,
     raise ConfigError(f"--on_corrupt={on_corrupt!r}: use one of {ON_CORRUPT}.")
   transform = _eval_transform_fn(size, resize_ratio, resize_mode)
   names, images = [], np.zeros((batch, size, size, 3), np.float32)
+  # The warnings wait for the first readable image: a folder where none is
+  # readable is one error, not a warning per file before it.
+  skipped, read_one = [], False
   for name in list_images(folder):
     path = os.path.join(folder, name)
     try:
@@ -112,8 +115,15 @@ def folder_batches(folder: str, size: int, resize_ratio: float, batch: int,
       if on_corrupt == "error":
         raise ConfigError(f"cannot decode {e}; fix or remove it, or pass "
                           "--on_corrupt=skip.") from e
-      print(f"Warning: skipped {e}", file=sys.stderr, flush=True)
+      skipped.append(f"Warning: skipped {e}")
+      if read_one:
+        print(skipped.pop(), file=sys.stderr, flush=True)
       continue
+    if not read_one:
+      read_one = True
+      for line in skipped:
+        print(line, file=sys.stderr, flush=True)
+      skipped = []
     images[len(names)] = transform(pixels)
     names.append(image_files.display_name(name))
     if len(names) == batch:
@@ -121,6 +131,11 @@ def folder_batches(folder: str, size: int, resize_ratio: float, batch: int,
       names, images = [], np.zeros((batch, size, size, 3), np.float32)
   if names:
     yield names, images, None
+  if not read_one:
+    raise ConfigError(
+        f"no image under {image_files.display_name(folder)} could be read: "
+        f"{len(skipped)} skipped (the first: "
+        f"{skipped[0].removeprefix('Warning: skipped ')}).")
 
 
 def split_batches(data_cfg, split: str, batch: int

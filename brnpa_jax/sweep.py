@@ -221,7 +221,8 @@ def _define(fv: flags.FlagValues, argv) -> None:
       "batch_sizes", lambda sizes: all(s.isdigit() and int(s) > 0
                                        for s in sizes or ()),
       "give positive integers, e.g. --batch_sizes=8,16,32.", flag_values=fv)
-  flags.DEFINE_integer("sweep_seed", 0, "The sampler's seed.", flag_values=fv)
+  flags.DEFINE_integer("sweep_seed", 0, "The sampler's seed.", lower_bound=0,
+                       upper_bound=2**32 - 1, flag_values=fv)
   flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
 
 

@@ -2,12 +2,14 @@
 status 2, no traceback, and nothing written that the mistake did not need."""
 
 import os
+import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import train
-from brnpa_jax import cli, export, predict, sweep
+from brnpa_jax import cli, errors, export, predict, sweep
 from brnpa_jax.data import image_folder
 from brnpa_jax.explain import evaluate
 from brnpa_jax.tools import aot, convert_weights
@@ -41,7 +43,60 @@ def test_bad_switch_and_unknown_field(tmp_path, capsys):
   _expect_user_error(capsys, status, "lrr")
   status = _train("--config", DEFAULT, f"--workdir={tmp_path}/c", "--epochz=3")
   _expect_user_error(capsys, status, "epochz")
+  # Found by tests/test_fuzz_cli.py: these were accepted (and ignored).
+  for flag in ("--num_processes=-1", "--process_id=-1",
+               "--heartbeat_timeout_seconds=0"):
+    status = _train("--config", DEFAULT, f"--workdir={tmp_path}/d", flag)
+    _expect_user_error(capsys, status, flag.split("=")[0][2:])
   assert not os.listdir(tmp_path)  # no workdir was created
+
+
+def test_override_inside_a_value(tmp_path, capsys):
+  # Found by tests/test_fuzz_cli.py: a TypeError traceback from ml_collections.
+  for arg, needle in (("--config.model.backbone.x=1", "model.backbone is"),
+                      ("--config.optim.lr.y.z=2", "optim.lr is"),
+                      ("--config.seed.a=2", "seed is")):
+    status = _train("--config", DEFAULT, arg, f"--workdir={tmp_path}/run")
+    _expect_user_error(capsys, status, needle, "not a section")
+  assert not os.listdir(tmp_path)
+
+
+def test_ctrl_c_while_the_config_loads(tmp_path, capsys):
+  # Found by tests/test_fuzz_cli.py: a KeyboardInterrupt escaped cli.run.
+  slow = tmp_path / "slow.py"
+  slow.write_text("raise KeyboardInterrupt\n")
+  status = _train("--config", str(slow), f"--workdir={tmp_path}/run")
+  err = capsys.readouterr().err
+  assert status == 130 and err.strip() == "train.py: interrupted", err
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_path_of_any_bytes_is_printed(capsys):
+  # Found by tests/test_fuzz_cli.py: predict --out with a non-UTF-8 byte
+  # wrote its outputs, then failed printing their paths (UTF-8 locales make
+  # stdout strict).
+  sys.stdout.reconfigure(errors="strict")  # as under LANG=C.UTF-8
+  path = os.fsdecode(b"/data/o\xffut/predictions.csv")
+  status = cli.run(lambda fv, argv: None, lambda fv: print("Wrote", path),
+                   argv=[], prog="tool", start_jax=False)
+  assert status == 0
+  assert capsys.readouterr().out == "Wrote /data/o\\udcffut/predictions.csv\n"
+  assert sys.stdout.errors == "strict"  # as it was
+
+
+def test_predict_on_a_folder_of_unreadable_files_is_one_error(tmp_path,
+                                                              capsys):
+  # Found by tests/test_fuzz_cli.py: a warning per skipped file, then the
+  # error (4 lines and more).
+  for i in range(4):
+    (tmp_path / f"{i}.png").write_bytes(b"not an image")
+  with pytest.raises(errors.ConfigError, match=r"could be read: 4 skipped "
+                     r"\(the first: .*0\.png"):
+    list(predict.folder_batches(str(tmp_path), 8, 0.875, 2, "skip"))
+  assert capsys.readouterr().err == ""
+  Image.new("RGB", (8, 8)).save(tmp_path / "3.png")  # one readable: warnings
+  assert len(list(predict.folder_batches(str(tmp_path), 8, 0.875, 2, "skip"))) == 1
+  assert capsys.readouterr().err.count("Warning: skipped") == 3
 
 
 def test_workdir_that_is_a_file(tmp_path, capsys):
@@ -80,6 +135,21 @@ def test_one_class_folder_and_tiny_dataset(tmp_path, capsys):
                      "--config.batch_size")
   assert not os.path.exists(tmp_path / "run1")
   assert not os.path.exists(tmp_path / "run2")
+
+
+def test_folder_layout_mistakes_are_short(tmp_path, capsys):
+  # Found by tests/test_fuzz_cli.py: the layout's help made these 8 lines.
+  root = tmp_path / "data"
+  cases = {"missing": "does not exist", "no_train": "No train/ folder",
+           "no_classes": "has no class sub-folders", "no_images": "No images"}
+  (root / "no_train").mkdir(parents=True)
+  (root / "no_classes" / "train").mkdir(parents=True)
+  (root / "no_images" / "train" / "cat").mkdir(parents=True)
+  for name, needle in cases.items():
+    status = _train("--config", f"{LOWRES}:runlocal,dataset=folder,"
+                    f"data_dir={root / name}", f"--workdir={tmp_path}/{name}.run")
+    _expect_user_error(capsys, status, needle, "train/<class>/<image>")
+    assert not os.path.exists(tmp_path / f"{name}.run")
 
 
 def test_predict_export_evaluate_name_what_is_missing(tmp_path, capsys):

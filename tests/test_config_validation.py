@@ -67,6 +67,10 @@ BAD_FILES = {  # name: (content, what the message names)
     "raises_in_get_config": ("def get_config(arg=None):\n  c = {}\n"
                              "  return c['batch']\n", ("line 3", "KeyError")),
     "no_get_config": ("CONFIG = {'batch_size': 8}\n", ("get_config",)),
+    # Found by tests/test_fuzz_cli.py: SystemExit escaped the tool.
+    "exits_on_import": ("import sys\n\nsys.exit(0)\n", ("line 3", "SystemExit")),
+    "exits_in_get_config": ("import sys\n\ndef get_config(arg=None):\n"
+                            "  sys.exit(3)\n", ("line 4", "SystemExit: 3")),
     "returns_a_list": ("def get_config(arg=None):\n  return [1, 2]\n",
                        ("list", "ConfigDict")),
     "returns_none": ("def get_config(arg=None):\n  x = 1\n", ("None",)),
@@ -401,6 +405,9 @@ def test_sweep_arguments(tmp_path, tfds_dir, capsys):
   _expect_user_error(capsys, status, "--batch_sizes", "positive integers")
   status = sweep.main(["--config", *config, workdir, "--trials=-2"])
   _expect_user_error(capsys, status, "--trials")
+  # Found by tests/test_fuzz_cli.py: a ValueError traceback from Optuna.
+  status = sweep.main(["--config", *config, workdir, "--sweep_seed=-1"])
+  _expect_user_error(capsys, status, "--sweep_seed")
   # The search space against the config: micro-batches, then the devices.
   status = sweep.main(["--config", *config, "--config.grad_accum_steps=4",
                        workdir, "--batch_sizes=16,6"])

@@ -75,14 +75,12 @@ SPLIT_FOLDERS = {"train": ("train",), "validation": ("validation", "val"),
                  "test": ("test",)}
 ON_CORRUPT = image_files.ON_CORRUPT
 
-LAYOUT_HELP = """Expected layout (one sub-folder per class):
-  {root}/train/<class>/<image>.jpg        required
-  {root}/validation/<class>/<image>.jpg   optional (or val/); else {pct}% of
-                                          each class of train/ is held out
-  {root}/test/<class>/<image>.jpg         optional
-(or one folder each named *_train, *_val, *_test, as the authors' release).
-Set data.data_dir (the config arg data_dir=...) to the folder that holds
-train/."""
+# Appended to a message about the folder's layout: one more line at most,
+# as every user error (the full layout: docs/datasets.md#image-folders).
+LAYOUT_HELP = ("Expected {root}/train/<class>/<image> (validation/ or "
+               "val/, test/ optional; else {pct}% of train/ is held out), see "
+               "docs/datasets.md#image-folders; data.data_dir (data_dir=) "
+               "names the folder that holds train/.")
 
 
 @dataclasses.dataclass(frozen=True)
