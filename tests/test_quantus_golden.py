@@ -115,8 +115,9 @@ def test_imputation_equals_quantus(golden):
   removed = np.zeros(a.size, bool)
   removed[np.argsort(-a.reshape(-1), kind="stable")[:a.size // 2]] = True
   ours = imputation.impute(x[None], removed.reshape(1, *a.shape))[0]
+  # CG to a relative residual of 1e-5 (imputation.TOL) against a direct solve.
   np.testing.assert_allclose(ours, golden["quantus/imputation_50"].transpose(1, 2, 0),
-                             rtol=0, atol=1e-5)
+                             rtol=0, atol=5e-5)
 
 
 def test_road(golden, faith, model):

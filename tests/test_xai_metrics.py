@@ -64,7 +64,7 @@ def test_evaluate_reports_the_metrics(finished_run, tmp_path):
   out = tmp_path / "eval"
   # The cheap ones (each metric's values: tests/test_quantus_golden.py).
   names = ["entropy", "sparseness", "mass_accuracy", "top_k",
-           "region_perturbation", "max_sensitivity", "avg_sensitivity"]
+           "max_sensitivity", "avg_sensitivity"]
   argv = ["--workdir", str(finished_run.workdir), "--methods", "own",
           "--num_images", "4", "--batch_size", "4", "--chunk_size", "64",
           "--metrics", ",".join(names), "--nofigures", "--out", str(out)]

@@ -14,9 +14,11 @@ solver is the conjugate-gradient method with the diagonal (Jacobi)
 preconditioner. The matrix is the graph Laplacian of the pixel grid
 restricted to the removed pixels, symmetric and positive definite wherever a
 removed region touches a kept pixel, so CG converges; it stops when every
-system's residual is below ``tol`` times its right-hand side (or after
-``max_iter`` steps). Against scipy's direct solve the imputed values differ by
-about 1e-6 (tests/test_quantus_golden.py; docs/explanations.md).
+system's residual is below ``tol`` times its right-hand side, or has taken
+twice as many steps as it has unknowns, or after ``max_iter`` steps. Against
+scipy's direct solve the imputed values differ by at most about 6e-5
+(for values of order 1)
+(tests/test_quantus_golden.py; docs/explanations.md).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 # (dy, dx) -> weight; ROAD's neighbour weights.
 OFFSETS = tuple((dy, dx, 1 / 6 if dy == 0 or dx == 0 else 1 / 12)
                 for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0))
-TOL = 1e-6
+TOL = 1e-5
 MAX_ITER = 2000
 
 
@@ -71,10 +73,13 @@ def impute(images_NxHxWxC, removed_NxHxW, noise_NxHxWxC=None, *,
   b = u * neighbour_sum((1 - u) * x)
   dot = lambda p, q: jnp.sum(p * q, axis=(1, 2), keepdims=True)
   threshold = (tol ** 2) * jnp.maximum(dot(b, b), 1e-30)
+  # In exact arithmetic CG ends within as many steps as unknowns; in float32
+  # a small system can stall just above ``tol`` and would hold up the batch.
+  cap = 2 * jnp.sum(u, axis=(1, 2), keepdims=True) + 10
 
   def cond(state):
     _, r, _, _, i = state
-    return (i < max_iter) & jnp.any(dot(r, r) > threshold)
+    return (i < max_iter) & jnp.any((dot(r, r) > threshold) & (i < cap))
 
   def body(state):
     sol, r, p, rz, i = state
