@@ -86,3 +86,17 @@ def test_unknown_metric_is_one_line(tmp_path, capsys):
   err = capsys.readouterr().err.strip()
   assert "nope" in err and "faithfulness_correlation" in err
   assert len(err.splitlines()) <= 2 and "Traceback" not in err
+
+
+def test_top_mask_is_a_stable_sort():
+  """The sort-free top-k takes what a stable descending sort takes first,
+  ties included, for any sign and any k."""
+  rng = np.random.default_rng(1)
+  a = rng.integers(-3, 4, (5, 40)).astype(np.float32) * 0.5  # many ties
+  a[0] = rng.normal(size=40)
+  k = np.array([0, 1, 7, 39, 40])
+  order = np.argsort(-a, axis=1, kind="stable")
+  want = np.zeros(a.shape, bool)
+  for i, kk in enumerate(k):
+    want[i, order[i, :kk]] = True
+  np.testing.assert_array_equal(localisation.top_mask(a, k), want)

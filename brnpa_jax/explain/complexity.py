@@ -53,7 +53,11 @@ def sparseness(maps_Bxhxw) -> jax.Array:
   ``G = sum_k (2k - n - 1) a_(k) / (n sum_k a_(k))`` with ``a_(k)`` the
   values in ascending order, k = 1..n.
   """
-  a = jnp.sort(_flat_abs_by_max(maps_Bxhxw) + GINI_EPS, axis=1)
+  a = _flat_abs_by_max(maps_Bxhxw) + GINI_EPS
+  # Non-negative floats sort as their bits do; XLA sorts integers on a CPU
+  # about 9x faster than floats (no NaN-aware comparator).
+  bits = jnp.sort(jax.lax.bitcast_convert_type(a, jnp.uint32), axis=1)
+  a = jax.lax.bitcast_convert_type(bits, jnp.float32)
   n = a.shape[1]
   k = jnp.arange(1, n + 1, dtype=jnp.float32)
   return jnp.sum((2 * k - n - 1) * a, axis=1) / (n * jnp.sum(a, axis=1))

@@ -14,10 +14,11 @@ defines it (docs/explanations.md).
 
 Maps and masks are (B, H, W) at the same resolution (``at_mask_resolution``
 upsamples a map bilinearly, as the pointing games do). An image whose mask is
-empty gives NaN (Quantus's choice), which the summaries leave out. Pixels are
-ranked by a stable sort (ties in index order); Quantus uses numpy's default
-sort, whose order among tied values is unspecified, so maps with plateaus
-(zeros of a ReLU) can differ there by the tied pixels at the K-th rank.
+empty gives NaN (Quantus's choice), which the summaries leave out. The top
+pixels are those a stable sort would put first (ties in index order), found
+without a sort (``top_mask``); Quantus uses numpy's default sort, whose order
+among tied values is unspecified, so maps with plateaus (zeros of a ReLU) can
+differ there by the tied pixels at the K-th rank.
 """
 
 from __future__ import annotations
@@ -43,6 +44,39 @@ def at_mask_resolution(maps_Bxhxw, masks_BxHxW) -> tuple[jax.Array, jax.Array]:
   return maps, masks > 0.5
 
 
+def _order_keys(a_BxN) -> jax.Array:
+  """uint32 keys in the order of the float32 values."""
+  bits = jax.lax.bitcast_convert_type(a_BxN.astype(jnp.float32), jnp.uint32)
+  negative = bits >= jnp.uint32(0x80000000)
+  return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def top_mask(a_BxN, k_B) -> jax.Array:
+  """(B, N) bool: the k largest values of each row, ties in index order (as
+  a stable sort would take them).
+
+  Found without sorting (XLA's sort is slow on CPUs): the k-th largest
+  value by bisection over the 32 bits of its order key, then the tied
+  values at that threshold in index order.
+  """
+  keys = _order_keys(a_BxN)
+  k = jnp.asarray(k_B, jnp.int32)[:, None]
+
+  def step(_, bounds):  # the largest t with count(keys >= t) >= k
+    lo, hi = bounds
+    mid = lo + (hi - lo + 1) // 2
+    ok = jnp.sum(keys >= mid, axis=1, keepdims=True) >= k
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+  lo = jnp.min(keys, axis=1, keepdims=True)
+  hi = jnp.max(keys, axis=1, keepdims=True)
+  t, _ = jax.lax.fori_loop(0, 32, step, (lo, hi))
+  above = keys > t
+  tied = keys == t
+  room = k - jnp.sum(above, axis=1, keepdims=True)
+  return above | (tied & (jnp.cumsum(tied, axis=1) <= room))
+
+
 def _flat(maps, masks):
   b = maps.shape[0]
   return maps.reshape(b, -1), masks.reshape(b, -1)
@@ -53,8 +87,7 @@ def relevance_rank_accuracy(maps_BxHxW, masks_BxHxW) -> jax.Array:
   """Share of the K = |mask| top-ranked pixels inside the mask; (B,)."""
   a, s = _flat(*at_mask_resolution(maps_BxHxW, masks_BxHxW))
   k = jnp.sum(s, axis=1)
-  rank = metrics.descending_rank(a)
-  hits = jnp.sum(s & (rank < k[:, None]), axis=1)
+  hits = jnp.sum(s & top_mask(a, k), axis=1)
   return jnp.where(k > 0, hits / jnp.maximum(k, 1), jnp.nan)
 
 
@@ -81,8 +114,7 @@ def top_k_intersection(maps_BxHxW, masks_BxHxW, k: int = TOP_K,
   n = a.shape[1]
   if not 1 <= k <= n:
     raise ValueError(f"k must be in [1, {n}] (pixels of the mask); got {k}.")
-  _, top = jax.lax.top_k(a, k)  # ties: lower index first, as a stable sort
-  tki = jnp.mean(jnp.take_along_axis(s, top, axis=1), axis=1)
+  tki = jnp.sum(s & top_mask(a, jnp.full(a.shape[:1], k)), axis=1) / k
   size = jnp.sum(s, axis=1)
   if concept_influence:
     tki = tki * n / jnp.maximum(size, 1)
