@@ -15,7 +15,7 @@ import flax
 import jax
 import optax
 
-from benchmarks import deletion, fewshot_step, reid_step, train_step
+from benchmarks import deletion, fewshot_step, reid_step, train_step, xai
 
 # XLA options compared on the headline train step (passed per compilation,
 # ``Lowered.compile(compiler_options=...)``, so one process measures them
@@ -94,5 +94,11 @@ def reid(job, ctx) -> dict:
   return {k: v for k, v in r.items() if k != "cpu_s"}
 
 
+def xai_metrics(job, ctx) -> dict:
+  """Our Quantus-family metrics (``benchmarks.xai.measure_ours``)."""
+  del ctx
+  return {"rows": xai.measure_ours(**job["opts"])}
+
+
 JOBS = {"peaks": peaks, "train": train, "deletion": deletion_curves,
-        "fewshot": fewshot, "reid": reid}
+        "fewshot": fewshot, "reid": reid, "xai": xai_metrics}

@@ -176,6 +176,15 @@ def _small_tables(fig, jobs):
             "|---|---|---|---|---|---|---|",
             f"| {r['res']} | {r['batch']} | {r['step_s']:.4f} | {r['img_per_s']:.0f} | "
             f"{r['gflop']:.0f} | {r['gib']:.2f} | {r['compile_s']:.1f} |"]
+  xj = next((j for j in jobs if j["kind"] == "xai"), None)
+  r = fig.result(xj["id"]) if xj else None
+  if r:
+    o = xj["opts"]
+    out += ["", f"Quantus-family metrics, ours (`{xj['id']}`, {o['backbone']}, "
+            f"{o['images']} images of {o['size']} px; benchmarks/xai.py):", "",
+            "| metric | s (first call) | s (compiled) | s/image |", "|---|---|---|---|"]
+    out += [f"| {x['metric']} | {x['ours_first_s']:.2f} | {x['ours_s']:.3f} | "
+            f"{x['ours_s'] / x['images']:.4f} |" for x in r["rows"]]
   remat = [j for j in jobs if j["kind"] == "train" and "remat" in j]
   figs = [(j, fig.train(j["id"])) for j in remat]
   if any(r for _, r in figs):

@@ -12,6 +12,10 @@ once (for every run) or once per workdir; ``own`` is the model's own map
 docs/method.md#own-maps), the others are post-hoc explainers of the class
 the model predicts.
 ``--dtype bfloat16`` runs the deletion and insertion forwards in bfloat16.
+``--metrics`` adds Quantus's metric families by name (``explain/suite.py``:
+road, faithfulness_correlation, pixel_flipping, region_perturbation,
+max_sensitivity, avg_sensitivity, rank_accuracy, mass_accuracy, top_k,
+entropy, sparseness; docs/explanations.md), reported like the others.
 
 Per image and per (run, method): accuracy, sparsity, deletion and insertion
 AUC (``--protocol release``: feature-map cells, one step per cell;
@@ -50,12 +54,13 @@ from absl import flags
 from brnpa_jax import cli, outputs
 from brnpa_jax.data import catalog, input_pipeline
 from brnpa_jax.errors import ConfigError
-from brnpa_jax.explain import metrics
+from brnpa_jax.explain import faithfulness, metrics, suite
 from brnpa_jax.explain.explainers import EXPLAINERS
 from brnpa_jax.runs import load_run as restore_run
 from brnpa_jax.models import build_model
 
-LOWER_IS_BETTER = ("sparsity", "dauc", "dauc_std")
+LOWER_IS_BETTER = ("sparsity", "dauc", "dauc_std") + tuple(
+    k for k, (_, lower) in suite.COLUMNS.items() if lower)
 # The ground truth of the pointing games, per dataset (data.name).
 GROUND_TRUTH = {"parts": "part_mask", "caltech_birds2011": "bbox",
                 "cars196": "bbox", "stanford_dogs": "bbox",
@@ -67,7 +72,8 @@ OUTPUT_FILES = ("results.md", "results.csv", "results.json", "per_image.npz",
 METRIC_NAMES = {
     "accuracy": "accuracy", "sparsity": "sparsity", "dauc": "DAUC",
     "iauc": "IAUC", "dauc_std": "DAUC (std.)", "iauc_std": "IAUC (std.)",
-    "pointing": "pointing game", "energy": "energy PG"}
+    "pointing": "pointing game", "energy": "energy PG",
+    **{k: heading for k, (heading, _) in suite.COLUMNS.items()}}
 
 
 # -- runs --------------------------------------------------------------------
@@ -117,8 +123,10 @@ class Evaluator:
                seed: int = 0, options: dict[str, dict[str, Any]] | None = None,
                steps: int | None = None, pixels_per_step: int | None = None,
                tolerance: float = metrics.POINTING_TOLERANCE,
-               energy_protocol: str = "mask", dtype: str | None = None):
+               energy_protocol: str = "mask", dtype: str | None = None,
+               metric_names=()):
     self.run, self.protocols = run, tuple(protocols)
+    self.metric_names = tuple(metric_names)
     self.ground_truth, self.energy_protocol = ground_truth, energy_protocol
     self.options = options or {}
     self.steps, self.pixels_per_step = steps, pixels_per_step
@@ -130,6 +138,7 @@ class Evaluator:
       perturbed = build_model(run.config.model, model.num_classes, dtype)
     apply_fn = lambda v, x: perturbed.apply(v, x, train=False)[0]
     self.curves = metrics.PerturbationCurves(apply_fn, chunk_size=chunk_size)
+    self.faith = faithfulness.Faithfulness(apply_fn, chunk_size=chunk_size)
     self.rng = jax.random.key(seed)
 
   def saliency(self, method: str, images, predicted, aux):
@@ -145,6 +154,15 @@ class Evaluator:
       sparsity = metrics.sparsity(jnp.asarray(sal)[:, None])
     sal = jax.block_until_ready(jnp.asarray(sal, jnp.float32))
     return sal, np.asarray(sparsity), time.perf_counter() - t0
+
+  def explain_fn(self, method: str, rng):
+    """``(images, classes) -> saliency`` of a method (for the sensitivities)."""
+    if method == "own":
+      return lambda x, y: own_maps(self.forward(self.run.variables, x)[1],
+                                   self.run.head)[0]
+    from brnpa_jax.explain.explainers import explain
+    return lambda x, y: explain(method, self.run.model, self.run.variables, x,
+                                y, rng=rng, **self.options.get(method, {}))
 
   def batch(self, batch, methods, n: int) -> dict[str, dict[str, np.ndarray]]:
     """Per-image values of every metric for each method, for the first n
@@ -184,6 +202,13 @@ class Evaluator:
         values.update(dauc_std=r["deletion_auc"], iauc_std=r["insertion_auc"],
                       deletion_curve_std=r["deletion_curve"],
                       insertion_curve_std=r["insertion_curve"])
+      if self.metric_names:
+        self.rng, rng = jax.random.split(self.rng)
+        extra = suite.compute(self.metric_names, suite.Inputs(
+            self.faith, self.run.variables, images, sal, predicted,
+            masks=np.asarray(masks, np.float32),
+            explain_fn=self.explain_fn(method, rng), rng=rng))
+        values.update({k: v[:n] for k, v in extra.items()})
       values["saliency"] = np.asarray(sal)[:n]
       out[method] = values
     return out
@@ -386,8 +411,8 @@ def evaluate(workdirs, *, split="test", methods=None, num_images=None, protocol=
              chunk_size=64, ground_truth=None, energy_protocol=None,
              reference=None, out_dir,
              seed=0, options=None, steps=None, pixels_per_step=None,
-             tolerance=metrics.POINTING_TOLERANCE, figures=True, dtype=None
-             ) -> dict[str, Any]:
+             tolerance=metrics.POINTING_TOLERANCE, figures=True, dtype=None,
+             metric_names=()) -> dict[str, Any]:
   """Evaluates runs and writes the tables; returns the summary and paths."""
   methods = [m.split(",") for m in _per_workdir(methods, workdirs, "--methods", "own")]
   protocols = ("release", "standard") if protocol == "both" else (protocol,)
@@ -402,7 +427,8 @@ def evaluate(workdirs, *, split="test", methods=None, num_images=None, protocol=
         raise ConfigError(f"--energy_protocol={energy!r}: use one of "
                           f"{ENERGY_PROTOCOLS}.")
       evaluator = Evaluator(run, protocols, chunk_size, key, seed, options,
-                            steps, pixels_per_step, tolerance, energy, dtype)
+                            steps, pixels_per_step, tolerance, energy, dtype,
+                            metric_names)
       for batch, n in iterate_split(run.config, split, batch_size, num_images,
                                     key):
         if examples is None:
@@ -427,6 +453,9 @@ def evaluate(workdirs, *, split="test", methods=None, num_images=None, protocol=
             "pixels_per_step": pixels_per_step or "image width",
             "pointing_tolerance_px": tolerance,
             "perturbation_dtype": dtype or "the run's",
+            "metrics": list(metric_names),
+            "metric_settings": {k: list(v) if isinstance(v, tuple) else v
+                                for k, v in suite.SETTINGS.items()},
             "ci": "95% t interval", "paired_test": "two-sided Wilcoxon signed-rank"}
     with outputs.naming(out_dir):
       paths = write_tables(summary, per_image, staging, reference, info)
@@ -474,10 +503,13 @@ def _define(fv: flags.FlagValues, argv) -> None:
                     "the deletion/insertion forwards (default: the run's); with "
                     "bfloat16 the DAUC/IAUC means stay within "
                     f"{metrics.BF16_AUC_TOLERANCE} of float32.", flag_values=fv)
+  d("list", "metrics", [], "Comma-separated Quantus-family metrics to add: "
+    f"{', '.join(suite.METRICS)}.")
   flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
   # Checked while parsing, before a run is restored or --out is touched.
   flags.register_validator("methods", _check_methods, flag_values=fv)
   flags.register_validator("split", _check_split, flag_values=fv)
+  flags.register_validator("metrics", _check_metrics, flag_values=fv)
 
 
 def _check_methods(values) -> bool:
@@ -486,6 +518,14 @@ def _check_methods(values) -> bool:
   if unknown:
     raise flags.ValidationError(f"unknown method(s) {unknown}; valid: "
                                 f"{', '.join(EXPLAINERS)}.")
+  return True
+
+
+def _check_metrics(names) -> bool:
+  unknown = suite.check(names or ())
+  if unknown:
+    raise flags.ValidationError(f"unknown metric(s) {unknown}; valid: "
+                                f"{', '.join(suite.METRICS)}.")
   return True
 
 
@@ -506,7 +546,7 @@ def _main(fv: flags.FlagValues) -> dict[str, Any]:
       reference=fv.reference, out_dir=fv.out,
       seed=fv.seed, options=parse_options(fv.option), steps=fv.steps,
       pixels_per_step=fv.pixels_per_step, tolerance=fv.tolerance,
-      figures=fv.figures, dtype=fv.dtype)
+      figures=fv.figures, dtype=fv.dtype, metric_names=fv.metrics)
   with open(result["paths"]["md"]) as f:
     print("\n" + f.read())
   print("Wrote", ", ".join(str(v) for v in result["paths"].values()))
