@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -27,6 +28,7 @@ from helpers import FAST_PRNG
 
 pytestmark = pytest.mark.slow  # trains or compiles end to end
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
 NUM_IMAGES = 7
 STEP = 12
@@ -376,3 +378,35 @@ def test_shard_splits_in_order():
   parts = [predict.shard(list(range(7)), i, 3) for i in range(3)]
   assert parts == [[0, 1, 2], [3, 4], [5, 6]]
   assert predict.shard([0], 1, 2) == []
+
+
+def test_two_processes_write_what_one_process_writes(saved_run, image_folder,
+                                                     predictions, tmp_path):
+  """``--multiprocess``: two processes predict 4 and 3 of the files; process
+  0 writes the same bytes as one process. (8 devices in each process, as in
+  this one: XLA's float rounding on a CPU can depend on how many devices
+  share the process's cores.)"""
+  workdir = saved_run[0]
+  out8 = predictions[3]
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  out = tmp_path / "two"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "brnpa_jax.predict", "--workdir", workdir,
+         "--images", image_folder, "--out", str(out), "--batch", "8",
+         "--overlays", "--multiprocess", f"--coordinator_address=localhost:{port}",
+         "--num_processes=2"]
+  procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for i in range(2)]
+  logs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], logs
+  assert "on each of 8 device(s) x 2 process(es)" in logs[0]
+  assert "images" not in logs[1]  # process 0 alone reports and writes
+  got_files, got_arrays = _folder_outputs(out)
+  want_files, want_arrays = _folder_outputs(out8)
+  assert got_files == want_files
+  for k, v in want_arrays.items():
+    np.testing.assert_array_equal(got_arrays[k], v, err_msg=k)
