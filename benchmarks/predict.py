@@ -9,7 +9,7 @@ colour fields with noise, so they compress and decode like photos), for
 each config, in one process:
 
 - *model*: the compiled inference alone, data-parallel over this process's
-  devices, on device-resident images (``train.program.compile_inference``);
+  devices, on device-resident images (``train.inference.compile_inference``);
 - *pipeline*: the file pipeline alone (``predict.folder_batches``: decode,
   resize, centre-crop, in parallel);
 - *end to end*: ``predict``'s loop (pipeline, model, outputs fetched, CSV
@@ -48,7 +48,7 @@ from brnpa_jax.explain.overlay import save_overlay_grid
 from brnpa_jax.models import build_model
 from brnpa_jax.models.classifier import INFERENCE_OUTPUTS, make_infer_fn
 from brnpa_jax.train import sharding as shd
-from brnpa_jax.train.program import compile_inference
+from brnpa_jax.train.inference import compile_inference
 from configs import default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -322,6 +322,7 @@ def main(argv=None) -> list[dict]:
                     ("model", "end_to_end"), args.rounds) for c in args.configs]
     print(json.dumps(rows))
     return rows
+  load_before = os.getloadavg()[0]
   with tempfile.TemporaryDirectory() as tmp:
     args.folder = args.folder or os.path.join(tmp, "jpegs")
     warm_up(folder_of(args.folder, args.configs[0], args.images))
@@ -336,7 +337,8 @@ def main(argv=None) -> list[dict]:
                                if r["config"] == row["config"])
         rows.append(row)
   print(f"JPEGs of 500x375 (images column), batch {args.batch} per step; "
-        f"{os.cpu_count()} CPUs, jax {jax.__version__} on "
+        f"{os.cpu_count()} CPUs (load average {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after), jax {jax.__version__} on "
         f"{jax.devices()[0].device_kind}")
   print(table(rows))
   return rows

@@ -20,7 +20,10 @@ symbolic batch dimension ``b``, so one artifact serves any batch size. The file 
   outputs are the same).
 
 Artifacts lowered for several platforms (``--platforms cpu,cuda``) run on
-each of them.
+each of them. ``ExportedModel.compile(images, devices)`` runs the function
+data-parallel: the batch split over the devices, the exported function
+called on each part under ``jax.shard_map`` (it was lowered for one device,
+so it runs on any number of them).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ Files are decoded and resized in parallel (``--workers`` at once; 0 follows
 the machine), a few batches ahead of the model
 (``brnpa_jax.data.inference_pipeline``). The model runs data-parallel on
 every local device (the batch split over them, the weights replicated:
-``brnpa_jax.train.program.compile_inference``), without waiting for a batch
+``brnpa_jax.train.inference.compile_inference``), without waiting for a batch
 before the next is sent (``brnpa_jax.train.inference``), and overlays are
 drawn on a writer thread meanwhile. ``--batch`` images go to each device
 per step, so every device runs the program one device would run, and the
@@ -73,8 +73,8 @@ from brnpa_jax.artifact import load_exported
 from brnpa_jax.models.classifier import INFERENCE_OUTPUTS, make_infer_fn
 from brnpa_jax.runs import RestoredRun, Workdir, load_run
 from brnpa_jax.train import sharding as shd
-from brnpa_jax.train.inference import Predictions, gather, predict, shard
-from brnpa_jax.train.program import compile_inference
+from brnpa_jax.train.inference import (Predictions, compile_inference, gather,
+                                       predict, shard)
 
 __all__ = ["Predictions", "predict", "folder_batches", "split_batches",
            "run_predict", "write_outputs", "main"]

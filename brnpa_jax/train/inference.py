@@ -1,5 +1,7 @@
-"""The batch-inference loop: the compiled model kept busy, and the outputs of
-several processes put back together.
+"""Batch inference: the data-parallel program (``compile_inference``), the
+loop that keeps it busy (``predict``), and the outputs of several processes
+put back together (``gather``). Like the training steps, it imports neither
+TensorFlow nor ml_collections.
 
 ``predict`` (the loop) overlaps everything it can with the model's work.
 jax dispatches a compiled call and returns at once, so the loop dispatches
@@ -32,6 +34,7 @@ from jax.experimental import multihost_utils
 from brnpa_jax.data.normalization import denormalize
 from brnpa_jax.errors import ConfigError
 from brnpa_jax.models.classifier import INFERENCE_OUTPUTS
+from brnpa_jax.train import sharding as shd
 
 LAG = 2  # batches in flight on the devices before the oldest is fetched
 
@@ -60,6 +63,41 @@ class Predictions:
   total_seconds: float
   images: list[np.ndarray] | None = None
   input_seconds: float = 0.0
+
+
+def compile_inference(infer, variables, image_shape: Sequence[int],
+                      mesh: jax.sharding.Mesh):
+  """``infer(variables, images)`` compiled data-parallel on ``mesh``.
+
+  The images' batch axis is split over every device of the mesh and the
+  variables are replicated on each (placed once, here), as the training
+  steps place batches and parameters with ``fsdp = 1``; the outputs stay
+  split. Each device runs the program that one device would run on its
+  ``batch / devices`` images, so for a given batch per device the outputs
+  are the same on any number of devices, bit for bit.
+
+  Args:
+    infer: ``(variables, images) -> outputs``, e.g.
+      ``models.classifier.make_infer_fn(model)``.
+    variables: the model variables (host or device arrays).
+    image_shape: ``(batch, S, S, 3)``; the batch must divide over the mesh.
+    mesh: from ``sharding.make_mesh``.
+
+  Returns:
+    ``images -> outputs``: dispatches and returns at once (jax's
+    asynchronous dispatch); the host-to-device copy of ``images`` is started
+    first, so it overlaps with the computation of earlier calls.
+
+  Raises:
+    ConfigError: the batch does not divide over the devices.
+  """
+  shd.check_batch_size(image_shape[0], mesh, "batch", num_processes=1)
+  batch = shd.data_sharding(mesh)
+  variables = jax.device_put(variables, shd.replicated(mesh))
+  compiled = jax.jit(infer, out_shardings=batch).lower(
+      variables, jax.ShapeDtypeStruct(tuple(image_shape), jax.numpy.float32,
+                                      sharding=batch)).compile()
+  return lambda images: compiled(variables, jax.device_put(images, batch))
 
 
 def shard(items: Sequence, index: int, count: int) -> Sequence:

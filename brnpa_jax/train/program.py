@@ -1,6 +1,4 @@
-"""What a run's config compiles to: its mesh, model, optimiser and jitted steps;
-and the data-parallel inference program that ``predict`` runs
-(``compile_inference``).
+"""What a run's config compiles to: its mesh, model, optimiser and jitted steps.
 
 The ``Trainer`` and ahead-of-time compilation for TPU topologies
 (``brnpa_jax.train.aot``) both build a run's steps here, so the program
@@ -111,37 +109,3 @@ def build_program(config, task, layout: Layout, *, num_classes: int,
   return Program(model=model, tx=tx, schedule=schedule, steps=steps,
                  image_hw=hw)
 
-
-def compile_inference(infer, variables, image_shape: Sequence[int],
-                      mesh: Mesh):
-  """``infer(variables, images)`` compiled data-parallel on ``mesh``.
-
-  The images' batch axis is split over every device of the mesh and the
-  variables are replicated on each (placed once, here), as the training
-  steps place batches and parameters with ``fsdp = 1``; the outputs stay
-  split. Each device runs the program that one device would run on its
-  ``batch / devices`` images, so for a given batch per device the outputs
-  are the same on any number of devices, bit for bit.
-
-  Args:
-    infer: ``(variables, images) -> outputs``, e.g.
-      ``models.classifier.make_infer_fn(model)``.
-    variables: the model variables (host or device arrays).
-    image_shape: ``(batch, S, S, 3)``; the batch must divide over the mesh.
-    mesh: from ``sharding.make_mesh``.
-
-  Returns:
-    ``images -> outputs``: dispatches and returns at once (jax's
-    asynchronous dispatch); the host-to-device copy of ``images`` is started
-    first, so it overlaps with the computation of earlier calls.
-
-  Raises:
-    ConfigError: the batch does not divide over the devices.
-  """
-  shd.check_batch_size(image_shape[0], mesh, "batch", num_processes=1)
-  batch = shd.data_sharding(mesh)
-  variables = jax.device_put(variables, shd.replicated(mesh))
-  compiled = jax.jit(infer, out_shardings=batch).lower(
-      variables, jax.ShapeDtypeStruct(tuple(image_shape), jax.numpy.float32,
-                                      sharding=batch)).compile()
-  return lambda images: compiled(variables, jax.device_put(images, batch))
