@@ -13,7 +13,7 @@ import sys
 
 from absl import flags, logging
 
-from brnpa_jax import cli, quiet
+from brnpa_jax import cli
 from brnpa_jax.config_file import define_config_flag
 
 
@@ -26,31 +26,12 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_bool("allow_config_change", False, "Resume an unfinished run "
                     "although the config differs from its config.json (the "
                     "change is recorded in the workdir).", flag_values=fv)
-  flags.DEFINE_bool("multiprocess", False, "Call jax.distributed.initialize() "
-                    "first (arguments auto-detected on TPU pods, SLURM and Open "
-                    "MPI unless given below).", flag_values=fv)
-  flags.DEFINE_string("coordinator_address", None, "host:port of process 0, "
-                      "with --multiprocess.", flag_values=fv)
-  flags.DEFINE_integer("num_processes", None, "With --multiprocess.",
-                       lower_bound=1, flag_values=fv)
-  flags.DEFINE_integer("process_id", None, "With --multiprocess.",
-                       lower_bound=0, flag_values=fv)
-  flags.DEFINE_integer("heartbeat_timeout_seconds", 100, "With --multiprocess: "
-                       "a process that stops answering for this long ends the "
-                       "run on every host, with an error.", lower_bound=1,
-                       flag_values=fv)
+  cli.define_multiprocess_flags(fv)
   flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
 
 
 def main(fv: flags.FlagValues) -> None:
-  import jax  # after flag parsing, so --help is fast
-
-  if fv.multiprocess:
-    jax.distributed.initialize(coordinator_address=fv.coordinator_address,
-                               num_processes=fv.num_processes,
-                               process_id=fv.process_id,
-                               heartbeat_timeout_seconds=fv.heartbeat_timeout_seconds)
-  quiet.start_jax()  # after distributed.initialize, which must come first
+  cli.start_jax(fv)  # jax.distributed.initialize first under --multiprocess
   from brnpa_jax.explain.figures import draw
   from brnpa_jax.train.trainer import train_and_evaluate
 

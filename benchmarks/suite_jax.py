@@ -9,13 +9,19 @@ TensorFlow, no ml_collections.
 from __future__ import annotations
 
 import platform
+import time
 import types
 
 import flax
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from benchmarks import deletion, fewshot_step, reid_step, train_step, xai
+from brnpa_jax.models.classifier import make_infer_fn
+from brnpa_jax.train import inference
+from brnpa_jax.train import sharding as shd
 
 # XLA options compared on the headline train step (passed per compilation,
 # ``Lowered.compile(compiler_options=...)``, so one process measures them
@@ -100,5 +106,50 @@ def xai_metrics(job, ctx) -> dict:
   return {"rows": xai.measure_ours(**job["opts"])}
 
 
+def predict_loop(job, ctx) -> dict:
+  """``predict``'s inference on every device: the compiled model alone, on
+  device-resident images; fed from host memory by ``predict``'s loop
+  (``train.inference``: asynchronous dispatch, copies of the next batch
+  overlapping the model, outputs fetched two batches behind); and fed by
+  the serial loop it replaced (one device, each batch waited for). No file
+  decoding: TensorFlow is absent here (``benchmarks.predict`` measures the
+  file pipeline)."""
+  model = train_step.build("brnpa", job["res"], job["dtype"],
+                           stage_sizes=ctx["stage_sizes"], width=ctx["width"])
+  size, per_device = job["size"], job["batch"]
+  mesh = shd.make_mesh(devices=jax.local_devices())
+  batch = per_device * mesh.size
+  variables = train_step.random_state(jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)))
+  infer = make_infer_fn(model)
+  host = [np.random.default_rng(i).standard_normal((batch, size, size, 3),
+                                                   np.float32) for i in range(2)]
+  steps = max(2, 2 * ctx["iters"])
+  t = time.perf_counter()
+  run = inference.compile_inference(infer, variables, host[0].shape, mesh)
+  compile_s = time.perf_counter() - t
+  x = jax.device_put(host[0], shd.data_sharding(mesh))
+  jax.block_until_ready(run(x))
+  t = time.perf_counter()
+  jax.block_until_ready([run(x) for _ in range(steps)])
+  model_img_s = steps * batch / (time.perf_counter() - t)
+  fed = [(list(range(batch)), host[i % 2], None) for i in range(steps)]
+  inference.predict(fed[:1], lambda _: run)  # warm-up
+  preds = inference.predict(fed, lambda _: run)
+  fed_img_s = steps * batch / preds.total_seconds
+  one = jax.jit(infer).lower(variables, host[0][:per_device]).compile()
+  jax.block_until_ready(one(variables, host[0][:per_device]))
+  t = time.perf_counter()
+  for i in range(steps):
+    jax.device_get(one(variables, host[i % 2][:per_device]))  # waited for
+  serial_img_s = steps * per_device / (time.perf_counter() - t)
+  return {"devices": mesh.size, "per_device_batch": per_device,
+          "compile_s": compile_s, "model_img_s": model_img_s,
+          "fed_img_s": fed_img_s, "serial_img_s": serial_img_s,
+          "fed_vs_model": fed_img_s / model_img_s,
+          "fed_vs_serial": fed_img_s / serial_img_s}
+
+
 JOBS = {"peaks": peaks, "train": train, "deletion": deletion_curves,
-        "fewshot": fewshot, "reid": reid, "xai": xai_metrics}
+        "fewshot": fewshot, "reid": reid, "predict": predict_loop,
+        "xai": xai_metrics}

@@ -21,7 +21,8 @@ SIZES = {
         fewshot=dict(backbone="resnet12", width=64, size=84, ways=5, shots=5,
                      queries=15, batch=64), fewshot_res=["high", "low"],
         reid=dict(res="reid_high", batch=64, backbone="resnet50", size=(256, 128)),
-        xai=dict(images=32, size=224, backbone="resnet18", chunk=128)),
+        xai=dict(images=32, size=224, backbone="resnet18", chunk=128),
+        predict=dict(size=224, res="low", batch=128)),
     "smoke": dict(
         budget_s=3600, stage_sizes=(1, 1, 1, 1), width=4, iters=2, warmup=1,
         matmul_n=256, options=OPTION_SETS[:2], est_scale=0.0,
@@ -33,7 +34,8 @@ SIZES = {
                      queries=1, batch=4), fewshot_res=["high"],
         reid=dict(res="reid_high", batch=4, backbone="resnet_tiny", size=(64, 32),
                   width=8),
-        xai=dict(images=2, size=32, backbone="resnet_tiny", chunk=64)),
+        xai=dict(images=2, size=32, backbone="resnet_tiny", chunk=64),
+        predict=dict(size=32, res="high", batch=2)),
 }
 
 
@@ -89,6 +91,9 @@ def plan(sizes: dict, torch_ok: bool, compile_ok: bool) -> list[dict]:
       dtype=bf, **rd)
   xa = sizes["xai"]
   add("jax", "xai", job_id("ours", "xai", xa["size"], None, xa["images"]), 60, opts=xa)
+  pr = sizes["predict"]
+  add("jax", "predict", job_id("ours", "predict", pr["size"], pr["res"],
+                               pr["batch"], bf), 30, dtype=bf, **pr)
   for s, r, b in dict.fromkeys((sizes["settings"][0], sizes["settings"][-1])):
     add("torch", "infer", job_id("torch compiled", "infer", s, r, b, bf), 60, 150,
         recipe="compiled", head="brnpa", size=s, res=r, batch=b, dtype=bf)

@@ -185,6 +185,16 @@ def _small_tables(fig, jobs):
             "| metric | s (first call) | s (compiled) | s/image |", "|---|---|---|---|"]
     out += [f"| {x['metric']} | {x['ours_first_s']:.2f} | {x['ours_s']:.3f} | "
             f"{x['ours_s'] / x['images']:.4f} |" for x in r["rows"]]
+  pj = next((j for j in jobs if j["kind"] == "predict"), None)
+  r = fig.result(pj["id"]) if pj else None
+  if r:
+    out += ["", f"Batch inference, `predict`'s loop (`{pj['id']}`, batch per device; "
+            "fed: from host memory, overlapped; serial: one device, each batch "
+            "waited for):", "",
+            "| devices | model img/s | fed img/s | serial img/s | fed / model | fed / serial |",
+            "|---|---|---|---|---|---|",
+            f"| {r['devices']} | {r['model_img_s']:.0f} | {r['fed_img_s']:.0f} | "
+            f"{r['serial_img_s']:.0f} | {r['fed_vs_model']:.2f} | {r['fed_vs_serial']:.2f}x |"]
   remat = [j for j in jobs if j["kind"] == "train" and "remat" in j]
   figs = [(j, fig.train(j["id"])) for j in remat]
   if any(r for _, r in figs):

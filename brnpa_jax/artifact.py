@@ -20,7 +20,10 @@ symbolic batch dimension ``b``, so one artifact serves any batch size. The file 
   outputs are the same).
 
 Artifacts lowered for several platforms (``--platforms cpu,cuda``) run on
-each of them.
+each of them. ``ExportedModel.compile(images, devices)`` runs the function
+data-parallel: the batch split over the devices, the exported function
+called on each part under ``jax.shard_map`` (it was lowered for one device,
+so it runs on any number of them).
 """
 
 from __future__ import annotations
@@ -108,11 +111,37 @@ class ExportedModel:
                           f"{images.shape}.")
     return self._call(self._leaves, images)
 
-  def compile(self, images_BxSxSx3):
-    """``images -> outputs`` compiled ahead of time for this batch shape."""
-    compiled = self._call.lower(self._leaves, jax.ShapeDtypeStruct(
-        images_BxSxSx3.shape, jax.numpy.float32)).compile()
-    return lambda images: compiled(self._leaves, images)
+  def compile(self, images_BxSxSx3, devices: Sequence[jax.Device] | None = None):
+    """``images -> outputs`` compiled ahead of time for this batch shape.
+
+    Args:
+      images_BxSxSx3: an array (or ``ShapeDtypeStruct``) of the batch shape.
+      devices: run data-parallel over these devices (the batch split over
+        them, the variables replicated on each: the exported function is
+        called on each device's part under ``jax.shard_map``); the batch
+        must divide over them. None: one device, as ``__call__`` does.
+
+    Returns:
+      ``images -> outputs``, dispatched asynchronously.
+    """
+    shape = tuple(images_BxSxSx3.shape)
+    if not devices:
+      compiled = self._call.lower(self._leaves, jax.ShapeDtypeStruct(
+          shape, jax.numpy.float32)).compile()
+      return lambda images: compiled(self._leaves, images)
+    if shape[0] % len(devices):
+      raise ArtifactError(f"a batch of {shape[0]} does not divide over "
+                          f"{len(devices)} devices.")
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    leaves = jax.device_put(self._leaves, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))
+    call = jax.jit(jax.shard_map(
+        self._apply, mesh=mesh, out_specs=jax.sharding.PartitionSpec("batch"),
+        in_specs=(jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec("batch"))))
+    compiled = call.lower(leaves, jax.ShapeDtypeStruct(
+        shape, jax.numpy.float32, sharding=split)).compile()
+    return lambda images: compiled(leaves, jax.device_put(images, split))
 
 
 def export_inference(infer, variables, image_size: int,

@@ -226,6 +226,36 @@ def define_run_flags(fv: flags.FlagValues) -> None:
                     "auto: best, else latest.", flag_values=fv)
 
 
+def define_multiprocess_flags(fv: flags.FlagValues) -> None:
+  """``--multiprocess`` and its arguments, for ``start_jax``."""
+  flags.DEFINE_bool("multiprocess", False, "Call jax.distributed.initialize() "
+                    "first (arguments auto-detected on TPU pods, SLURM and Open "
+                    "MPI unless given below).", flag_values=fv)
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0, "
+                      "with --multiprocess.", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "With --multiprocess.",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "With --multiprocess.",
+                       lower_bound=0, flag_values=fv)
+  flags.DEFINE_integer("heartbeat_timeout_seconds", 100, "With --multiprocess: "
+                       "a process that stops answering for this long ends the "
+                       "run on every host, with an error.", lower_bound=1,
+                       flag_values=fv)
+
+
+def start_jax(fv: flags.FlagValues) -> None:
+  """``jax.distributed.initialize`` under ``--multiprocess``
+  (``define_multiprocess_flags``), then ``quiet.start_jax``: for a tool
+  that ``run`` calls with ``start_jax=False``."""
+  if fv.multiprocess:
+    import jax  # pylint: disable=g-import-not-at-top  # after flag parsing
+    jax.distributed.initialize(
+        coordinator_address=fv.coordinator_address,
+        num_processes=fv.num_processes, process_id=fv.process_id,
+        heartbeat_timeout_seconds=fv.heartbeat_timeout_seconds)
+  quiet.start_jax()
+
+
 def main_exit(define, main, *, doc: str = "", prog: str | None = None) -> None:
   """``sys.exit(run(...))`` for a tool's ``if __name__ == '__main__'``."""
   sys.exit(run(define, main, doc=doc, prog=prog))

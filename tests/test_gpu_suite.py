@@ -45,7 +45,8 @@ def test_smoke_runs_every_job(smoke):
     else:
       assert job["status"] == "ok", (job["id"], job.get("reason"))
   ran = {(j["side"], j["kind"]) for j in jobs if j["status"] == "ok"}
-  want = {("jax", k) for k in ("peaks", "train", "deletion", "fewshot", "reid")}
+  want = {("jax", k) for k in ("peaks", "train", "deletion", "fewshot", "reid",
+                               "predict")}
   if HAVE_TORCH:
     want |= {("torch", k) for k in ("train", "infer", "deletion")}
   assert want <= ran
@@ -55,6 +56,7 @@ def test_smoke_runs_every_job(smoke):
   table = (out / "suite.md").read_text()
   assert "| 32 | high | 2 | bfloat16 | **" in table  # the headline row
   assert "## Deletion metric" in table and "Re-id train step" in table
+  assert "Batch inference, `predict`'s loop" in table
   if not HAVE_TORCH:
     assert "PyTorch columns skipped: torch is not installed" in stdout
   else:

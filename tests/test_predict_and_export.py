@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -27,6 +28,7 @@ from helpers import FAST_PRNG
 
 pytestmark = pytest.mark.slow  # trains or compiles end to end
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
 NUM_IMAGES = 7
 STEP = 12
@@ -323,3 +325,88 @@ def test_a_typo_in_images_is_not_read_as_a_split(saved_run, tmp_path):
   with pytest.raises(ConfigError, match="photos/: no such folder"):
     predict.run_predict(images="photos/", out=str(tmp_path / "o"),
                         workdir=workdir, verbose=False)
+
+
+def _folder_outputs(out):
+  """The bytes of a predict output folder: CSV, overlays, npz arrays."""
+  files = {}
+  for root, _, names in os.walk(out):
+    for name in names:
+      path = os.path.join(root, name)
+      if name != "maps.npz":
+        files[os.path.relpath(path, out)] = open(path, "rb").read()
+  with np.load(os.path.join(out, "maps.npz")) as z:
+    arrays = {k: z[k] for k in z.files}
+  return files, arrays
+
+
+def test_outputs_equal_the_serial_loop_byte_for_byte(saved_run, image_folder,
+                                                     predictions, tmp_path):
+  """The parallel pipeline on 8 devices writes what the serial loop that
+  predict ran before (kept in the benchmark) wrote on one device: CSV and
+  overlay bytes, every npz array; and on one device here too."""
+  from benchmarks import predict as bench  # pylint: disable=g-import-not-at-top
+  workdir, config, _ = saved_run
+  _, _, p8, out8 = predictions
+  assert jax.local_device_count() == 8
+  old = list(bench.serial_batches(image_folder, SIZE, 0.875, 8))
+  new = list(predict.folder_batches(image_folder, SIZE, 0.875, 8, workers=3))
+  assert [b[0] for b in old] == [b[0] for b in new]
+  np.testing.assert_array_equal(np.concatenate([b[1] for b in old]),
+                                np.concatenate([b[1] for b in new]))
+  run = load_run(workdir)
+  files, outputs, images, _ = bench.serial_predict(iter(old), run.model,
+                                                  run.variables, keep_images=True)
+  serial = predict.Predictions(files, None, outputs, 0.0, 0.0, 0.0, images)
+  bench.serial_write_outputs(str(tmp_path / "serial"), serial, 5)
+  one = predict.run_predict(images=image_folder, out=str(tmp_path / "one"),
+                            workdir=workdir, batch=8, overlays=True, workers=1,
+                            devices=jax.local_devices()[:1], verbose=False)
+  want_files, want_arrays = _folder_outputs(tmp_path / "serial")
+  assert len(want_files) == 1 + NUM_IMAGES  # the CSV and an overlay each
+  for out in (out8, tmp_path / "one"):
+    got_files, got_arrays = _folder_outputs(out)
+    assert got_files == want_files
+    assert got_arrays.keys() == want_arrays.keys()
+    for k, v in want_arrays.items():
+      np.testing.assert_array_equal(got_arrays[k], v, err_msg=k)
+  for k in predict.OUTPUT_KEYS:
+    np.testing.assert_array_equal(one.outputs[k], p8.outputs[k])
+
+
+def test_shard_splits_in_order():
+  parts = [predict.shard(list(range(7)), i, 3) for i in range(3)]
+  assert parts == [[0, 1, 2], [3, 4], [5, 6]]
+  assert predict.shard([0], 1, 2) == []
+
+
+def test_two_processes_write_what_one_process_writes(saved_run, image_folder,
+                                                     predictions, tmp_path):
+  """``--multiprocess``: two processes predict 4 and 3 of the files; process
+  0 writes the same bytes as one process. (8 devices in each process, as in
+  this one: XLA's float rounding on a CPU can depend on how many devices
+  share the process's cores.)"""
+  workdir = saved_run[0]
+  out8 = predictions[3]
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  out = tmp_path / "two"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "brnpa_jax.predict", "--workdir", workdir,
+         "--images", image_folder, "--out", str(out), "--batch", "8",
+         "--overlays", "--multiprocess", f"--coordinator_address=localhost:{port}",
+         "--num_processes=2"]
+  procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for i in range(2)]
+  logs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], logs
+  assert "on each of 8 device(s) x 2 process(es)" in logs[0]
+  assert "images" not in logs[1]  # process 0 alone reports and writes
+  got_files, got_arrays = _folder_outputs(out)
+  want_files, want_arrays = _folder_outputs(out8)
+  assert got_files == want_files
+  for k, v in want_arrays.items():
+    np.testing.assert_array_equal(got_arrays[k], v, err_msg=k)

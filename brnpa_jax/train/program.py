@@ -108,3 +108,4 @@ def build_program(config, task, layout: Layout, *, num_classes: int,
       grad_accum_steps=layout.grad_accum_steps, with_context=with_context)
   return Program(model=model, tx=tx, schedule=schedule, steps=steps,
                  image_hw=hw)
+
