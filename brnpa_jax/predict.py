@@ -133,7 +133,7 @@ def folder_batches(folder: str, size: int, resize_ratio: float, batch: int,
     yield names, images, None
   if not read_one:
     raise ConfigError(
-        f"no image under {image_files.display_name(folder)} could be read: "
+        f"no image under {image_files.message_name(folder)} could be read: "
         f"{len(skipped)} skipped (the first: "
         f"{skipped[0].removeprefix('Warning: skipped ')}).")
 
