@@ -1,4 +1,5 @@
-"""Seeded fuzzing at the command-line boundary (docs/reliability.md#fuzzing).
+"""Seeded fuzzing at the command-line boundary
+(docs/reliability.md#fuzzing-the-command-line).
 
 Each test composes bad (and some good) inputs of one class, runs the tools
 in-process through ``cli.run`` and checks one invariant per case:
@@ -26,7 +27,6 @@ appends each class's tally (cases, violations) to ``FILE`` as JSON lines.
 
 import contextlib
 import csv
-import errno
 import hashlib
 import json
 import math
@@ -44,8 +44,10 @@ import train
 from brnpa_jax import cli, export, predict, sweep
 from brnpa_jax.data import image_files
 from brnpa_jax.explain import evaluate
+from brnpa_jax.recipes import embedded
 from brnpa_jax.tools import aot
 from brnpa_jax.train import trainer
+from configs import default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -230,7 +232,6 @@ def _leaves(d, prefix=""):
 @pytest.fixture(scope="module")
 def default_fields():
   """Field -> its value in ``configs/default.py:runlocal``."""
-  from configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config("runlocal")
   # The parts dataset's own fields generate a new dataset (validation covers
   # them: tests/test_config_validation.py); the data folder is the case's.
@@ -319,7 +320,6 @@ def _switch_string(rng, switches) -> tuple[str, dict]:
 
 
 def test_switches(fuzz, tmp_path, tfds_dir):
-  from brnpa_jax.recipes import embedded  # pylint: disable=g-import-not-at-top
   for i in fuzz.indices():
     rng = fuzz.rng(i)
     root = tmp_path / str(i)
