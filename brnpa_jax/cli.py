@@ -68,12 +68,20 @@ def _fail(prog: str, message: str, verbose: bool) -> int:
   return USAGE
 
 
+# Control characters of a path as escapes: a newline in a name would break
+# the one line.
+_CONTROL = {**{c: f"\\x{c:02x}" for c in (*range(32), 127)},
+            ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
+
+
 def os_error_message(e: OSError) -> str | None:
   """The line for an ``OSError`` the user can fix (``OS_ERRORS``, or any
   error that names a path); None for one that is internal."""
   path = e.filename
   if isinstance(path, bytes):
     path = os.fsdecode(path)
+  if isinstance(path, str):
+    path = path.translate(_CONTROL)
   if e.errno in OS_ERRORS:
     what = OS_ERRORS[e.errno]
     return f"{path}: {what}." if path else f"{what[0].upper()}{what[1:]}."

@@ -79,8 +79,17 @@ def _is_real(v) -> bool:
           and math.isfinite(v))
 
 
+# Sizes, counts and seeds end up in int32 arrays and C longs: a larger value
+# (--config.model.width=2**63) cannot work, and failed deep inside JAX.
+INT_MAX = 2**31 - 1
+
+
+def _is_size(v, lo: int = 1) -> bool:
+  return _is_int(v) and lo <= v <= INT_MAX
+
+
 def _ints(lo: int) -> Rule:
-  return Rule(f"integers >= {lo}", lambda v: _is_int(v) and lo <= v)
+  return Rule(f"integers >= {lo} (below 2**31)", lambda v: _is_size(v, lo))
 
 
 def _reals(lo: float, hi: float = math.inf, *, lo_open: bool = False,
@@ -100,7 +109,7 @@ def _one_of(choices: Iterable) -> Rule:
 
 def _sizes(v) -> bool:  # an int side or an (H, W) pair
   pair = v if isinstance(v, (tuple, list)) else (v,)
-  return len(pair) in (1, 2) and all(_is_int(s) and s >= 1 for s in pair)
+  return len(pair) in (1, 2) and all(_is_size(s) for s in pair)
 
 
 def _hw(size) -> tuple[int, int]:
@@ -152,7 +161,7 @@ FIELDS = {
     "fewshot.eval_shots": Rule(
         "a non-empty tuple of integers >= 1",
         lambda v: isinstance(v, (tuple, list)) and len(v) > 0
-        and all(_is_int(s) and s >= 1 for s in v)),
+        and all(_is_size(s) for s in v)),
     "data.height": POSITIVE, "data.width": POSITIVE,
     "data.ids_per_batch": POSITIVE, "data.images_per_id": _ints(2),
     "data.erasing_p": _reals(0, 1),
@@ -167,7 +176,7 @@ FIELDS = {
     "data.parts.noise": _reals(0), "data.parts.texture": _reals(0),
     "data.parts.margin": _reals(0, 0.5, hi_open=True),
     "data.parts.image_size": Rule("None (data.image_size) or integers >= 1",
-                                  lambda v: v is None or _is_int(v) and v >= 1),
+                                  lambda v: v is None or _is_size(v)),
     **{f"data.parts.{f}": Rule("(min, max) fractions, 0 < min <= max < 1",
                                lambda v: isinstance(v, (tuple, list))
                                and len(v) == 2 and all(map(_is_real, v))

@@ -99,6 +99,27 @@ def test_predict_on_a_folder_of_unreadable_files_is_one_error(tmp_path,
   assert capsys.readouterr().err.count("Warning: skipped") == 3
 
 
+def test_a_newline_in_a_file_name_keeps_the_message_on_its_lines(tmp_path,
+                                                                  capsys):
+  # Found by tests/test_fuzz_cli.py: names with newlines broke the one-line
+  # messages of image folders (corrupt files, empty classes) into several.
+  root = _folder(tmp_path / "data", ["cat", "a\nb\nc\nd"], 3)
+  (root / "train" / "cat" / "x\ny\nz\nw.png").write_bytes(b"not an image")
+  status = _train("--config", f"{LOWRES}:runlocal,dataset=folder,data_dir={root}",
+                  f"--workdir={tmp_path}/run")
+  _expect_user_error(capsys, status, "x\\ny\\nz\\nw.png")
+  for f in (root / "train" / "a\nb\nc\nd").iterdir():
+    f.write_bytes(b"")
+  status = _train("--config", f"{LOWRES}:runlocal,dataset=folder,data_dir={root}",
+                  "--config.data.folder.on_corrupt=skip",
+                  f"--workdir={tmp_path}/run")
+  _expect_user_error(capsys, status, "no readable image: a\\nb\\nc\\nd")
+  status = cli.run(lambda fv, argv: None, lambda fv: open(
+      tmp_path / "no\nsuch\nfile\nhere"), argv=[], prog="tool", start_jax=False)
+  _expect_user_error(capsys, status, "no\\nsuch\\nfile\\nhere")
+  assert not os.path.exists(tmp_path / "run")
+
+
 def test_workdir_that_is_a_file(tmp_path, capsys):
   (tmp_path / "run").write_text("not a directory")
   status = _train("--config", f"{DEFAULT}:runlocal", f"--workdir={tmp_path}/run")

@@ -114,6 +114,10 @@ BAD_VALUES = [
     ("default.py:runlocal", ["--config.grad_accum_steps=3"],
      ["batch_size=32", "multiple of grad_accum_steps=3"]),
     ("default.py:runlocal", ["--config.model.dropout=1.0"], ["model.dropout"]),
+    # Found by tests/test_fuzz_cli.py: an OverflowError deep in JAX.
+    ("default.py:runlocal", ["--config.model.width=9223372036854775808"],
+     ["model.width=9223372036854775808", "below 2**31"]),
+    ("default.py:runlocal,width=9223372036854775808", [], ["model.width"]),
     ("default.py:runlocal", ["--config.optim.name=adamx"],
      ["optim.name='adamx'", "'adamw'"]),
     ("default.py:runlocal", ["--config.dtype=float16"], ["dtype", "bfloat16"]),

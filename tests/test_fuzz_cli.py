@@ -1,4 +1,5 @@
-"""Seeded fuzzing at the command-line boundary (docs/reliability.md#fuzzing).
+"""Seeded fuzzing at the command-line boundary
+(docs/reliability.md#fuzzing-the-command-line).
 
 Each test composes bad (and some good) inputs of one class, runs the tools
 in-process through ``cli.run`` and checks one invariant per case:
@@ -26,7 +27,6 @@ appends each class's tally (cases, violations) to ``FILE`` as JSON lines.
 
 import contextlib
 import csv
-import errno
 import hashlib
 import json
 import math
@@ -44,8 +44,10 @@ import train
 from brnpa_jax import cli, export, predict, sweep
 from brnpa_jax.data import image_files
 from brnpa_jax.explain import evaluate
+from brnpa_jax.recipes import embedded
 from brnpa_jax.tools import aot
 from brnpa_jax.train import trainer
+from configs import default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -230,7 +232,6 @@ def _leaves(d, prefix=""):
 @pytest.fixture(scope="module")
 def default_fields():
   """Field -> its value in ``configs/default.py:runlocal``."""
-  from configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config("runlocal")
   # The parts dataset's own fields generate a new dataset (validation covers
   # them: tests/test_config_validation.py); the data folder is the case's.
@@ -319,7 +320,6 @@ def _switch_string(rng, switches) -> tuple[str, dict]:
 
 
 def test_switches(fuzz, tmp_path, tfds_dir):
-  from brnpa_jax.recipes import embedded  # pylint: disable=g-import-not-at-top
   for i in fuzz.indices():
     rng = fuzz.rng(i)
     root = tmp_path / str(i)
@@ -465,6 +465,7 @@ FORMATS = {"L": ["png", "jpg", "bmp", "gif", "tif"], "LA": ["png", "tif"],
            "I;16": ["png", "tif"], "I": ["tif", "png"], "F": ["tif"],
            "1": ["png", "bmp", "tif"]}
 NAMES = ["a", "b c", "ünï", "x,y", 'q"uote', "new\nline", "tab\tname", "-x",
+         "four\nline\nbreak\nname", "cr\rlf",
          "#h", "a" * 150, "%s", "semi;colon", "ä" * 40]
 BAD_BYTES = [b"\xff\xfe", b"caf\xe9", b"\x80abc"]
 
@@ -571,10 +572,10 @@ def test_train_images(fuzz, tmp_path):
              check_ok=_config_json_ok(workdir))
 
 
-def _predictions_ok(out, images, on_corrupt):
+def _predictions_ok(out, images, on_corrupt, overlays=False):
   def check():
-    for name in ("predictions.csv", "maps.npz"):
-      if not os.path.isfile(os.path.join(out, name)):
+    for name in ("predictions.csv", "maps.npz") + (("overlays",) * overlays):
+      if not os.path.exists(os.path.join(out, name)):
         return f"exit 0 without {name}"
     with open(os.path.join(out, "predictions.csv"), newline="") as f:
       rows = list(csv.reader(f))[1:]
@@ -588,24 +589,61 @@ def _predictions_ok(out, images, on_corrupt):
     probs = [float(x) for r in rows for x in r[2::2]]
     if not all(math.isfinite(p) and 0 <= p <= 1 for p in probs):
       return "probabilities out of [0, 1]"
+    drawn = sum(len(f) for _, _, f in os.walk(os.path.join(out, "overlays")))
+    if overlays and drawn != len(rows):
+      return "not one overlay per prediction"
     leftovers = [n for n in os.listdir(os.path.dirname(out)) if "tmp" in n]
     return f"temporaries left: {leftovers}" if leftovers else None
   return check
 
 
-def test_predict_images(fuzz, tmp_path, finished_run):
+@pytest.fixture(scope="module")
+def artifact(finished_run, tmp_path_factory):
+  """The finished run exported once (``predict --exported``)."""
+  path = str(tmp_path_factory.mktemp("export") / "model.jaxexport")
+  assert export.main([f"--workdir={finished_run.workdir}", f"--out={path}"]) == 0
+  return path
+
+
+def _images_arg(rng, root) -> str:
+  """``--images``: mostly a random tree; sometimes a file, an empty folder,
+  a link loop, or a folder with nothing an image's name."""
+  images = os.path.join(root, "images")
+  os.makedirs(root, exist_ok=True)
+  kind = rng.random()
+  if kind < 0.06:
+    _write(images, "a file")
+  elif kind < 0.1:
+    os.makedirs(images)
+  elif kind < 0.13:
+    os.makedirs(root, exist_ok=True)
+    os.symlink(images, images)
+  elif kind < 0.16:
+    os.makedirs(images)
+    _write(os.path.join(images, "notes.txt"), "x")
+    _write(os.path.join(images, ".hidden.png"), "x")
+  else:
+    _tree(rng, images)
+  return images
+
+
+def test_predict_images(fuzz, tmp_path, finished_run, artifact):
   for i in fuzz.indices():
     rng = fuzz.rng(i)
     root = tmp_path / str(i)
-    images = str(root / "images")
-    _tree(rng, images)
+    images = _images_arg(rng, str(root))
     out = str(root / "out")
     on_corrupt = rng.choice(["error", "skip"])
-    argv = [f"--workdir={finished_run.workdir}", f"--images={images}",
-            f"--out={out}", f"--batch={PREDICT_BATCH}", "--topk=2",
+    model = (f"--exported={artifact}" if rng.random() < 0.25
+             else f"--workdir={finished_run.workdir}")
+    argv = [model, f"--images={images}", f"--out={out}",
+            f"--batch={PREDICT_BATCH}", "--topk=2",
             f"--max_pixels={MAX_PIXELS}", f"--on_corrupt={on_corrupt}"]
+    if rng.random() < 0.2:
+      argv.append("--overlays")
     fuzz.run(i, "predict", argv, str(root), outputs=[out],
-             check_ok=_predictions_ok(out, images, on_corrupt))
+             check_ok=_predictions_ok(out, images, on_corrupt,
+                                      "--overlays" in argv))
 
 
 # -- output paths ------------------------------------------------------------------
@@ -746,7 +784,7 @@ def _tool_args(rng, root, run, tfds) -> tuple[str, list[str], list[str], list]:
             "--on_corrupt=" + pick(["skip", "ignore", ""], good=("skip",))]
   elif tool == "aot":  # never compiles: every topology here is wrong
     argv = [f"--config={DEFAULT}:runlocal",
-            "--topology=" + pick(["v9z:2x2", "v5e:0x0", "", "v4", "x:y:z"]),
+            "--topology=" + pick(["v9z:2x2", "v5e:0x0", "v4", "x:y:z", "tpu"]),
             "--steps=" + pick(["train", "bogus", ""], good=("train",)),
             "--fit_step=" + pick(["0", "-4", "4"], good=("4",))]
   else:

@@ -192,7 +192,7 @@ def load_folder_split(data_cfg, split: str) -> ImageSet:
              for f in image_files.list_images(class_folder)]
     if not found:
       raise BadInputError(
-          f"Class folder {image_files.display_name(class_folder)} has no images "
+          f"Class folder {image_files.message_name(class_folder)} has no images "
           f"({', '.join(image_files.IMAGE_EXTENSIONS)}): add some or delete it.")
     files += found
     labels += [label] * len(found)

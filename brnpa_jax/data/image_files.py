@@ -49,9 +49,11 @@ checks that both paths agree pixel for pixel.
 Names: file names are whatever bytes the file system holds. Paths stay
 ``str`` (``os.fsdecode``: bytes that are not UTF-8 become surrogate escapes)
 in Python and bytes (``os.fsencode``) in tf.data; ``display_name`` is how a
-name is written to CSV files, ``.npz`` files and messages: bytes that are
-not UTF-8 appear as ``\\xNN`` escapes (a name that holds a literal ``\\x``
-and a name with that byte are then written alike).
+name is written to CSV files and ``.npz`` files: bytes that are not UTF-8
+appear as ``\\xNN`` escapes (a name that holds a literal ``\\x`` and a name
+with that byte are then written alike); ``message_name``, how it is written
+in a message, also escapes control characters (``\\n``), so that a name with
+a newline keeps a message on its lines.
 """
 
 from __future__ import annotations
@@ -96,10 +98,22 @@ class CorruptImageError(BadInputError):
 
 
 def display_name(name: str | bytes) -> str:
-  """``name`` as written to CSV, npz and messages: bytes that are not UTF-8
+  """``name`` as written to CSV and npz files: bytes that are not UTF-8
   as ``\\xNN`` escapes (``os.fsencode(name).decode('utf-8',
   'backslashreplace')``)."""
   return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+# Control characters as escapes (a file name may hold a newline).
+_CONTROL = {**{c: f"\\x{c:02x}" for c in (*range(32), 127)},
+            ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
+
+
+def message_name(name: str | bytes) -> str:
+  """``name`` as written in a message: ``display_name`` with control
+  characters escaped too (``\\n``, ``\\x1b``), so that a file name with a
+  newline cannot break a one-line message into several."""
+  return display_name(name).translate(_CONTROL)
 
 
 def list_folders(folder: str) -> list[str]:
@@ -148,7 +162,7 @@ def _allow(max_pixels: int) -> None:
 @contextlib.contextmanager
 def _opened(path, max_pixels: int) -> Iterator[Image.Image]:
   """The open image, its size checked; any failure inside is corrupt."""
-  name = display_name(path)
+  name = message_name(path)
   try:
     _allow(max_pixels)
     # An image over our limit is reported by us: Pillow's warning would only

@@ -192,24 +192,24 @@ class ImageFolder:
       more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
       raise CorruptImageError(
           f"{len(bad)} unreadable image file(s) in "
-          f"{image_files.display_name(self.root)}: " + " | ".join(bad[:3])
+          f"{image_files.message_name(self.root)}: " + " | ".join(bad[:3])
           + f"{more}. Replace or delete them, or set "
           "data.folder.on_corrupt='skip' to leave them out.")
     if bad:
       listing = "\n  ".join(bad[:20]) + (f"\n  ... ({len(bad) - 20} more)"
                                           if len(bad) > 20 else "")
       logging.warning("Skipping %d unreadable image file(s) in %s:\n  %s",
-                      len(bad), image_files.display_name(self.root), listing)
+                      len(bad), image_files.message_name(self.root), listing)
     return {p: kind for p, kind, err in results if not err}
 
   def _refuse_empty_classes(self, folder: str, files) -> None:
     """A class of train/ without an image is one the model cannot learn."""
     have = {label for _, label in files}
-    empty = [image_files.display_name(c) for i, c in enumerate(self.classes)
+    empty = [image_files.message_name(c) for i, c in enumerate(self.classes)
              if i not in have]
     if empty:
       raise DatasetNotPreparedError(
-          f"{len(empty)} class folder(s) of {image_files.display_name(folder)} "
+          f"{len(empty)} class folder(s) of {image_files.message_name(folder)} "
           f"hold no readable image: {', '.join(empty[:5])}"
           + (" ..." if len(empty) > 5 else "") + ". Add images to them or "
           "delete them (a class needs training images).")

@@ -150,7 +150,7 @@ def batches(folder: str, names: Sequence[str], *, size: int,
         kept_names, kept = [], []
   if not read_one:
     raise ConfigError(
-        f"no image under {image_files.display_name(folder)} could be read: "
+        f"no image under {image_files.message_name(folder)} could be read: "
         f"{len(skipped)} skipped (the first: "
         f"{skipped[0].removeprefix('Warning: skipped ')}).")
   if kept:
