@@ -108,10 +108,10 @@ def ours(data, ref) -> dict[str, tuple]:
         apply_fn(variables, z), yy[:, None], 1)))(xx)
     return grad.sum(-1)
 
-  draws = ref["faithfulness_correlation/draws"]
+  draws = ref.get("faithfulness_correlation/draws", np.zeros((b, 1), np.int16))
   subsets = draws.reshape(-1, b, draws.shape[-1]).transpose(1, 0, 2)
   noise = {k: ref[f"{k}/draws"].reshape(-1, b, c, h, w).transpose(0, 1, 3, 4, 2)
-           for k in ("max_sensitivity", "avg_sensitivity")}
+           for k in ("max_sensitivity", "avg_sensitivity") if f"{k}/draws" in ref}
   rn = road_noise(a, x, ROAD["percentages"], ROAD["noise"], ROAD["seed"])
   aligned = ((np.arange(h * w * c // FLIP) + 1) * FLIP) % c == 0
   sens = lambda k, f: lambda: f(robustness.sensitivity_ratios(
@@ -144,14 +144,19 @@ def _model_config(backbone: str = xai_golden.ARCH, width: int = 0):
   return types.SimpleNamespace(**fields, get=lambda k, d=None: fields.get(k, d))
 
 
-def measure(n: int, python: str) -> list[dict]:
+def measure(n: int, python: str, only=None, save=None) -> list[dict]:
+  """The table's rows; ``only``: these metrics; ``save``: an .npz path for
+  both sides' values."""
   data = inputs(n)
+  job_list = [j for j in jobs() if not only or j["name"] in only]
   t0 = time.perf_counter()
-  ref = xai_golden.run_reference(python, data, jobs(), random_state_dict(
+  ref = xai_golden.run_reference(python, data, job_list, random_state_dict(
       xai_golden.ARCH, xai_golden.CLASSES, seed=xai_golden.WEIGHT_SEED))
   print(f"Quantus side: {time.perf_counter() - t0:.0f} s", flush=True)
-  rows = []
+  rows, saved = [], {}
   for name, (fn, columns) in ours(data, ref).items():
+    if name not in ref:
+      continue
     t0 = time.perf_counter()
     fn()
     first = time.perf_counter() - t0
@@ -159,13 +164,18 @@ def measure(n: int, python: str) -> list[dict]:
     values = np.asarray(fn(), np.float64)
     warm = time.perf_counter() - t0
     theirs = np.asarray(ref[name], np.float64)
+    saved.update({f"ours/{name}": values, f"quantus/{name}": theirs})
     if columns is not None:
       values, theirs = values[:, columns], theirs[:, columns]
     q = float(ref[f"{name}/seconds"])
+    diff = np.abs(values - theirs)
     rows.append(dict(metric=name, quantus_s=q, ours_first_s=first,
                      ours_s=warm, ratio=q / warm,
-                     max_diff=float(np.nanmax(np.abs(values - theirs)))))
+                     max_diff=float(np.nanmax(diff)),
+                     differing=f"{int(np.sum(diff > 1e-4))} of {diff.size}"))
     print(json.dumps(rows[-1]), flush=True)
+  if save:
+    np.savez_compressed(save, **saved)
   return rows
 
 
@@ -215,10 +225,12 @@ def table(rows, n: int) -> str:
   lines = [f"{n} images of 32x32, resnet_tiny, {platform.processor() or platform.machine()}, "
            f"{jax.devices()[0].platform}", "",
            "| metric | Quantus 0.6.0 (s) | ours, first call (s) | ours (s) | "
-           "ratio | largest difference |", "|---|---:|---:|---:|---:|---:|"]
+           "ratio | largest difference | values differing by > 1e-4 |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
     lines.append(f"| {r['metric']} | {r['quantus_s']:.2f} | {r['ours_first_s']:.2f} "
-                 f"| {r['ours_s']:.3f} | {r['ratio']:.1f}x | {r['max_diff']:.1e} |")
+                 f"| {r['ours_s']:.3f} | {r['ratio']:.1f}x | {r['max_diff']:.1e} "
+                 f"| {r['differing']} |")
   return "\n".join(lines)
 
 
@@ -228,9 +240,12 @@ def main(argv=None) -> None:
                  help="python of the environment with quantus 0.6.0 and torch")
   p.add_argument("--images", type=int, default=100)
   p.add_argument("--smoke", action="store_true", help="4 images")
+  p.add_argument("--only", default="", help="comma-separated metrics (default: all)")
+  p.add_argument("--save", default=None, help="an .npz for both sides' values")
   args = p.parse_args(argv)
   n = 4 if args.smoke else args.images
-  print(table(measure(n, args.reference_python), n))
+  only = [m for m in args.only.split(",") if m]
+  print(table(measure(n, args.reference_python, only, args.save), n))
 
 
 if __name__ == "__main__":

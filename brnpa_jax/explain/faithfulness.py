@@ -66,12 +66,17 @@ def _class_scores(apply_fn, variables, images, classes, softmax: bool):
   return jnp.take_along_axis(scores, classes[:, None], 1)[:, 0]
 
 
-def _pairs(num_images: int, num_steps: int, chunk: int):
-  """Image and step index of every pair, padded to a chunk multiple."""
+def _pairs(num_images: int, num_steps: int, chunk: int,
+           step_major: bool = False):
+  """Image and step index of every pair (image by image, or step by step),
+  padded to a chunk multiple."""
   total = num_images * num_steps
   padded = -(-total // chunk) * chunk
   image = np.repeat(np.arange(num_images, dtype=np.int32), num_steps)
   step = np.tile(np.arange(num_steps, dtype=np.int32), num_images)
+  if step_major:
+    image, step = (np.tile(np.arange(num_images, dtype=np.int32), num_steps),
+                   np.repeat(np.arange(num_steps, dtype=np.int32), num_images))
   pad = padded - total
   return (np.concatenate([image, np.zeros(pad, np.int32)]),
           np.concatenate([step, np.zeros(pad, np.int32)]), total)
@@ -95,18 +100,24 @@ class Faithfulness:
     self._subset = jax.jit(self._subset_chunk, static_argnames="subset")
     self._road = jax.jit(self._road_chunk, static_argnames="explicit")
 
-  def _run(self, fn, num_images, step_values, *args, **kw) -> np.ndarray:
+  def _run(self, fn, num_images, step_values, *args, step_major=False, **kw
+           ) -> np.ndarray:
     """``fn(*args, pair_image, pair_step, pair_value)`` over every (image,
     step) pair, ``pair_value`` being the step's entry of ``step_values``
-    (taken on the host, so the number of steps is no traced shape)."""
+    (taken on the host, so the number of steps is no traced shape).
+    ``step_major`` groups the pairs of one step in a chunk (ROAD: the
+    imputations of one percentage converge together)."""
     num_steps = len(step_values)
-    image, step, total = _pairs(num_images, num_steps, self.chunk_size)
+    image, step, total = _pairs(num_images, num_steps, self.chunk_size,
+                                step_major)
     value = np.asarray(step_values, np.int32)[step]
     c = self.chunk_size
     out = [fn(*args, image[i:i + c], step[i:i + c], value[i:i + c], **kw)
            for i in range(0, len(image), c)]
-    return np.asarray(jnp.concatenate(out))[:total].reshape(num_images,
-                                                            num_steps)
+    out = np.asarray(jnp.concatenate(out))[:total]
+    if step_major:
+      return out.reshape(num_steps, num_images).T
+    return out.reshape(num_images, num_steps)
 
   # -- perturbations by threshold: pixel flipping, region perturbation -----------
   def _threshold_chunk(self, variables, images, ranks, baseline, classes,
@@ -321,7 +332,7 @@ class Faithfulness:
     return self._run(self._road, b, counts, variables, images,
                      ranks.reshape(b, h, w),
                      jnp.asarray(classes_B, jnp.int32), z, noise, key,
-                     explicit=explicit)
+                     explicit=explicit, step_major=True)
 
 
 def pearson(a_BxR, b_BxR) -> np.ndarray:

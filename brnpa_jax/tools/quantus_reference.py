@@ -146,6 +146,7 @@ def main(argv):
       metric = getattr(quantus, job["metric"])(
           disable_warnings=True, display_progressbar=False, **job.get("kwargs", {}))
       call = dict(job.get("call", {}))
+      call.setdefault("batch_size", len(x))  # one batch: the draws stack
       if call.pop("explain", False):
         call.update(explain_func=input_gradient, a_batch=None)
       else:
