@@ -222,8 +222,8 @@ def metrics_upsampled(aux, size):
 
 
 def table(rows, n: int) -> str:
-  lines = [f"{n} images of 32x32, resnet_tiny, {platform.processor() or platform.machine()}, "
-           f"{jax.devices()[0].platform}", "",
+  cpu = platform.processor() or platform.machine()
+  lines = [f"{n} images of 32x32, resnet_tiny, {cpu}, {jax.devices()[0].platform}", "",
            "| metric | Quantus 0.6.0 (s) | ours, first call (s) | ours (s) | "
            "ratio | largest difference | values differing by > 1e-4 |",
            "|---|---:|---:|---:|---:|---:|---:|"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from brnpa_jax.explain import (complexity, evaluate, imputation, localisation,
-                               metrics, suite)
+                               metrics)
 
 
 def test_complexity_on_known_maps():

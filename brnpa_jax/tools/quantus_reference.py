@@ -13,10 +13,10 @@ BasicBlocks, any widths), ``images`` (B, H, W, 3), ``maps`` (B, H, W),
 predictions), and ``jobs``: a JSON list of ``{"name", "kind", "metric",
 "kwargs", "seed", "call"}``. Kinds: ``quantus`` (a Quantus metric class
 called with the maps, or with ``explain`` = the input gradient of the class
-logit summed over channels as ``explain_func``), ``imputation`` (Quantus's imputation of one image's top pixels,
-without noise), ``road_pixels`` (ROAD's
-loop with Quantus's ``noisy_linear_imputation``, pixels ranked by the map:
-Quantus 0.6.0's own ``ROAD`` raises an IndexError on 3-channel images, see
+logit summed over channels as ``explain_func``), ``imputation``
+(Quantus's imputation of one image's top pixels, without noise),
+``road_pixels`` (ROAD's loop with Quantus's ``noisy_linear_imputation``,
+pixels ranked by the map: Quantus 0.6.0's own ``ROAD`` raises an IndexError on 3-channel images, see
 docs/explanations.md; each call's noise is seeded ``seed + 1000 * i + j``
 for image i and percentage j) and ``quantus_road`` (the error Quantus's
 ROAD gives). ``OUT.npz`` gets each job's values as ``<name>``, its seconds
