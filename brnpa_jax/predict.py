@@ -19,11 +19,12 @@ every local device (the batch split over them, the weights replicated:
 ``brnpa_jax.train.inference.compile_inference``), without waiting for a batch
 before the next is sent (``brnpa_jax.train.inference``), and overlays are
 drawn on a writer thread meanwhile. ``--batch`` images go to each device
-per step, so every device runs the program one device would run, and the
-outputs are the same, bit for bit, whatever the device count or the number
-of workers (XLA's float rounding on a CPU depends on the batch shape: other
-``--batch`` values may differ in the last bits). Batches have a fixed
-shape (the last one is padded), so the function is compiled once.
+per step, so every device runs the program one device would run: the
+outputs are those of one device, bit for bit, whatever the number of
+devices or workers. (XLA's float rounding on a CPU can depend on the batch
+shape, and on how many devices a process was started with: other
+``--batch`` values may differ in the last bits.) Batches have a fixed shape
+(the last one is padded), so the function is compiled once.
 
 With ``--multiprocess`` (as ``train.py``: ``jax.distributed.initialize()``
 first), each process predicts a contiguous part of the files (or of the

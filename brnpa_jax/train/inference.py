@@ -126,7 +126,7 @@ def predict(batches: Iterable, compile_fn: Callable, *,
       finished batch (``start``: its first row in the run; ``outputs``
       without padding; ``images`` uint8 when ``keep_images``), run in order
       on one writer thread while the loop goes on; its errors are raised
-      here at the end.
+      here (at the next batch, or at the end).
     allow_empty: return None when there was nothing to predict on (a
       process's part of the inputs under ``gather``).
 
@@ -139,7 +139,7 @@ def predict(batches: Iterable, compile_fn: Callable, *,
   compiled = None
   in_flight = collections.deque()
   writer = concurrent.futures.ThreadPoolExecutor(1) if on_batch else None
-  written = []
+  written = collections.deque()
 
   def finish(names, images, out):
     nonlocal wait_model
@@ -149,6 +149,8 @@ def predict(batches: Iterable, compile_fn: Callable, *,
     wait_model += time.perf_counter() - t
     shown_now = list(denormalize(images[:n])) if keep_images else None
     if writer is not None:
+      while written and written[0].done():  # a failed write stops the run
+        written.popleft().result()
       written.append(writer.submit(on_batch, len(files), names, chunk, shown_now))
     chunks.append(chunk)
     files.extend(names)
