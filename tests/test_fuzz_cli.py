@@ -34,6 +34,7 @@ import os
 import random
 import shutil
 import subprocess
+import time
 import traceback
 
 import numpy as np
@@ -119,6 +120,7 @@ class Fuzz:
     before = snapshot(root)
     self.capsys.readouterr()
     problem, status = None, None
+    start = time.perf_counter()
     try:
       status = TOOLS[tool](list(argv))
     except SystemExit as e:
@@ -131,7 +133,8 @@ class Fuzz:
     after = snapshot(root)
     if SHOW:
       with self.capsys.disabled():
-        print(f"\n{self.name}[{i}] {tool} -> {status}: {lines[-1:]}")
+        print(f"\n{self.name}[{i}] {tool} -> {status} "
+              f"({time.perf_counter() - start:.1f} s): {lines[-1:]}")
     inputs = [p for p in before if not any(
         p == o or p.startswith(o + os.sep) for o in outputs)]
     if problem is None and status == 2:
@@ -339,8 +342,9 @@ def test_switches(fuzz, tmp_path, tfds_dir):
 
 
 # -- config files ------------------------------------------------------------------
-GOOD_FILE = ("from configs import default\n\n"
-             "def get_config(arg=None):\n  return default.get_config(arg)\n")
+# Runlocal unless a case gives switches: the session's dataset, not a new one.
+GOOD_FILE = ("from configs import default\n\ndef get_config(arg=None):\n"
+             "  return default.get_config(arg or 'runlocal')\n")
 
 
 def _config_file(rng, folder) -> str:
@@ -393,7 +397,7 @@ def _config_file(rng, folder) -> str:
     return path
   elif defect == 10:  # get_config without the arg it is given
     text = "from configs import default\n\ndef get_config():\n" \
-           "  return default.get_config()\n"
+           "  return default.get_config('runlocal')\n"
     return _write(path, text) + ":runlocal"
   elif defect == 11:  # a dict: validated as a config
     text = ("def get_config(arg=None):\n  return "
@@ -403,7 +407,7 @@ def _config_file(rng, folder) -> str:
     drop = rng.sample(["batch_size", "optim", "model", "seed", "dtype", "mesh",
                        "data", "num_epochs"], rng.randint(1, 3))
     text = ("from configs import default\n\ndef get_config(arg=None):\n"
-            "  c = default.get_config(arg)\n  c.unlock()\n"
+            "  c = default.get_config(arg or 'runlocal')\n  c.unlock()\n"
             + "".join(f"  del c[{k!r}]\n" for k in drop) + "  return c\n")
   elif defect == 13:  # a config whose values are out of range
     field, value = rng.choice([("batch_size", "0"), ("optim.lr", "float('nan')"),
@@ -411,7 +415,7 @@ def _config_file(rng, folder) -> str:
                                ("data.image_size", "(0, 4)"), ("task", "'x'"),
                                ("optim.lr", "'fast'"), ("batch_size", "4.5")])
     text = ("from configs import default\n\ndef get_config(arg=None):\n"
-            "  c = default.get_config(arg)\n  c.unlock()\n"
+            "  c = default.get_config(arg or 'runlocal')\n  c.unlock()\n"
             f"  c.{field} = {value}\n  return c\n")
   elif defect == 14:  # a mistake in the user's own code
     text = ("def get_config(arg=None):\n  import ml_collections\n"
@@ -445,8 +449,10 @@ def test_config_files(fuzz, tmp_path, tfds_dir):
     argv = ["--config", spec, f"--config.data.data_dir={tfds_dir}"]
     if tool == "aot":  # never compiles: a topology no TPU has
       argv += ["--topology=v9z:2x2"]
-    else:
-      argv += [f"--workdir={workdir}"]
+    else:  # the data of runlocal, whatever the file: the session's dataset
+      argv += [f"--workdir={workdir}", "--config.data.parts.train_size=256",
+               "--config.data.parts.validation_size=64",
+               "--config.data.parts.test_size=64"]
     if tool == "sweep":
       argv += ["--trials=1"]
     # Defects that leave a good config run (stubbed): their outputs exist.
@@ -794,9 +800,8 @@ def _tool_args(rng, root, run, tfds) -> tuple[str, list[str], list[str], list]:
                   "--process_id=-1", "--heartbeat_timeout_seconds=0",
                   "--heartbeat_timeout_seconds=x", "--config.seed=1=2",
                   "--config", "--config="])]
-  argv += extra
   rng.shuffle(argv)
-  return tool, argv, [out], bad
+  return tool, argv + extra, [out], bad  # last: a later flag would win
 
 
 def test_tool_args(fuzz, tmp_path, finished_run, tfds_dir):
