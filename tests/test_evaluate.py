@@ -11,7 +11,7 @@ import pytest
 from brnpa_jax.explain import evaluate, metrics
 from brnpa_jax.runs import RunError
 from brnpa_jax.train.trainer import Trainer
-from helpers import tiny_config
+from helpers import FAST_PRNG, tiny_config
 
 pytestmark = pytest.mark.slow  # trains or compiles end to end
 
@@ -56,10 +56,14 @@ def workdir(tmp_path_factory, tfds_dir):
 @pytest.fixture(scope="module")
 def result(workdir, tmp_path_factory):
   out = tmp_path_factory.mktemp("out")
-  assert evaluate.main(["--workdir", str(workdir), "--methods", "own,gradcam",
-                 "--split", "test", "--num_images", "6", "--batch_size", "4",
-                        "--chunk_size", "16", "--protocol", "both", "--out",
-                        str(out)]) == 0
+  # rbg keys: the randomisation checks' re-initialisation compiles 5x faster.
+  with jax.default_prng_impl(FAST_PRNG):
+    assert evaluate.main([
+        "--workdir", str(workdir), "--methods", "own,gradcam", "--split",
+        "test", "--num_images", "6", "--batch_size", "4", "--chunk_size", "16",
+        "--protocol", "both", "--metrics", "randomisation",
+        "--randomisation_tests", "cascading,random_logit", "--out",
+        str(out)]) == 0
   return out
 
 
@@ -92,11 +96,49 @@ def test_figures_written(result):
     assert os.path.getsize(result / name) > 1000
 
 
+def test_randomisation_checks(result):
+  """--metrics randomisation: a row per (maps, test, layer, measure) of the
+  six images in results.json and results.md, and the figure."""
+  saved = json.load(open(result / "results.json"))
+  rows = saved["randomisation"]
+  layers = saved["info"]["randomisation"]["layers"]["brnpa"]
+  assert layers[0] == "classifier" and len(layers) > 2
+  for method in ("own", "gradcam"):
+    mine = [r for r in rows if r["row"] == f"brnpa/{method}"]
+    assert len(mine) == 4 * (len(layers) + 1)  # 4 measures x (layers + 1)
+    for r in mine:
+      assert r["test"] in ("cascading", "random_logit")
+      assert 0 < r["n"] <= 6 and -1.0 <= r["mean"] <= 1.0 + 1e-6, r
+  # BR-NPA's own map does not depend on the class: unchanged by the class.
+  logit = {r["measure"]: r for r in rows
+           if r["row"] == "brnpa/own" and r["test"] == "random_logit"}
+  assert sorted(logit) == ["hog", "spearman", "spearman_abs", "ssim"]
+  for r in logit.values():
+    assert r["n"] == 6 and abs(r["mean"] - 1.0) < 1e-5, r
+  table = open(result / "results.md").read()
+  assert "## Randomisation checks" in table
+  assert "| brnpa/gradcam | cascading | classifier | " in table
+  assert "| brnpa/own | random_logit | - | 6 | 1.000 ± 0.000 |" in table
+  assert os.path.getsize(result / "randomisation.png") > 1000
+
+
 def test_workdir_and_flag_errors(tmp_path):
   with pytest.raises(RunError, match="not a training workdir"):
     evaluate.load_run(str(tmp_path))
   with pytest.raises(ValueError, match="once per workdir"):
     evaluate._per_workdir(["a", "b"], ["w1", "w2", "w3"], "--methods", "own")
+
+
+def test_metric_names_are_checked_before_anything_runs(tmp_path, capsys):
+  for flag, value, valid in (("--metrics", "road,randomisations",
+                              "randomisation, randomisation_smooth"),
+                             ("--randomisation_tests", "cascading,smooth",
+                              "random_logit, efficient")):
+    argv = ["--workdir", str(tmp_path), "--out", str(tmp_path / "o"), flag,
+            value]
+    assert evaluate.main(argv) == 2
+    assert valid in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "o")
 
 
 def test_statistics():

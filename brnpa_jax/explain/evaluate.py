@@ -16,6 +16,14 @@ the model predicts.
 road, faithfulness_correlation, pixel_flipping, region_perturbation,
 max_sensitivity, avg_sensitivity, rank_accuracy, mass_accuracy, top_k,
 entropy, sparseness; docs/explanations.md), reported like the others.
+``--metrics randomisation`` adds the randomisation sanity checks
+(``explain/randomisation.py``, the tests of ``--randomisation_tests``) of
+every method on the evaluated images, explaining the predicted class;
+``randomisation_smooth`` adds the smooth MPRT (``smooth_cascading``). Both
+cost one explanation per image, method, test and layer, so neither is a
+default: results.md gains a "Randomisation checks" table, results.json its
+rows, and ``randomisation.png`` shows the first image's maps as the layers
+are randomised.
 
 Per image and per (run, method): accuracy, sparsity, deletion and insertion
 AUC (``--protocol release``: feature-map cells, one step per cell;
@@ -53,8 +61,9 @@ from absl import flags
 
 from brnpa_jax import cli, outputs
 from brnpa_jax.data import catalog, input_pipeline
+from brnpa_jax.data.normalization import denormalize
 from brnpa_jax.errors import ConfigError
-from brnpa_jax.explain import faithfulness, metrics, suite
+from brnpa_jax.explain import faithfulness, metrics, randomisation, suite
 from brnpa_jax.explain.explainers import EXPLAINERS
 from brnpa_jax.runs import load_run as restore_run
 from brnpa_jax.models import build_model
@@ -68,12 +77,22 @@ GROUND_TRUTH = {"parts": "part_mask", "caltech_birds2011": "bbox",
 ENERGY_PROTOCOLS = ("box", "mask")
 # What --out holds (replaced as a whole; see the module docstring).
 OUTPUT_FILES = ("results.md", "results.csv", "results.json", "per_image.npz",
-                "methods_grid.png", "curves.png")
+                "methods_grid.png", "curves.png", "randomisation.png")
 METRIC_NAMES = {
     "accuracy": "accuracy", "sparsity": "sparsity", "dauc": "DAUC",
     "iauc": "IAUC", "dauc_std": "DAUC (std.)", "iauc_std": "IAUC (std.)",
     "pointing": "pointing game", "energy": "energy PG",
     **{k: heading for k, (heading, _) in suite.COLUMNS.items()}}
+# --metrics names that run randomisation.randomisation_checks, and the tests
+# they add (None: those of --randomisation_tests).
+RANDOMISATION = {"randomisation": None,
+                 "randomisation_smooth": ("smooth_cascading",)}
+RANDOMISATION_TESTS = ("cascading", "independent", "random_logit", "efficient")
+SMOOTH_SAMPLES = 10  # smooth MPRT's inputs per map (Quantus: 50)
+METRIC_CHOICES = (*suite.METRICS, *RANDOMISATION)
+RANDOMISATION_COLUMNS = {
+    "spearman": "Spearman", "spearman_abs": "abs. Spearman", "ssim": "SSIM",
+    "hog": "HOG sim.", "entropy_rise": "entropy rise"}
 
 
 # -- runs --------------------------------------------------------------------
@@ -210,6 +229,7 @@ class Evaluator:
             explain_fn=self.explain_fn(method, rng), rng=rng))
         values.update({k: v[:n] for k, v in extra.items()})
       values["saliency"] = np.asarray(sal)[:n]
+      values["predicted"] = np.asarray(predicted)[:n]
       out[method] = values
     return out
 
@@ -288,9 +308,43 @@ def summarise(per_image: dict[str, dict[str, np.ndarray]], reference: str
   return out
 
 
+def randomisation_table(rows) -> list[str]:
+  """The "Randomisation checks" section of results.md: one line per (run /
+  maps, test, layer), a column per measure (``RANDOMISATION_COLUMNS``)."""
+  cells: dict[tuple, dict[str, Any]] = {}
+  for r in rows:
+    cells.setdefault((r["row"], r["test"], r["layer"]), {})[r["measure"]] = r
+  measures = [m for m in RANDOMISATION_COLUMNS
+              if any(r["measure"] == m for r in rows)]
+  head = (["run / maps", "test", "layer", "n"]
+          + [RANDOMISATION_COLUMNS[m] for m in measures])
+  lines = ["## Randomisation checks", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  first = {r["row"]: i for i, r in reversed(list(enumerate(rows)))}
+  for (row, test, layer), by in sorted(cells.items(),
+                                       key=lambda c: first[c[0][0]]):
+    entries = [row, test, layer or "-", str(min(r["n"] for r in by.values()))]
+    entries += [f"{by[m]['mean']:.3f} ± {by[m]['ci95']:.3f}" if m in by else ""
+                for m in measures]
+    lines.append("| " + " | ".join(entries) + " |")
+  return lines + [
+      "", "Similarity per image of each map to the original model's map "
+      "(random_logit: to the map of the predicted class, on the original "
+      "model), means with 95% t confidence intervals; n: the images with a "
+      "defined value (a constant map has no rank correlation). cascading: "
+      "the layers from the top down to the one named are re-initialised; "
+      "independent: that layer only. 1 means unchanged: a map that reads the "
+      "weights (or the class) falls. efficient: the relative rise of the "
+      "map's entropy when the whole model is re-initialised "
+      "(docs/explanations.md#randomisation-checks)."]
+
+
 def write_tables(summary, per_image, out_dir: str, reference: str,
-                 info: dict[str, Any]) -> dict[str, str]:
-  """results.md / .csv / .json and per_image.npz in ``out_dir``."""
+                 info: dict[str, Any], randomisation_rows=()
+                 ) -> dict[str, str]:
+  """results.md / .csv / .json and per_image.npz in ``out_dir``; with
+  ``randomisation_rows`` (``randomisation.summarise``'s, each with its
+  ``row``), their table in results.md and the rows in results.json."""
   os.makedirs(out_dir, exist_ok=True)
   paths = {k: os.path.join(out_dir, f"results.{k}") for k in ("md", "csv", "json")}
   with open(paths["csv"], "w", newline="") as f:
@@ -301,7 +355,9 @@ def write_tables(summary, per_image, out_dir: str, reference: str,
     json.dump({"info": info, "reference": reference, "results": summary,
                "seconds_per_image": {
                    row: float(np.mean(v["explain_seconds"]))
-                   for row, v in per_image.items()}}, f, indent=2)
+                   for row, v in per_image.items()},
+               **({"randomisation": list(randomisation_rows)}
+                  if randomisation_rows else {})}, f, indent=2)
   np.savez_compressed(os.path.join(out_dir, "per_image.npz"), **{
       f"{row}/{k}": v for row, vals in per_image.items() for k, v in vals.items()
       if k != "saliency"})
@@ -333,6 +389,8 @@ def write_tables(summary, per_image, out_dir: str, reference: str,
             "signed-rank test paired by image, p < 0.05). Pointing games "
             f"against {info.get('ground_truth')}; energy pointing game: "
             f"{protocol}."]
+  if randomisation_rows:
+    lines += [""] + randomisation_table(randomisation_rows)
   with open(paths["md"], "w") as f:
     f.write("\n".join(lines) + "\n")
   return paths
@@ -354,7 +412,6 @@ def display_name(row: str) -> str:
 
 def write_figures(examples, per_image, out_dir: str, num: int = 4) -> list[str]:
   """The method grid of the first ``num`` images and the mean curves."""
-  from brnpa_jax.data.transforms import denormalize
   from brnpa_jax.explain import plots
   num = min(num, len(examples["image"]))
   maps = {display_name(row): v["saliency"][:num] for row, v in per_image.items()}
@@ -412,13 +469,20 @@ def evaluate(workdirs, *, split="test", methods=None, num_images=None, protocol=
              reference=None, out_dir,
              seed=0, options=None, steps=None, pixels_per_step=None,
              tolerance=metrics.POINTING_TOLERANCE, figures=True, dtype=None,
-             metric_names=()) -> dict[str, Any]:
+             metric_names=(), randomisation_tests=RANDOMISATION_TESTS
+             ) -> dict[str, Any]:
   """Evaluates runs and writes the tables; returns the summary and paths."""
   methods = [m.split(",") for m in _per_workdir(methods, workdirs, "--methods", "own")]
   protocols = ("release", "standard") if protocol == "both" else (protocol,)
+  tests = tuple(dict.fromkeys(
+      t for name in metric_names if name in RANDOMISATION
+      for t in RANDOMISATION[name] or randomisation_tests))
+  asked, metric_names = list(metric_names), tuple(
+      m for m in metric_names if m not in RANDOMISATION)
   with outputs.replace_folder(out_dir, OUTPUT_FILES) as staging:
     per_image: dict[str, dict[str, list]] = {}
     examples, t0 = None, time.time()
+    checked, checked_rows = [], []  # randomisation: (run, image, result)
     for workdir, run_methods in zip(workdirs, methods):
       run = load_run(workdir)
       key = ground_truth_of(run.config, ground_truth)
@@ -429,6 +493,7 @@ def evaluate(workdirs, *, split="test", methods=None, num_images=None, protocol=
       evaluator = Evaluator(run, protocols, chunk_size, key, seed, options,
                             steps, pixels_per_step, tolerance, energy, dtype,
                             metric_names)
+      run_images, run_predicted = [], []
       for batch, n in iterate_split(run.config, split, batch_size, num_images,
                                     key):
         if examples is None:
@@ -437,6 +502,19 @@ def evaluate(workdirs, *, split="test", methods=None, num_images=None, protocol=
           row = per_image.setdefault(f"{run.name}/{method}", {})
           for k, v in values.items():
             row.setdefault(k, []).append(v)
+        if tests:
+          run_images.append(batch["image"][:n])
+          run_predicted.append(values["predicted"])
+      if tests and run_images:
+        images = np.concatenate(run_images)
+        result = randomisation.randomisation_checks(
+            run, images, np.concatenate(run_predicted), run_methods,
+            options=options, tests=tests, seed=seed, batch_size=batch_size,
+            smooth_samples=SMOOTH_SAMPLES)
+        checked_rows += [{"row": f"{run.name}/{r['method']}", **r}
+                         for r in randomisation.summarise(result)]
+        if result["maps"]:
+          checked.append((run.name, denormalize(images[:1])[0], result))
       print(f"{run.name}: {', '.join(run_methods)} done "
             f"({time.time() - t0:.0f} s so far)", flush=True)
     if examples is None:
@@ -453,14 +531,24 @@ def evaluate(workdirs, *, split="test", methods=None, num_images=None, protocol=
             "pixels_per_step": pixels_per_step or "image width",
             "pointing_tolerance_px": tolerance,
             "perturbation_dtype": dtype or "the run's",
-            "metrics": list(metric_names),
+            "metrics": asked,
+            **({"randomisation": {
+                "tests": list(tests), "seed": seed,
+                "smooth_samples": (SMOOTH_SAMPLES if "smooth_cascading"
+                                   in tests else None),
+                "layers": {name: r["layers"] for name, _, r in checked}}}
+               if tests else {}),
             "metric_settings": {k: list(v) if isinstance(v, tuple) else v
                                 for k, v in suite.SETTINGS.items()},
             "ci": "95% t interval", "paired_test": "two-sided Wilcoxon signed-rank"}
     with outputs.naming(out_dir):
-      paths = write_tables(summary, per_image, staging, reference, info)
+      paths = write_tables(summary, per_image, staging, reference, info,
+                           checked_rows)
       if figures:
         paths["figures"] = write_figures(examples, per_image, staging)
+        if checked:
+          paths["figures"].append(randomisation.save_randomisation_figures(
+              os.path.join(staging, "randomisation.png"), checked))
   paths = outputs.moved(paths, staging, out_dir)
   return {"summary": summary, "paths": paths, "info": info}
 
@@ -504,12 +592,20 @@ def _define(fv: flags.FlagValues, argv) -> None:
                     "bfloat16 the DAUC/IAUC means stay within "
                     f"{metrics.BF16_AUC_TOLERANCE} of float32.", flag_values=fv)
   d("list", "metrics", [], "Comma-separated Quantus-family metrics to add: "
-    f"{', '.join(suite.METRICS)}.")
+    f"{', '.join(METRIC_CHOICES)}. randomisation (the tests of "
+    "--randomisation_tests) and randomisation_smooth (smooth MPRT, "
+    f"{SMOOTH_SAMPLES} inputs per map) are costly: one explanation per image, "
+    "method, test and layer (ResNet-18, 11 layers: 24 per image and method "
+    f"for the default tests; the smooth one {SMOOTH_SAMPLES * 12} more).")
+  d("list", "randomisation_tests", list(RANDOMISATION_TESTS), "The tests of "
+    "--metrics randomisation: " + ", ".join(RANDOMISATION_TESTS) + ".")
   flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
   # Checked while parsing, before a run is restored or --out is touched.
   flags.register_validator("methods", _check_methods, flag_values=fv)
   flags.register_validator("split", _check_split, flag_values=fv)
   flags.register_validator("metrics", _check_metrics, flag_values=fv)
+  flags.register_validator("randomisation_tests", _check_randomisation_tests,
+                           flag_values=fv)
 
 
 def _check_methods(values) -> bool:
@@ -522,10 +618,18 @@ def _check_methods(values) -> bool:
 
 
 def _check_metrics(names) -> bool:
-  unknown = suite.check(names or ())
+  unknown = [n for n in suite.check(names or ()) if n not in RANDOMISATION]
   if unknown:
     raise flags.ValidationError(f"unknown metric(s) {unknown}; valid: "
-                                f"{', '.join(suite.METRICS)}.")
+                                f"{', '.join(METRIC_CHOICES)}.")
+  return True
+
+
+def _check_randomisation_tests(names) -> bool:
+  unknown = [n for n in names or () if n not in RANDOMISATION_TESTS]
+  if unknown:
+    raise flags.ValidationError(f"unknown test(s) {unknown}; valid: "
+                                f"{', '.join(RANDOMISATION_TESTS)}.")
   return True
 
 
@@ -546,7 +650,8 @@ def _main(fv: flags.FlagValues) -> dict[str, Any]:
       reference=fv.reference, out_dir=fv.out,
       seed=fv.seed, options=parse_options(fv.option), steps=fv.steps,
       pixels_per_step=fv.pixels_per_step, tolerance=fv.tolerance,
-      figures=fv.figures, dtype=fv.dtype, metric_names=fv.metrics)
+      figures=fv.figures, dtype=fv.dtype, metric_names=fv.metrics,
+      randomisation_tests=fv.randomisation_tests)
   with open(result["paths"]["md"]) as f:
     print("\n" + f.read())
   print("Wrote", ", ".join(str(v) for v in result["paths"].values()))

@@ -496,28 +496,45 @@ def save_randomisation_figure(path: str, image_HxWx3: np.ndarray,
     index: which of the kept figure images.
     alpha: opacity of the heat maps.
   """
+  return save_randomisation_figures(path, [("", image_HxWx3, result)], index,
+                                    alpha)
+
+
+def save_randomisation_figures(path: str, runs: Sequence[tuple[str, Any, Any]],
+                               index: int = 0, alpha: float = 0.5) -> str:
+  """``save_randomisation_figure`` of several runs in one PNG: the rows of
+  each run in turn, titled ``name: method`` (``name`` empty: the method),
+  with its layers as the column titles of its first row.
+
+  Args:
+    path: output PNG.
+    runs: ``(name, image_HxWx3 uint8, result)`` per run.
+    index, alpha: as ``save_randomisation_figure``.
+  """
   from brnpa_jax.explain import plots  # noqa: F401  (Agg backend first)
   import matplotlib.pyplot as plt
   from brnpa_jax.explain.overlay import heat_overlay, save_figure
 
-  maps = result["maps"]
-  if not maps:
+  rows = [(name, image, result, method, m) for name, image, result in runs
+          for method, m in result["maps"].items()]
+  if not rows:
     raise ValueError("the result holds no cascading maps: run the cascading "
                      "test with figure_images >= 1.")
-  titles = ["original"] + [f"to {l}" for l in result["layers"]]
-  cols = 1 + len(titles)
-  fig, axes = plt.subplots(len(maps), cols, squeeze=False,
+  cols = 2 + max(len(r[2]["layers"]) for r in rows)
+  fig, axes = plt.subplots(len(rows), cols, squeeze=False,
                            figsize=(plots.PANEL_INCHES * cols,
-                                    plots.PANEL_INCHES * len(maps) + 0.3))
-  for i, (method, m) in enumerate(maps.items()):
-    axes[i, 0].imshow(image_HxWx3)
-    axes[i, 0].set_title(DISPLAY_NAMES.get(method, method), fontsize=7)
+                                    plots.PANEL_INCHES * len(rows) + 0.3))
+  for i, (name, image, result, method, m) in enumerate(rows):
+    titles = ["original"] + [f"to {l}" for l in result["layers"]]
+    label = DISPLAY_NAMES.get(method, method)
+    axes[i, 0].imshow(image)
+    axes[i, 0].set_title(f"{name}: {label}" if name else label, fontsize=7)
     for j in range(len(titles)):
       heat = np.asarray(m[j, index], np.float64)
       span = heat.max() - heat.min()
       heat = (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
-      axes[i, j + 1].imshow(heat_overlay(image_HxWx3, heat, alpha))
-      if i == 0:
+      axes[i, j + 1].imshow(heat_overlay(image, heat, alpha))
+      if i == 0 or rows[i - 1][2] is not result:
         axes[i, j + 1].set_title(titles[j], fontsize=6)
   for ax in axes.ravel():
     ax.axis("off")
