@@ -1,5 +1,7 @@
 """Shared by the tests: tiny configs of the real ones, models for weight import."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -44,3 +46,11 @@ def abstract_variables(model, size=64):
   """The shapes of ``model``'s variables on ``size`` x ``size`` images."""
   return jax.eval_shape(lambda: model.init(jax.random.key(0),
                                            jnp.zeros((1, size, size, 3))))
+
+
+def xla_flags(devices: int) -> str:
+  """This session's ``XLA_FLAGS`` (conftest's) with ``devices`` fake CPU
+  devices, for a subprocess: it compiles as the tests do."""
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join(kept + [f"--xla_force_host_platform_device_count={devices}"])

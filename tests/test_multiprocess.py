@@ -14,7 +14,7 @@ import pytest
 from brnpa_jax.data import input_pipeline
 from brnpa_jax.runs import abstract_like
 from brnpa_jax.train.trainer import Trainer, train_and_evaluate
-from helpers import tiny_config
+from helpers import tiny_config, xla_flags
 
 pytestmark = pytest.mark.slow  # trains or compiles end to end
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +53,7 @@ def test_two_processes_equal_one_process(tmp_path_factory, tfds_dir):
 
   multi_dir = tmp_path_factory.mktemp("multi")
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4),
              JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   cmd = [sys.executable, "train.py", "--config", "configs/default.py:runlocal,head=gap,epochs=1",
          f"--config.data.data_dir={data_dir}", "--config.data.process_split=slice",
@@ -84,7 +84,7 @@ def test_a_killed_process_ends_the_other_within_the_heartbeat_timeout(
   cfg = tiny_config(tfds_dir, **OVERRIDES)
   input_pipeline.get_builder(cfg.data)
   workdir = tmp_path / "run"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4),
              JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   cmd = [sys.executable, "train.py", "--config",
          "configs/default.py:runlocal,head=gap,epochs=50",

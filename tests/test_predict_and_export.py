@@ -24,7 +24,7 @@ from brnpa_jax.runs import (Checkpointer, RunError, Workdir, load_run,
 from brnpa_jax.train.optim import make_optimizer
 from brnpa_jax.train.state import create_state
 from configs import default
-from helpers import FAST_PRNG
+from helpers import FAST_PRNG, xla_flags
 
 pytestmark = pytest.mark.slow  # trains or compiles end to end
 
@@ -210,7 +210,7 @@ def test_exported_artifact_gives_identical_outputs(exported, image_folder,
         out.update({{f"{{k}}_{{b}}": np.asarray(v) for k, v in res.items()}})
       np.savez({str(tmp_path / "reloaded.npz")!r}, **out)
   """)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
   subprocess.run([sys.executable, "-c", script], check=True, env=env,
                  cwd=str(tmp_path), timeout=300)
   with np.load(tmp_path / "reloaded.npz") as z:
@@ -392,7 +392,7 @@ def test_two_processes_write_what_one_process_writes(saved_run, image_folder,
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   out = tmp_path / "two"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8),
              JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", "brnpa_jax.predict", "--workdir", workdir,
          "--images", image_folder, "--out", str(out), "--batch", "8",
