@@ -179,15 +179,27 @@ def load_exported(path: str) -> ExportedModel:
   if not os.path.isfile(path):
     raise ExportError(f"no exported model at {path}; make one with "
                       "python -m brnpa_jax.export --workdir RUN --out FILE.")
-  with np.load(path, allow_pickle=False) as z:
-    if "exported" not in z or "meta" not in z:
-      raise ArtifactError(f"{path} is not a brnpa_jax export (no "
-                          "'exported'/'meta').")
-    meta = json.loads(str(z["meta"]))
-    if meta.get("format") != FORMAT:
-      raise ArtifactError(f"{path} has format {meta.get('format')!r}; this "
-                          f"code reads {FORMAT!r}.")
-    exported = jax.export.deserialize(bytearray(z["exported"].tobytes()))
-    names = sorted(k for k in z.files if k.startswith("var_"))
-    leaves = [z[k] for k in names]
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      if "exported" not in z or "meta" not in z:
+        raise ArtifactError(f"{path} is not a brnpa_jax export (no "
+                            "'exported'/'meta').")
+      meta = json.loads(str(z["meta"]))
+      if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise ArtifactError(f"{path} has format {got!r}; this code reads "
+                            f"{FORMAT!r}.")
+      exported = jax.export.deserialize(bytearray(z["exported"].tobytes()))
+      names = sorted(k for k in z.files if k.startswith("var_"))
+      leaves = [z[k] for k in names]
+  except (ArtifactError, OSError):  # an OSError names the path (cli.run)
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # the file's bytes
+    # A truncated or damaged file fails in the zip reader, numpy's or
+    # jax's deserialiser, with whatever they raise.
+    text = str(e).strip().splitlines()
+    raise ArtifactError(
+        f"{path} cannot be read as a brnpa_jax export ({type(e).__name__}"
+        f"{': ' + text[0] if text else ''}): the file is truncated or "
+        "damaged; export the run again.") from e
   return ExportedModel(exported, leaves, meta)

@@ -74,6 +74,11 @@ _CONTROL = {**{c: f"\\x{c:02x}" for c in (*range(32), 127)},
             ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
 
 
+# The errors about a path that code raises with its own message.
+_MISSING_PATH = (FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                 FileExistsError)
+
+
 def os_error_message(e: OSError) -> str | None:
   """The line for an ``OSError`` the user can fix (``OS_ERRORS``, or any
   error that names a path); None for one that is internal."""
@@ -87,6 +92,11 @@ def os_error_message(e: OSError) -> str | None:
     return f"{path}: {what}." if path else f"{what[0].upper()}{what[1:]}."
   if path and e.errno is not None:
     return f"{path}: {e.strerror or os.strerror(e.errno)}."
+  if (e.errno is None and isinstance(e, _MISSING_PATH) and len(e.args) == 1
+      and isinstance(e.args[0], str) and e.args[0].strip()):
+    # Raised with a message of its own (``FileNotFoundError("no checkpoint
+    # in DIR: train first ...")``): a path that is not what the tool needs.
+    return e.args[0].strip()
   return None
 
 

@@ -2,6 +2,7 @@
 status 2, no traceback, and nothing written that the mistake did not need."""
 
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -118,6 +119,45 @@ def test_a_newline_in_a_file_name_keeps_the_message_on_its_lines(tmp_path,
       tmp_path / "no\nsuch\nfile\nhere"), argv=[], prog="tool", start_jax=False)
   _expect_user_error(capsys, status, "no\\nsuch\\nfile\\nhere")
   assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_run_without_a_checkpoint_or_with_damaged_files(finished_run,
+                                                          tmp_path, capsys):
+  # Found by tests/test_fuzz_cli.py: tracebacks (FileNotFoundError with a
+  # message, JSONDecodeError, AttributeError, zipfile.BadZipFile).
+  images = tmp_path / "images"
+  images.mkdir()
+  Image.new("RGB", (8, 8)).save(images / "a.png")
+  out = str(tmp_path / "out")
+  cases = {"no_checkpoint": ("best", "no checkpoint (auto)"),
+           "bad_json": ("config.json", "config.json is damaged"),
+           "not_a_config": ("config.json", "config.json is damaged"),
+           "no_model": ("config.json", "does not describe a model"),
+           "bad_names": ("class_names.json", "class_names.json is damaged")}
+  for name, (damaged, needle) in cases.items():
+    run = tmp_path / name
+    shutil.copytree(finished_run.workdir, run)
+    if name == "no_checkpoint":
+      shutil.rmtree(run / "best")
+      shutil.rmtree(run / "checkpoints")
+    else:
+      (run / damaged).write_text({"bad_json": "{", "not_a_config": "[]",
+                                  "no_model": '{"model": 3}',
+                                  "bad_names": '{"a": 1}'}[name])
+    status = predict.main([f"--workdir={run}", f"--images={images}",
+                           f"--out={out}"])
+    _expect_user_error(capsys, status, needle)
+    assert not os.path.exists(out)
+  artifact = tmp_path / "m.jaxexport"
+  assert export.main([f"--workdir={finished_run.workdir}",
+                      f"--out={artifact}"]) == 0
+  capsys.readouterr()
+  data = artifact.read_bytes()
+  artifact.write_bytes(data[:len(data) // 2])
+  status = predict.main([f"--exported={artifact}", f"--images={images}",
+                         f"--out={out}"])
+  _expect_user_error(capsys, status, "m.jaxexport cannot be read",
+                     "truncated or damaged")
 
 
 def test_workdir_that_is_a_file(tmp_path, capsys):

@@ -63,7 +63,7 @@ REPORT = os.environ.get("BRNPA_FUZZ_REPORT")
 # Cases per class in CI (about a minute in all on 2 cores).
 BUDGET = {"config_values": 40, "switches": 25, "config_files": 30,
           "train_images": 8, "predict_images": 10, "outputs": 12,
-          "tool_args": 25}
+          "tool_args": 25, "run_inputs": 10}
 MAX_PIXELS = 48 * 48  # the image trees' limit: larger images are "bombs"
 PREDICT_BATCH = 4
 
@@ -814,3 +814,95 @@ def test_tool_args(fuzz, tmp_path, finished_run, tfds_dir):
     # A case with a wrong value must exit 2; one without may run.
     fuzz.run(i, tool, argv, str(root), outputs=outs,
              check_ok=lambda b=bad: f"ran although {b} is wrong" if b else None)
+
+
+# -- runs and artifacts as inputs --------------------------------------------------
+def _damaged_run(rng, root, run) -> str:
+  """``--workdir``: a copy of the finished run with one defect, or a path
+  that is no run at all."""
+  workdir = os.path.join(root, "run")
+  kind = rng.randrange(12)
+  if kind == 0:
+    return os.path.join(root, "missing")
+  if kind == 1:
+    return _write(workdir, "a file")
+  if kind == 2:
+    os.makedirs(workdir)
+    return workdir
+  shutil.copytree(run, workdir, symlinks=True)
+  files = sorted(os.path.join(d, f) for d, _, fs in os.walk(workdir) for f in fs)
+  if kind == 3:
+    os.unlink(os.path.join(workdir, "config.json"))
+  elif kind == 4:
+    _write(os.path.join(workdir, "config.json"),
+           rng.choice(["{", "[]", "null", '{"seed": 0}', "", '{"model": 3}']))
+  elif kind == 5:
+    _write(os.path.join(workdir, "class_names.json"),
+           rng.choice(["{", "[]", "3", '["only one"]', ""]))
+  elif kind == 6:  # one file of a checkpoint truncated
+    path = rng.choice([f for f in files if "/best/" in f or "/checkpoints/" in f])
+    with open(path, "r+b") as f:
+      f.truncate(rng.randint(0, max(0, os.path.getsize(path) - 1)))
+  elif kind == 7:  # bytes flipped
+    path = rng.choice(files)
+    data = bytearray(open(path, "rb").read())
+    for _ in range(rng.randint(1, 8)):
+      if data:
+        data[rng.randrange(len(data))] ^= 0xFF
+    with open(path, "wb") as f:
+      f.write(data)
+  elif kind == 8:
+    shutil.rmtree(os.path.join(workdir, rng.choice(["best", "checkpoints"])))
+  elif kind == 9:
+    for name in ("best", "checkpoints"):
+      shutil.rmtree(os.path.join(workdir, name))
+  elif kind == 10:  # a checkpoint folder replaced by a file
+    name = rng.choice(["best", "checkpoints"])
+    shutil.rmtree(os.path.join(workdir, name))
+    _write(os.path.join(workdir, name), "x")
+  return workdir
+
+
+def _damaged_artifact(rng, root, artifact) -> str:
+  path = os.path.join(root, "model.jaxexport")
+  kind = rng.randrange(5)
+  if kind == 0:
+    return _write(path, rng.choice(["", "not a model", "PK\x03\x04"]))
+  if kind == 1:
+    os.makedirs(path)
+    return path
+  shutil.copy(artifact, path)
+  if kind == 2:
+    with open(path, "r+b") as f:
+      f.truncate(rng.randint(0, os.path.getsize(path) - 1))
+  elif kind == 3:
+    data = bytearray(open(path, "rb").read())
+    data[rng.randrange(len(data))] ^= 0xFF
+    with open(path, "wb") as f:
+      f.write(data)
+  return path
+
+
+def test_run_inputs(fuzz, tmp_path, finished_run, artifact):
+  for i in fuzz.indices():
+    rng = fuzz.rng(i)
+    root = tmp_path / str(i)
+    images = root / "images"
+    images.mkdir(parents=True)
+    for j in range(2):
+      Image.new("RGB", (8, 8), (j * 40, 10, 200)).save(images / f"{j}.png")
+    out = str(root / "out")
+    tool = rng.choice(["predict", "predict", "export"])
+    if tool == "predict" and rng.random() < 0.3:
+      model = f"--exported={_damaged_artifact(rng, str(root), artifact)}"
+    else:
+      model = f"--workdir={_damaged_run(rng, str(root), finished_run.workdir)}"
+    if tool == "predict":
+      argv = [model, f"--images={images}", f"--out={out}",
+              f"--batch={PREDICT_BATCH}"]
+      check = _predictions_ok(out, str(images), "error")
+    else:
+      out = os.path.join(out, "m.jaxexport")
+      argv = [model, f"--out={out}"]
+      check = lambda o=out: None if os.path.isfile(o) else "no artifact"
+    fuzz.run(i, tool, argv, str(root), outputs=[out], check_ok=check)

@@ -14,7 +14,7 @@ from brnpa_jax.models import build_model
 from brnpa_jax.models.reid import build_reid_model
 from brnpa_jax.models.weights import check_same_tree
 from brnpa_jax.runs.checkpoints import restore_variables
-from brnpa_jax.runs.workdir import Workdir
+from brnpa_jax.runs.workdir import RunError, Workdir
 
 # config.task -> the model builder its runs were trained with.
 _BUILDERS = {"reid": build_reid_model}
@@ -78,8 +78,15 @@ def load_run(workdir: str, *, checkpoint: str = "auto",
   stored_classes = int(variables["params"]["classifier"]["kernel"].shape[-1])
   num_classes = stored_classes if num_classes is None else num_classes
   build = _BUILDERS.get(config.get("task", "classification"), build_model)
-  model = build(config.model, num_classes,
-                dtype or config.get("dtype", "float32"))
+  try:
+    model = build(config.model, num_classes,
+                  dtype or config.get("dtype", "float32"))
+    image_hw(config.data)
+  except (AttributeError, KeyError, TypeError) as e:
+    # A config.json edited or damaged into another shape than a run's.
+    raise RunError(f"{wd.config_file} does not describe a model "
+                   f"({type(e).__name__}: {e}): restore it, or train again "
+                   "in a new workdir.") from e
   expected = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, *image_hw(config.data), 3)), train=False))
   expected = {k: expected.get(k, {}) for k in ("params", "batch_stats")}

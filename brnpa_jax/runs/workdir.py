@@ -215,8 +215,26 @@ class Workdir:
       raise RunError(f"{self.path} is not a training workdir (it has no "
                      f"{CONFIG_FILE}): pass the --workdir of a run that "
                      "train.py has started.")
-    with open(self.config_file) as f:
-      return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(self._stored_config())
+
+  def _stored_config(self) -> dict[str, Any]:
+    config = self._read_json(CONFIG_FILE)
+    if not isinstance(config, dict):
+      raise RunError(f"{self.config_file} is damaged (it holds a "
+                     f"{type(config).__name__}, not a config): restore it, or "
+                     "train again in a new workdir.")
+    return config
+
+  def _read_json(self, name: str) -> Any:
+    """A JSON file of the run; one that does not parse is a ``RunError``."""
+    path = self.file(name)
+    try:
+      with open(path, "rb") as f:
+        return json.loads(f.read())
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is one
+      raise RunError(f"{path} is damaged ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}): restore it, "
+                     "or train again in a new workdir.") from e
 
   def check_config(self, config, *, allow_change: bool = False
                    ) -> list[tuple[str, Any, Any]]:
@@ -234,8 +252,7 @@ class Workdir:
     """
     if not self.has_config():
       return []
-    with open(self.config_file) as f:
-      stored = json.load(f)
+    stored = self._stored_config()
     differences = config_differences(stored, config)
     finished = self.is_finished()
     if differences and (finished or (self.has_checkpoints()
@@ -251,8 +268,7 @@ class Workdir:
       return
     os.makedirs(self.path, exist_ok=True)
     if changes:
-      with open(self.config_file) as f:
-        previous = json.load(f)
+      previous = self._stored_config()
       record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "changes": [{"field": f, "stored": a, "requested": b}
                             for f, a, b in changes],
@@ -274,15 +290,17 @@ class Workdir:
     path = self.file(CLASS_NAMES_FILE)
     if not os.path.isfile(path):
       return None
-    with open(path) as f:
-      return json.load(f)
+    names = self._read_json(CLASS_NAMES_FILE)
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+      raise RunError(f"{path} is damaged (not a list of class names): restore "
+                     "it, or delete it to name classes by their index.")
+    return names
 
   # -- summary -------------------------------------------------------------------
   def read_summary(self) -> dict[str, Any] | None:
     if not self.is_finished():
       return None
-    with open(self.summary_file) as f:
-      return json.load(f)
+    return self._read_json(os.path.basename(self.summary_file))
 
   def write_summary(self, summary: Mapping[str, Any]) -> None:
     outputs.write_text(self.summary_file, json.dumps(dict(summary), indent=2))
