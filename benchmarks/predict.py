@@ -83,12 +83,14 @@ def serial_batches(folder, size, resize_ratio, batch, resize_mode="short_side"):
     yield names, images, None
 
 
-def serial_predict(batches, model, variables, *, keep_images=False):
+def serial_predict(batches, model, variables, *, keep_images=False,
+                   compiled=None):
   """Yesterday's ``predict.predict`` on one device: ``(files, outputs,
-  images, seconds without compiling)``."""
+  images, seconds without compiling)``; ``compiled``: the model compiled
+  for the batch already."""
   from brnpa_jax.data.normalization import denormalize  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
-  files, chunks, shown, compiled, compile_s = [], [], [], None, 0.0
+  files, chunks, shown, compile_s = [], [], [], 0.0
   infer = jax.jit(make_infer_fn(model))
   for names, images, _ in batches:
     if compiled is None:
@@ -170,11 +172,9 @@ def make_run(name: str):
 
 
 # -- measurements -------------------------------------------------------------------------
-def model_rate(run, size: int, batch: int, iters: int) -> float:
-  """Images/s of the compiled inference on device-resident images."""
+def model_rate(f, size: int, batch: int, iters: int) -> float:
+  """Images/s of the compiled inference ``f`` on device-resident images."""
   mesh = shd.make_mesh(devices=jax.local_devices())
-  f = compile_inference(make_infer_fn(run.model), run.variables,
-                        (batch, size, size, 3), mesh)
   x = jax.device_put(np.random.default_rng(0).standard_normal(
       (batch, size, size, 3), np.float32), shd.data_sharding(mesh))
   jax.block_until_ready(f(x))
@@ -192,24 +192,24 @@ def pipeline_rate(folder: str, data, batch: int) -> float:
   return n / (time.perf_counter() - t)
 
 
-def end_to_end_rate(folder: str, run, data, batch: int) -> float:
-  """``predict``'s loop and writing (CSV, npz), compilation excluded."""
+def end_to_end_rate(folder: str, f, data, batch: int) -> float:
+  """``predict``'s loop and writing (CSV, npz) around the compiled ``f``
+  (``predict.compile_model``'s program)."""
   with tempfile.TemporaryDirectory() as out:
-    mesh = shd.make_mesh(devices=jax.local_devices())
     # predict's --batch is per device; ``batch`` here is the whole step's.
     preds = predict.predict(
         predict.folder_batches(folder, data.image_size, data.resize_ratio, batch),
-        predict.compile_model(run, mesh))
+        lambda _: f)
     t = time.perf_counter()
     predict.write_outputs(out, preds, 5)
     seconds = preds.total_seconds - preds.compile_seconds + time.perf_counter() - t
   return len(preds.files) / seconds
 
 
-def serial_rate(folder: str, run, data, batch: int) -> float:
+def serial_rate(folder: str, run, data, batch: int, compiled) -> float:
   files, _, _, seconds = serial_predict(
       serial_batches(folder, data.image_size, data.resize_ratio, batch),
-      run.model, run.variables)
+      run.model, run.variables, compiled=compiled)
   return len(files) / seconds
 
 
@@ -230,24 +230,34 @@ def folder_files(folder: str) -> int:
   return len([n for n in os.listdir(folder) if n.endswith(".jpg")])
 
 
-def measure(name: str, base: str, images: int, batch: int, iters: int, parts,
+def measure(name: str, base: str, images: int, batch: int, parts,
             rounds: int) -> dict:
   """The best of ``rounds`` interleaved rounds of each part (the machine is
-  shared: the best is the least disturbed)."""
+  shared: the best is the least disturbed). Each part handles as many
+  images (the model alone: as many batches); the programs are compiled
+  once, before."""
   run, data = make_run(name)
   folder = folder_of(base, name, images)
+  count, size = folder_files(folder), data.image_size
   row = {"config": name, "devices": jax.local_device_count(), "batch": batch,
-         "images": folder_files(folder)}
+         "images": count}
+  mesh = shd.make_mesh(devices=jax.local_devices())
+  f = compile_inference(make_infer_fn(run.model), run.variables,
+                        (batch, size, size, 3), mesh)
+  if "serial" in parts:
+    one = jax.jit(make_infer_fn(run.model)).lower(
+        run.variables, jax.ShapeDtypeStruct((batch, size, size, 3),
+                                            np.float32)).compile()
   for _ in range(rounds):
     rates = {}
     if "model" in parts:
-      rates["model"] = model_rate(run, data.image_size, batch, iters)
+      rates["model"] = model_rate(f, size, batch, max(1, -(-count // batch)))
     if "pipeline" in parts:
       rates["pipeline"] = pipeline_rate(folder, data, batch)
     if "end_to_end" in parts:
-      rates["end_to_end"] = end_to_end_rate(folder, run, data, batch)
+      rates["end_to_end"] = end_to_end_rate(folder, f, data, batch)
     if "serial" in parts:
-      rates["serial"] = serial_rate(folder, run, data, batch)
+      rates["serial"] = serial_rate(folder, run, data, batch, one)
     for k, v in rates.items():
       row[k] = max(row.get(k, 0.0), v)
   return row
@@ -259,7 +269,7 @@ def other_devices(args, count: int) -> list[dict]:
              JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", "benchmarks.predict", "--child", "--folder",
          args.folder, "--configs", ",".join(args.configs), "--batch",
-         str(args.batch), "--iters", str(args.iters), "--images",
+         str(args.batch), "--images",
          str(args.images), "--rounds", str(args.rounds)]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                         check=False)
@@ -293,12 +303,10 @@ def parse(argv=None):
                  help="JPEGs in the folder (default 512; --smoke 16)")
   p.add_argument("--batch", type=int, default=0, help="images per step over "
                  "all devices (default 64; --smoke 8)")
-  p.add_argument("--iters", type=int, default=0,
-                 help="model-alone calls (default 8; --smoke 2)")
   p.add_argument("--folder", default=None, help="where the JPEGs are made "
                  "(kept, reused); default a temporary folder")
   p.add_argument("--rounds", type=int, default=0,
-                 help="rounds, best kept (default 2; --smoke 1)")
+                 help="rounds, best kept (default 3; --smoke 1)")
   p.add_argument("--smoke", action="store_true")
   p.add_argument("--no_other_devices", action="store_true",
                  help="skip the subprocess with the other device count")
@@ -307,8 +315,7 @@ def parse(argv=None):
   small = args.smoke
   args.images = args.images or (16 if small else 512)
   args.batch = args.batch or (8 if small else 64)
-  args.iters = args.iters or (2 if small else 8)
-  args.rounds = args.rounds or (1 if small else 2)
+  args.rounds = args.rounds or (1 if small else 3)
   if small and args.configs == ["default64", "resnet50_224"]:
     args.configs = ["tiny32"]
   return args
@@ -318,7 +325,7 @@ def main(argv=None) -> list[dict]:
   args = parse(argv)
   if args.child:
     warm_up(folder_of(args.folder, args.configs[0], args.images))
-    rows = [measure(c, args.folder, args.images, args.batch, args.iters,
+    rows = [measure(c, args.folder, args.images, args.batch,
                     ("model", "end_to_end"), args.rounds) for c in args.configs]
     print(json.dumps(rows))
     return rows
@@ -326,7 +333,7 @@ def main(argv=None) -> list[dict]:
   with tempfile.TemporaryDirectory() as tmp:
     args.folder = args.folder or os.path.join(tmp, "jpegs")
     warm_up(folder_of(args.folder, args.configs[0], args.images))
-    rows = [measure(c, args.folder, args.images, args.batch, args.iters,
+    rows = [measure(c, args.folder, args.images, args.batch,
                     ("model", "pipeline", "end_to_end", "serial"), args.rounds)
             for c in args.configs]
     if not args.no_other_devices:
