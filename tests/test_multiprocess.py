@@ -114,7 +114,10 @@ def test_a_killed_process_ends_the_other_within_the_heartbeat_timeout(
   print(f"\nprocess 0 exited {waited:.1f} s after process 1 was killed")
   assert procs[0].returncode != 0
   assert waited < 60
-  assert "another task died" in out or "stopped sending heartbeats" in out, out
+  # The coordination service's word, or gloo's when the collective in flight
+  # broke first (its peer's half of the data never came).
+  assert any(m in out for m in ("another task died", "stopped sending heartbeats",
+                                "Received data size doesn't match")), out
 
 
 def test_slice_mode_rebuilds_the_global_batches(tfds_dir):
