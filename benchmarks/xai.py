@@ -5,7 +5,7 @@ r"""Quantus 0.6.0 against our batched, jitted metrics: seconds and values.
 
 One run, one model, one set of maps: the converted ``resnet_tiny`` of the
 golden tests (random torchvision-layout weights), N random 32x32 images,
-smooth signed maps and box masks (``xai_golden.golden_inputs``' recipe). The
+smooth signed maps and box masks (``xai_golden.golden_inputs``). The
 Quantus side runs as a subprocess in the reference environment
 (``brnpa_jax/tools/quantus_reference.py``: quantus, torch; this process
 needs neither); ours runs here. Both use the same settings: Quantus's
@@ -41,19 +41,6 @@ FC = dict(nr_runs=100, subset_size=224)
 FLIP = 64
 SENS = dict(nr_samples=10, lower_bound=0.2)
 ROAD = dict(percentages=list(range(1, 100, 2)), noise=0.01, seed=100)
-
-
-def inputs(n: int, size: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
-  from scipy.ndimage import gaussian_filter  # scipy comes with jax
-  rng = np.random.default_rng(seed)
-  images = rng.normal(size=(n, size, size, 3)).astype(np.float32)
-  maps = gaussian_filter(rng.normal(size=(n, size, size)), (0, 2, 2))
-  maps = maps / np.abs(maps).max() + 1e-4 * rng.random(maps.shape)
-  masks = np.zeros((n, size, size), np.float32)
-  for i in range(n):
-    y0, x0 = rng.integers(0, size // 2, 2)
-    masks[i, y0:y0 + rng.integers(6, size // 2), x0:x0 + rng.integers(6, size // 2)] = 1
-  return {"images": images, "maps": maps.astype(np.float32), "masks": masks}
 
 
 def jobs() -> list[dict]:
@@ -147,7 +134,7 @@ def _model_config(backbone: str = xai_golden.ARCH, width: int = 0):
 def measure(n: int, python: str, only=None, save=None) -> list[dict]:
   """The table's rows; ``only``: these metrics; ``save``: an .npz path for
   both sides' values."""
-  data = inputs(n)
+  data = xai_golden.golden_inputs(n=n)
   job_list = [j for j in jobs() if not only or j["name"] in only]
   t0 = time.perf_counter()
   ref = xai_golden.run_reference(python, data, job_list, random_state_dict(
@@ -194,7 +181,7 @@ def measure_ours(images: int, size: int, backbone: str = "resnet_tiny",
   forward = jax.jit(lambda x: net.apply(variables, x, train=False))
   faith = faithfulness.Faithfulness(lambda v, x: net.apply(v, x, train=False)[0],
                                     chunk_size=chunk)
-  data = inputs(images, size)
+  data = xai_golden.golden_inputs(n=images, size=size)
   logits, aux = forward(data["images"])
   x = suite.Inputs(faith, variables, jnp.asarray(data["images"]), data["maps"],
                    jnp.argmax(logits, -1), data["masks"],

@@ -712,14 +712,20 @@ def _out_path(rng, root, read_only, tool) -> str:
   return os.path.join(root, "new.out")
 
 
+def _case_with_two_images(tmp_path, i):
+  """Case i's folder and, in it, ``images/`` holding two small PNGs."""
+  root = tmp_path / str(i)
+  images = root / "images"
+  images.mkdir(parents=True)
+  for j in range(2):
+    Image.new("RGB", (8, 8), (j * 40, 10, 200)).save(images / f"{j}.png")
+  return root, images
+
+
 def test_outputs(fuzz, tmp_path, finished_run, read_only_dir, tfds_dir):
   for i in fuzz.indices():
     rng = fuzz.rng(i)
-    root = tmp_path / str(i)
-    images = root / "images"
-    images.mkdir(parents=True)
-    for j in range(2):
-      Image.new("RGB", (8, 8), (j * 40, 10, 200)).save(images / f"{j}.png")
+    root, images = _case_with_two_images(tmp_path, i)
     tool = rng.choice(["predict", "predict", "export", "evaluate", "train"])
     out = _out_path(rng, str(root), read_only_dir, tool)
     if tool == "train":  # --workdir, stopped before the first step
@@ -886,11 +892,7 @@ def _damaged_artifact(rng, root, artifact) -> str:
 def test_run_inputs(fuzz, tmp_path, finished_run, artifact):
   for i in fuzz.indices():
     rng = fuzz.rng(i)
-    root = tmp_path / str(i)
-    images = root / "images"
-    images.mkdir(parents=True)
-    for j in range(2):
-      Image.new("RGB", (8, 8), (j * 40, 10, 200)).save(images / f"{j}.png")
+    root, images = _case_with_two_images(tmp_path, i)
     out = str(root / "out")
     tool = rng.choice(["predict", "predict", "export"])
     if tool == "predict" and rng.random() < 0.3:

@@ -39,18 +39,20 @@ REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                          "quantus_reference.py")
 
 
-def golden_inputs(seed: int = 0) -> dict[str, np.ndarray]:
-  """Images, maps and masks of the golden file."""
+def golden_inputs(seed: int = 0, n: int = SHAPE[0], size: int = SHAPE[1]
+                  ) -> dict[str, np.ndarray]:
+  """Images, maps and masks of the golden file (the defaults), or of ``n``
+  images of ``size`` px drawn the same way (``benchmarks.xai``)."""
   from scipy.ndimage import gaussian_filter  # scipy comes with jax
   rng = np.random.default_rng(seed)
-  b, h, w, _ = SHAPE
-  images = rng.normal(size=SHAPE).astype(np.float32)
-  maps = gaussian_filter(rng.normal(size=(b, h, w)), (0, 2, 2))
-  maps = (maps / np.abs(maps).max() + 1e-4 * rng.random((b, h, w)))
-  masks = np.zeros((b, h, w), np.float32)
-  for i in range(b):
-    y0, x0 = rng.integers(0, 16, 2)
-    masks[i, y0:y0 + rng.integers(6, 16), x0:x0 + rng.integers(6, 16)] = 1
+  images = rng.normal(size=(n, size, size, 3)).astype(np.float32)
+  maps = gaussian_filter(rng.normal(size=(n, size, size)), (0, 2, 2))
+  maps = maps / np.abs(maps).max() + 1e-4 * rng.random(maps.shape)
+  masks = np.zeros((n, size, size), np.float32)
+  half = size // 2
+  for i in range(n):
+    y0, x0 = rng.integers(0, half, 2)
+    masks[i, y0:y0 + rng.integers(6, half), x0:x0 + rng.integers(6, half)] = 1
   return {"images": images, "maps": maps.astype(np.float32), "masks": masks}
 
 
